@@ -1,0 +1,87 @@
+"""The in-memory view cache: a bounded ``cachetools.TTLCache`` with single-flight loads.
+
+A hit costs a dictionary lookup. A miss runs the loader once per key however
+many callers ask at the same time: the load runs in its own task, so a
+caller that goes away (a dropped connection) does not cancel it for the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable, Iterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from cachetools import TTLCache
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+@dataclass(frozen=True, slots=True)
+class Cached(Generic[V]):
+    """A cached value; ``complete`` is False when it was built without reading the
+    store (memory-only mode) and should be re-read once the store is back."""
+
+    value: V
+    complete: bool = True
+
+
+Loader = Callable[[], Awaitable[tuple[V | None, bool]]]
+"""Returns (value or None when absent, complete)."""
+
+
+class ViewCache(Generic[K, V]):
+    """TTL- and size-bounded cache of views, keyed by document id."""
+
+    def __init__(self, *, maxsize: int, ttl: float, timer: Callable[[], float]) -> None:
+        self._data: TTLCache[K, Cached[V]] = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
+        self._loading: dict[K, asyncio.Task[V | None]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def peek(self, key: K) -> Cached[V] | None:
+        """The cached entry, without loading (and without counting a hit or miss)."""
+        return self._data.get(key)
+
+    def put(self, key: K, value: V, *, complete: bool = True) -> None:
+        self._data[key] = Cached(value, complete)
+
+    def discard(self, key: K) -> None:
+        self._data.pop(key, None)
+
+    def items(self) -> Iterator[tuple[K, V]]:
+        """A snapshot of the live entries."""
+        for key, entry in list(self._data.items()):
+            yield key, entry.value
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    async def get(self, key: K, load: Loader[V], *, want_complete: bool = True) -> V | None:
+        """The value for ``key``, loading it on a miss (or when an incomplete entry
+        should be completed, ``want_complete``)."""
+        entry = self._data.get(key)
+        if entry is not None and (entry.complete or not want_complete):
+            self.hits += 1
+            return entry.value
+        task = self._loading.get(key)
+        if task is None:
+            self.misses += 1
+            task = asyncio.create_task(self._load(key, load), name="samvad-cache-load")
+            self._loading[key] = task
+        return await asyncio.shield(task)
+
+    async def _load(self, key: K, load: Loader[V]) -> V | None:
+        try:
+            value, complete = await load()
+            if value is not None:
+                self._data[key] = Cached(value, complete)
+            else:
+                self._data.pop(key, None)
+            return value
+        finally:
+            self._loading.pop(key, None)

@@ -1,0 +1,256 @@
+"""Configuration, read from the environment in one place.
+
+Every setting has a ``SAMVAD_*`` variable (or the Google standard name) and a
+default suitable for local development. A bad value fails at start-up with an
+error that names the variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar, cast
+
+from samvad.errors import ConfigError
+
+StoreMode = Literal["auto", "firestore", "memory"]
+LogFormat = Literal["text", "json"]
+AuthMode = Literal["off", "firebase"]
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """All of Samvad's settings. Build with :meth:`from_env`; override with :meth:`replace`."""
+
+    # Server
+    host: str = "127.0.0.1"
+    port: int = 8080
+    log_level: str = "INFO"
+    log_format: LogFormat = "text"
+
+    # Persistence backend
+    store: StoreMode = "auto"
+    project: str | None = None
+    database: str = "(default)"
+    emulator_host: str | None = None
+    credentials_file: str | None = None
+    data_dir: Path = Path(".samvad")
+
+    # Cache
+    cache_ttl: float = 1800.0
+    cache_max_entries: int = 50_000
+
+    # History
+    history_cap: int = 100
+    history_max_bytes: int = 512 * 1024
+
+    # Write-behind
+    flush_interval: float = 1.0
+    flush_linger: float = 0.05
+    touch_interval: float = 30.0
+    flush_concurrency: int = 32
+    max_pending_documents: int = 100_000
+    firestore_deadline: float = 5.0
+    probe_interval: float = 1.0
+    probe_max_interval: float = 10.0
+    shutdown_flush_deadline: float = 10.0
+    retry_max_backoff: float = 30.0
+
+    # REST
+    max_body_bytes: int = 64 * 1024
+    session_idle_timeout: float = 1800.0
+    session_retention_days: int = 30
+    persist_interruptions: bool = False
+
+    # WebSocket
+    ws_max_frame_bytes: int = 64 * 1024
+    ws_rate_per_second: float = 20.0
+    ws_rate_burst: int = 40
+    ws_idle_timeout: float = 120.0
+    ws_send_queue: int = 256
+    ws_resume_window: int = 200
+
+    # Security and operations
+    auth: AuthMode = "off"
+    api_keys: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    refresh_rate_per_minute: int = 5
+    delete_rate_per_minute: int = 30
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from ``environ`` (default: ``os.environ``)."""
+        env = _Env(os.environ if environ is None else environ)
+        d = cls()
+        return cls(
+            host=env.text("SAMVAD_HOST", d.host),
+            port=env.integer(
+                "SAMVAD_PORT", env.integer("PORT", d.port, lo=0, hi=65535), lo=0, hi=65535
+            ),
+            log_level=env.choice(
+                "SAMVAD_LOG_LEVEL", d.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True
+            ),
+            log_format=cast(
+                LogFormat, env.choice("SAMVAD_LOG_FORMAT", d.log_format, ("text", "json"))
+            ),
+            store=cast(
+                StoreMode, env.choice("SAMVAD_STORE", d.store, ("auto", "firestore", "memory"))
+            ),
+            project=env.optional("GOOGLE_CLOUD_PROJECT") or env.optional("GCLOUD_PROJECT"),
+            database=env.text("SAMVAD_FIRESTORE_DATABASE", d.database),
+            emulator_host=env.optional("FIRESTORE_EMULATOR_HOST"),
+            credentials_file=env.file("GOOGLE_APPLICATION_CREDENTIALS"),
+            data_dir=Path(env.text("SAMVAD_DATA_DIR", str(d.data_dir))),
+            cache_ttl=env.number("SAMVAD_CACHE_TTL_SECONDS", d.cache_ttl, lo=1.0),
+            cache_max_entries=env.integer("SAMVAD_CACHE_MAX_ENTRIES", d.cache_max_entries, lo=1),
+            history_cap=env.integer("SAMVAD_HISTORY_CAP", d.history_cap, lo=1, hi=10_000),
+            history_max_bytes=env.integer(
+                "SAMVAD_HISTORY_MAX_BYTES", d.history_max_bytes, lo=4096, hi=900 * 1024
+            ),
+            flush_interval=env.number("SAMVAD_FLUSH_INTERVAL_SECONDS", d.flush_interval, lo=0.0),
+            flush_linger=env.number("SAMVAD_FLUSH_LINGER_SECONDS", d.flush_linger, lo=0.0),
+            touch_interval=env.number("SAMVAD_TOUCH_INTERVAL_SECONDS", d.touch_interval, lo=0.0),
+            flush_concurrency=env.integer(
+                "SAMVAD_FLUSH_CONCURRENCY", d.flush_concurrency, lo=1, hi=1000
+            ),
+            max_pending_documents=env.integer(
+                "SAMVAD_MAX_PENDING_DOCUMENTS", d.max_pending_documents, lo=1
+            ),
+            firestore_deadline=env.number(
+                "SAMVAD_FIRESTORE_DEADLINE_SECONDS", d.firestore_deadline, lo=0.05, hi=600.0
+            ),
+            probe_interval=env.number("SAMVAD_PROBE_INTERVAL_SECONDS", d.probe_interval, lo=0.01),
+            probe_max_interval=env.number(
+                "SAMVAD_PROBE_MAX_INTERVAL_SECONDS", d.probe_max_interval, lo=0.01
+            ),
+            shutdown_flush_deadline=env.number(
+                "SAMVAD_SHUTDOWN_FLUSH_SECONDS", d.shutdown_flush_deadline, lo=0.0
+            ),
+            retry_max_backoff=env.number(
+                "SAMVAD_RETRY_MAX_BACKOFF_SECONDS", d.retry_max_backoff, lo=0.01
+            ),
+            max_body_bytes=env.integer("SAMVAD_MAX_BODY_BYTES", d.max_body_bytes, lo=1024),
+            session_idle_timeout=env.number(
+                "SAMVAD_SESSION_IDLE_TIMEOUT_SECONDS", d.session_idle_timeout, lo=1.0
+            ),
+            session_retention_days=env.integer(
+                "SAMVAD_SESSION_RETENTION_DAYS", d.session_retention_days, lo=1
+            ),
+            persist_interruptions=env.flag("SAMVAD_PERSIST_INTERRUPTIONS", d.persist_interruptions),
+            ws_max_frame_bytes=env.integer(
+                "SAMVAD_WS_MAX_FRAME_BYTES", d.ws_max_frame_bytes, lo=1024
+            ),
+            ws_rate_per_second=env.number(
+                "SAMVAD_WS_RATE_PER_SECOND", d.ws_rate_per_second, lo=0.01
+            ),
+            ws_rate_burst=env.integer("SAMVAD_WS_RATE_BURST", d.ws_rate_burst, lo=1),
+            ws_idle_timeout=env.number("SAMVAD_WS_IDLE_TIMEOUT_SECONDS", d.ws_idle_timeout, lo=1.0),
+            ws_send_queue=env.integer("SAMVAD_WS_SEND_QUEUE", d.ws_send_queue, lo=1),
+            ws_resume_window=env.integer("SAMVAD_WS_RESUME_WINDOW", d.ws_resume_window, lo=0),
+            auth=cast(AuthMode, env.choice("SAMVAD_AUTH", d.auth, ("off", "firebase"))),
+            api_keys=env.items("SAMVAD_API_KEYS"),
+            cors_origins=env.items("SAMVAD_CORS_ORIGINS"),
+            refresh_rate_per_minute=env.integer(
+                "SAMVAD_REFRESH_RATE_PER_MINUTE", d.refresh_rate_per_minute, lo=1
+            ),
+            delete_rate_per_minute=env.integer(
+                "SAMVAD_DELETE_RATE_PER_MINUTE", d.delete_rate_per_minute, lo=1
+            ),
+        )
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (for tests and the CLI)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def firestore_configured(self) -> bool:
+        """True when the environment points at a Firestore (emulator, project or key file)."""
+        return bool(self.emulator_host or self.project or self.credentials_file)
+
+
+class _Env:
+    """Typed reads of environment variables that fail with the variable's name."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def optional(self, name: str) -> str | None:
+        raw = self._environ.get(name)
+        if raw is None or raw.strip() == "":
+            return None
+        return raw.strip()
+
+    def text(self, name: str, default: str) -> str:
+        return self.optional(name) or default
+
+    def _parse(self, name: str, default: _T, parse: Callable[[str], _T], what: str) -> _T:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            return parse(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be {what}; got {raw!r}") from None
+
+    def integer(
+        self, name: str, default: int, *, lo: int | None = None, hi: int | None = None
+    ) -> int:
+        value = self._parse(name, default, int, "an integer")
+        _check_range(name, value, lo, hi)
+        return value
+
+    def number(
+        self, name: str, default: float, *, lo: float | None = None, hi: float | None = None
+    ) -> float:
+        value = self._parse(name, default, float, "a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number; got {value!r}")
+        _check_range(name, value, lo, hi)
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        def parse(raw: str) -> bool:
+            lowered = raw.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+
+        return self._parse(name, default, parse, "true or false")
+
+    def choice(
+        self, name: str, default: str, allowed: tuple[str, ...], *, upper: bool = False
+    ) -> str:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        value = raw.upper() if upper else raw.lower()
+        if value not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {raw!r}")
+        return value
+
+    def items(self, name: str) -> tuple[str, ...]:
+        raw = self.optional(name)
+        if raw is None:
+            return ()
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+    def file(self, name: str) -> str | None:
+        raw = self.optional(name)
+        if raw is not None and not Path(raw).expanduser().is_file():
+            raise ConfigError(f"{name} points at {raw!r}, which is not a readable file")
+        return raw
+
+
+def _check_range(name: str, value: float, lo: float | None, hi: float | None) -> None:
+    if lo is not None and value < lo:
+        raise ConfigError(f"{name} must be at least {lo}; got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{name} must be at most {hi}; got {value}")

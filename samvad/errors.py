@@ -1,0 +1,105 @@
+"""The error hierarchy.
+
+Each class carries the HTTP status and the WebSocket close code that stand for
+it; they are turned into responses in exactly one place per transport
+(``samvad.http_errors`` for REST, the WebSocket glue for frames).
+"""
+
+from __future__ import annotations
+
+
+class SamvadError(Exception):
+    """Base of every error Samvad reports to a client."""
+
+    status_code: int = 500
+    close_code: int = 1011
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(SamvadError):
+    """The request is malformed or a value is invalid."""
+
+    status_code = 400
+    close_code = 1007
+    code = "bad_request"
+
+
+class InvalidField(BadRequest):
+    """One named field of the request is missing or has a wrong value."""
+
+    code = "invalid_field"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field = field
+
+
+class Unauthorized(SamvadError):
+    """Credentials are missing or invalid."""
+
+    status_code = 401
+    close_code = 4401
+    code = "unauthorized"
+
+
+class Forbidden(SamvadError):
+    """The caller is authenticated but may not touch this resource."""
+
+    status_code = 403
+    close_code = 4403
+    code = "forbidden"
+
+
+class NotFound(SamvadError):
+    """The addressed resource does not exist."""
+
+    status_code = 404
+    close_code = 4404
+    code = "not_found"
+
+
+class Conflict(SamvadError):
+    """The request conflicts with the current state of the resource."""
+
+    status_code = 409
+    close_code = 4409
+    code = "conflict"
+
+
+class PayloadTooLarge(SamvadError):
+    """The body or frame is larger than the configured limit."""
+
+    status_code = 413
+    close_code = 1009
+    code = "payload_too_large"
+
+
+class RateLimited(SamvadError):
+    """The caller sent more than its limit allows."""
+
+    status_code = 429
+    close_code = 1008
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BacklogFull(SamvadError):
+    """Too many documents wait for Firestore; new ones are refused until it drains.
+
+    Nothing already acknowledged is dropped: the refusal is what keeps that promise.
+    """
+
+    status_code = 503
+    close_code = 1013
+    code = "backlog_full"
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or invalid; the message names the variable."""

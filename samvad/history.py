@@ -1,0 +1,79 @@
+"""Bounding and merging a conversation history.
+
+One implementation serves the in-memory view, the memory store and the
+Firestore transaction, so all three agree on what a history holds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from samvad.models import Message
+
+
+def history_bytes(messages: Iterable[Message]) -> int:
+    """Bytes a history takes, by :meth:`Message.stored_size`."""
+    return sum(message.stored_size() for message in messages)
+
+
+def trim(
+    messages: Sequence[Message], *, cap: int, max_bytes: int, size: int | None = None
+) -> tuple[tuple[Message, ...], int]:
+    """Keep the newest messages: at most ``cap`` of them and at most ``max_bytes`` in all.
+
+    Returns the kept messages (oldest first) and their size. ``size`` may pass
+    the already known size of ``messages`` to save recomputing it. The newest
+    message is always kept, even when it alone exceeds ``max_bytes``: callers
+    bound single messages far below the byte bound.
+    """
+    kept = tuple(messages[-cap:]) if len(messages) > cap else tuple(messages)
+    if size is None or len(kept) != len(messages):
+        size = history_bytes(kept)
+    start = 0
+    while size > max_bytes and start < len(kept) - 1:
+        size -= kept[start].stored_size()
+        start += 1
+    if start:
+        kept = kept[start:]
+    return kept, size
+
+
+def merge(existing: Sequence[Message], new: Iterable[Message]) -> list[Message]:
+    """Append the messages of ``new`` whose id ``existing`` does not hold yet, in time order.
+
+    Skipping known ids makes a replayed flush idempotent: a write whose commit
+    reached Firestore but whose answer was lost adds nothing the second time.
+    """
+    seen = {message.id for message in existing}
+    merged = list(existing)
+    in_order = True
+    for message in new:
+        if message.id not in seen:
+            seen.add(message.id)
+            if merged and order_key(message) < order_key(merged[-1]):
+                in_order = False
+            merged.append(message)
+    if not in_order:
+        # Another instance committed newer messages while these waited (an
+        # outage replay), or a replayed message was already trimmed away:
+        # restore time order, so trimming drops the oldest.
+        merged.sort(key=order_key)
+    return merged
+
+
+def order_key(message: Message) -> tuple[datetime, str]:
+    """Messages sort by timestamp, then id: ids made by :func:`new_message_id` grow
+    within a millisecond, so messages of one instance keep their order."""
+    return (message.timestamp, message.id)
+
+
+_counter = itertools.count()
+
+
+def new_message_id(at: datetime) -> str:
+    """A unique message id that sorts by creation time (ms), then creation order."""
+    millis = int(at.timestamp() * 1000)
+    return f"{millis:012x}{next(_counter) & 0xFFFFFFFF:08x}{secrets.token_hex(4)}"

@@ -1,0 +1,135 @@
+"""Domain types: what Samvad stores and serves, independent of any backend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class Role(StrEnum):
+    """Who said a message."""
+
+    USER = "user"
+    ASSISTANT = "assistant"
+    SYSTEM = "system"
+
+
+class SessionStatus(StrEnum):
+    """Life cycle of a session: ``active`` until ended, or ``abandoned`` when left idle."""
+
+    ACTIVE = "active"
+    ENDED = "ended"
+    ABANDONED = "abandoned"
+
+
+class Mode(StrEnum):
+    """Where writes go right now."""
+
+    FIRESTORE = "firestore"
+    MEMORY = "memory"
+
+
+# Per-message bookkeeping counted on top of the content's UTF-8 bytes when
+# bounding a history in bytes: field names, id, role, timestamp and session id,
+# as Firestore counts a map's size.
+MESSAGE_OVERHEAD_BYTES = 160
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One entry of a user's conversation history."""
+
+    id: str
+    role: Role
+    content: str
+    timestamp: datetime
+    session_id: str | None = None
+    interrupted: bool = False
+    seq: int | None = None
+
+    def stored_size(self) -> int:
+        """Approximate bytes this message takes in the profile document."""
+        return len(self.content.encode()) + MESSAGE_OVERHEAD_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class UserState:
+    """The active session state of one user (``user_states/{userId}``).
+
+    ``data`` holds the fields the client saved; treat it as read-only.
+    """
+
+    user_id: str
+    data: Mapping[str, Any]
+    updated_at: datetime | None = None
+    is_active: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A user's cross-session profile (``user_profiles/{userId}``).
+
+    ``history`` is oldest first and already bounded by the history cap and byte bound.
+    """
+
+    user_id: str
+    history: tuple[Message, ...] = ()
+    preferences: Mapping[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    last_updated: datetime | None = None
+    history_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One conversation session (``sessions/{sessionId}``)."""
+
+    id: str
+    user_id: str
+    language: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    status: SessionStatus = SessionStatus.ACTIVE
+    created_at: datetime | None = None
+    last_activity: datetime | None = None
+    ended_at: datetime | None = None
+    expire_at: datetime | None = None
+
+    @property
+    def is_active(self) -> bool:
+        return self.status is SessionStatus.ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    """One page of a session listing; ``next_cursor`` is None on the last page."""
+
+    sessions: tuple[Session, ...]
+    next_cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCounts:
+    """Figures for ``/api/session/stats``, from count aggregations."""
+
+    active_users: int
+    active_sessions: int
+    total_profiles: int
+    total_interruptions: int
+
+
+@dataclass(frozen=True, slots=True)
+class PersistenceStatus:
+    """What the write-behind is doing, for ``/healthz`` and the stats."""
+
+    mode: Mode
+    backend: str
+    pending_documents: int
+    pending_in_flight: int
+    oldest_pending_age: float
+    writes_issued: int
+    write_failures: int
+    mode_since: datetime
+    last_error: str | None = None

@@ -1,0 +1,34 @@
+"""What a running server holds: built in the app's lifespan, reached through
+``request.state.services`` (never a module-level singleton)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from starlette.requests import HTTPConnection
+
+from samvad.config import Settings
+from samvad.interruptions import InterruptionStack
+from samvad.persistence import Persistence
+
+
+@dataclass(slots=True)
+class Services:
+    """The resources of one server process."""
+
+    settings: Settings
+    persistence: Persistence
+    interruptions: InterruptionStack
+    started_at: datetime
+    #: Live WebSocket connections (``samvad.realtime.Hub``), set by the lifespan.
+    hub: Any = None
+    #: Extra components keyed by name, for optional features.
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def services(connection: HTTPConnection) -> Services:
+    """The services of the app serving ``connection``."""
+    found: Services = connection.state.services
+    return found

@@ -1,0 +1,347 @@
+"""The Cloud Firestore store, on google-cloud-firestore's ``AsyncClient``.
+
+Every call is bounded: the library's default retry keeps a write going for
+about 50 s and a read for minutes when the server is gone, which would stall
+the write-behind and any cache miss. Here each call retries transient errors
+for at most ``deadline`` seconds and an ``asyncio.timeout`` guards the whole
+operation, so a dead Firestore is noticed in one deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from google.api_core import exceptions as gexc
+from google.api_core.retry import if_transient_error
+from google.api_core.retry_async import AsyncRetry
+from google.cloud import firestore
+from google.cloud.firestore_v1.base_query import FieldFilter
+from google.cloud.firestore_v1.field_path import FieldPath
+
+from samvad.documents import (
+    INTERRUPTIONS,
+    PROFILES,
+    SESSIONS,
+    STATES,
+    Document,
+    decode_profile,
+    empty_profile,
+    encode_profile,
+    profile_with,
+)
+from samvad.firestore_client import close_client
+from samvad.models import Profile, SessionStatus, StoreCounts
+from samvad.stores.base import (
+    ErasureCounts,
+    HistoryBounds,
+    SessionCursor,
+    Store,
+    StoreRejected,
+    StoreUnavailable,
+)
+from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+PROBE_COLLECTION = "_samvad"
+_DELETE_PAGE = 300  # below the 500 writes a batch may hold
+_TRANSACTION_ATTEMPTS = 10
+
+# Errors that say something about the request itself; everything else is
+# taken as "Firestore is not reachable right now".
+_REJECTIONS = (gexc.InvalidArgument, gexc.OutOfRange)
+
+
+class FirestoreStore(Store):
+    """Documents in Cloud Firestore (or its emulator).
+
+    The store owns the clients ``client_factory`` makes: it creates one in
+    :meth:`open`, replaces it in :meth:`reconnect` and closes it in :meth:`close`.
+    """
+
+    name = "firestore"
+
+    def __init__(
+        self,
+        client_factory: Callable[[], firestore.AsyncClient],
+        *,
+        bounds: HistoryBounds | None = None,
+        deadline: float = 5.0,
+    ) -> None:
+        super().__init__(bounds=bounds or HistoryBounds())
+        self._factory = client_factory
+        self._client: firestore.AsyncClient | None = None
+        self._deadline = deadline
+        self._retry = AsyncRetry(
+            predicate=if_transient_error,
+            initial=0.05,
+            maximum=min(1.0, deadline),
+            multiplier=2.0,
+            timeout=deadline,
+        )
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._client is None:
+            self._client = self._factory()
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await close_client(client)
+
+    async def reconnect(self) -> None:
+        old, self._client = self._client, self._factory()
+        if old is not None:
+            await close_client(old)
+
+    @property
+    def client(self) -> firestore.AsyncClient:
+        if self._client is None:
+            raise RuntimeError("FirestoreStore used before open() or after close().")
+        return self._client
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _kw(self) -> dict[str, Any]:
+        return {"retry": self._retry, "timeout": self._deadline}
+
+    async def _bounded(self, operation: Callable[[], Awaitable[_T]], *, scale: float = 1.0) -> _T:
+        """Run one Firestore operation within the deadline, mapping its errors."""
+        try:
+            async with asyncio.timeout(self._deadline * scale + 0.5):
+                return await operation()
+        except _REJECTIONS as exc:
+            raise StoreRejected(f"Firestore rejected the request: {type(exc).__name__}") from exc
+        except (gexc.GoogleAPIError, TimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"Firestore unavailable: {type(exc).__name__}") from exc
+        except Exception as exc:
+            # grpc.aio raises its own error types from a channel that was
+            # closed under it (after reconnect); treat them as an outage too.
+            if type(exc).__module__.startswith(("grpc", "google")):
+                raise StoreUnavailable(f"Firestore unavailable: {type(exc).__name__}") from exc
+            raise
+
+    def _doc(self, collection: str, doc_id: str) -> Any:
+        return self.client.collection(collection).document(doc_id)
+
+    # -- reads -------------------------------------------------------------
+
+    async def ping(self) -> None:
+        async def probe() -> None:
+            await self._doc(PROBE_COLLECTION, "probe").get(retry=None, timeout=self._deadline)
+
+        await self._bounded(probe)
+
+    async def get(self, collection: str, doc_id: str) -> Document | None:
+        async def read() -> Document | None:
+            snapshot = await self._doc(collection, doc_id).get(**self._kw())
+            return snapshot.to_dict() if snapshot.exists else None
+
+        return await self._bounded(read)
+
+    def _sessions_query(self, user_id: str, status: SessionStatus | None) -> Any:
+        query = self.client.collection(SESSIONS).where(filter=FieldFilter("userId", "==", user_id))
+        if status is not None:
+            query = query.where(filter=FieldFilter("status", "==", status.value))
+        return query
+
+    async def list_sessions(
+        self,
+        *,
+        user_id: str,
+        status: SessionStatus | None,
+        limit: int,
+        cursor: SessionCursor | None = None,
+    ) -> tuple[list[tuple[str, Document]], SessionCursor | None]:
+        query = (
+            self._sessions_query(user_id, status)
+            .order_by("lastActivity", direction=firestore.Query.DESCENDING)
+            .order_by(FieldPath.document_id(), direction=firestore.Query.DESCENDING)
+        )
+        if cursor is not None:
+            query = query.start_after(
+                {
+                    "lastActivity": cursor.last_activity,
+                    FieldPath.document_id(): self._doc(SESSIONS, cursor.session_id),
+                }
+            )
+        query = query.limit(limit + 1)
+
+        async def run() -> list[tuple[str, Document]]:
+            snapshots = await query.get(**self._kw())
+            return [(s.id, s.to_dict() or {}) for s in snapshots]
+
+        rows = await self._bounded(run)
+        next_cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last_id, last_doc = rows[-1]
+            next_cursor = SessionCursor(last_activity=last_doc["lastActivity"], session_id=last_id)
+        return rows, next_cursor
+
+    async def idle_sessions(self, *, before: datetime, limit: int) -> list[tuple[str, Document]]:
+        query = (
+            self.client.collection(SESSIONS)
+            .where(filter=FieldFilter("status", "==", SessionStatus.ACTIVE.value))
+            .where(filter=FieldFilter("lastActivity", "<", before))
+            .order_by("lastActivity")
+            .limit(limit)
+        )
+
+        async def run() -> list[tuple[str, Document]]:
+            snapshots = await query.get(**self._kw())
+            return [(s.id, s.to_dict() or {}) for s in snapshots]
+
+        return await self._bounded(run)
+
+    async def _count(self, query: Any) -> int:
+        async def run() -> int:
+            result = await query.count(alias="n").get(**self._kw())
+            return int(result[0][0].value)
+
+        return await self._bounded(run)
+
+    async def count_sessions(self, *, user_id: str, status: SessionStatus | None = None) -> int:
+        return await self._count(self._sessions_query(user_id, status))
+
+    async def counts(self) -> StoreCounts:
+        c = self.client
+        active_users, active_sessions, profiles, interruptions = await asyncio.gather(
+            self._count(c.collection(STATES).where(filter=FieldFilter("isActive", "==", True))),
+            self._count(c.collection(SESSIONS).where(filter=FieldFilter("isActive", "==", True))),
+            self._count(c.collection(PROFILES)),
+            self._count(c.collection(INTERRUPTIONS)),
+        )
+        return StoreCounts(
+            active_users=active_users,
+            active_sessions=active_sessions,
+            total_profiles=profiles,
+            total_interruptions=interruptions,
+        )
+
+    # -- writes ------------------------------------------------------------
+
+    async def write_fields(self, write: FieldsWrite) -> None:
+        ref = self._doc(write.collection, write.doc_id)
+        # Each top-level field is replaced whole (merge on nested maps would
+        # keep keys the client removed); FieldPath quotes names with dots.
+        if not write.defaults:
+
+            async def plain() -> None:
+                await ref.set(write.fields, merge=_merge_paths(write.fields), **self._kw())
+
+            await self._bounded(plain)
+            return
+
+        async def with_defaults() -> None:
+            @firestore.async_transactional
+            async def txn(transaction: Any) -> None:
+                snapshot = await ref.get(transaction=transaction, **self._kw())
+                stored = snapshot.to_dict() if snapshot.exists else {}
+                fields = {
+                    name: value for name, value in write.defaults.items() if name not in stored
+                }
+                fields.update(write.fields)
+                transaction.set(ref, fields, merge=_merge_paths(fields))
+
+            await txn(self.client.transaction(max_attempts=_TRANSACTION_ATTEMPTS))
+
+        await self._bounded(with_defaults, scale=2.0)
+
+    async def write_profile(self, write: ProfileWrite, *, now: datetime) -> Profile:
+        ref = self._doc(PROFILES, write.user_id)
+        cap, max_bytes = self.bounds.cap, self.bounds.max_bytes
+
+        async def run() -> Profile:
+            # A transaction makes concurrent appends from several server
+            # instances safe: a conflicting commit retries with a fresh read,
+            # and merging by message id keeps a retried commit idempotent.
+            @firestore.async_transactional
+            async def txn(transaction: Any) -> Profile:
+                snapshot = await ref.get(transaction=transaction, **self._kw())
+                current = (
+                    decode_profile(
+                        write.user_id, snapshot.to_dict() or {}, cap=cap, max_bytes=max_bytes
+                    )
+                    if snapshot.exists
+                    else empty_profile(write.user_id)
+                )
+                profile = profile_with(
+                    current,
+                    messages=write.append,
+                    preferences=write.preferences,
+                    now=now,
+                    cap=cap,
+                    max_bytes=max_bytes,
+                )
+                transaction.set(ref, encode_profile(profile))
+                return profile
+
+            result: Profile = await txn(self.client.transaction(max_attempts=_TRANSACTION_ATTEMPTS))
+            return result
+
+        return await self._bounded(run, scale=2.0)
+
+    async def erase(self, erase: Erase) -> ErasureCounts:
+        if erase.scope is EraseScope.USER:
+            user_id = erase.target_id
+
+            async def delete_user_docs() -> None:
+                batch = self.client.batch()
+                batch.delete(self._doc(STATES, user_id))
+                batch.delete(self._doc(PROFILES, user_id))
+                await batch.commit(**self._kw())
+
+            await self._bounded(delete_user_docs)
+            sessions = await self._delete_where(SESSIONS, "userId", user_id)
+            interruptions = await self._delete_where(INTERRUPTIONS, "userId", user_id)
+            return ErasureCounts(sessions=sessions, interruptions=interruptions)
+
+        session_id = erase.target_id
+        ref = self._doc(SESSIONS, session_id)
+
+        async def delete_session() -> int:
+            snapshot = await ref.get(**self._kw())
+            await ref.delete(**self._kw())
+            return 1 if snapshot.exists else 0
+
+        sessions = await self._bounded(delete_session)
+        interruptions = await self._delete_where(INTERRUPTIONS, "sessionId", session_id)
+        return ErasureCounts(sessions=sessions, interruptions=interruptions)
+
+    async def _delete_where(self, collection: str, field: str, value: str) -> int:
+        """Delete every document of ``collection`` whose ``field`` is ``value``, in pages."""
+        query = (
+            self.client.collection(collection)
+            .where(filter=FieldFilter(field, "==", value))
+            .select([])
+            .limit(_DELETE_PAGE)
+        )
+        deleted = 0
+        while True:
+
+            async def page() -> int:
+                snapshots = await query.get(**self._kw())
+                if snapshots:
+                    batch = self.client.batch()
+                    for snapshot in snapshots:
+                        batch.delete(snapshot.reference)
+                    await batch.commit(**self._kw())
+                return len(snapshots)
+
+            count = await self._bounded(page, scale=2.0)
+            deleted += count
+            if count < _DELETE_PAGE:
+                return deleted
+
+
+def _merge_paths(fields: dict[str, Any]) -> list[FieldPath]:
+    return [FieldPath(name) for name in fields]

@@ -1,0 +1,550 @@
+"""The write-behind queue: memory answers, Firestore catches up.
+
+A caller's write lands here and returns at once. A background dispatcher
+flushes writes to the store:
+
+* **Coalescing** — one entry per document; a burst of writes to one document
+  becomes one store write, at most one per ``flush_interval`` per document.
+* **Order** — a document's writes are applied in the order they were made,
+  never two at once; documents are flushed in order of their oldest pending
+  write, and after an outage replay resumes in that order.
+* **Barriers** — an erase drops the writes it covers and holds back later
+  writes of the same user or session until it is done (see ``samvad.writes``).
+* **Outage** — a store that cannot be reached switches the queue to memory-only
+  mode: nothing is dispatched, writes keep accumulating (bounded by
+  ``max_pending``), a prober pings the store with backoff, and the first
+  successful ping replays everything. No store error ever reaches a caller.
+* **Shutdown** — :meth:`close` flushes what is pending within a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from samvad.clock import Clock, SystemClock
+from samvad.errors import BacklogFull
+from samvad.models import Mode, PersistenceStatus, Profile
+from samvad.stores.base import Store, StoreRejected, StoreUnavailable
+from samvad.writes import Barrier, Erase, FieldsWrite, Key, ProfileWrite, Write
+
+logger = logging.getLogger(__name__)
+
+FlushObserver = Callable[[str, float, bool], None]
+"""Called after every store write with (collection or operation, seconds, succeeded)."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    key: Key
+    write: Write
+    seq: int
+    first_at: float
+    due_at: float
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WriteBehindConfig:
+    """Timing and bounds of the queue (see ``samvad.config.Settings``)."""
+
+    flush_interval: float = 1.0
+    linger: float = 0.05
+    touch_interval: float = 30.0
+    concurrency: int = 32
+    max_pending: int = 100_000
+    retry_max_backoff: float = 30.0
+    probe_interval: float = 1.0
+    probe_max_interval: float = 10.0
+    reconnect_after_failed_probes: int = 3
+
+
+@dataclass(slots=True)
+class _Counters:
+    writes_issued: int = 0
+    write_failures: int = 0
+    by_collection: Counter[str] = field(default_factory=Counter)
+
+
+class WriteBehind:
+    """Coalescing, ordered, outage-tolerant background writer for one store."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        config: WriteBehindConfig | None = None,
+        clock: Clock | None = None,
+        on_profile_flushed: Callable[[Profile], None] | None = None,
+        on_flush: FlushObserver | None = None,
+    ) -> None:
+        self._store = store
+        self._config = config or WriteBehindConfig()
+        self._clock = clock or SystemClock()
+        self._on_profile_flushed = on_profile_flushed
+        self._on_flush = on_flush
+
+        self._queued: dict[Key, _Entry] = {}
+        self._inflight: dict[Key, _Entry] = {}
+        self._heap: list[tuple[float, int, Key]] = []
+        self._parked: set[Key] = set()
+        self._last_flush: dict[Key, float] = {}
+        self._last_prune = self._clock.monotonic()
+        self._seq = itertools.count()
+        # Erases queued or in flight, per barrier, and the newest one's sequence
+        # number: a write older than it is covered by it.
+        self._erases: Counter[Barrier] = Counter()
+        self._erase_seq: dict[Barrier, int] = {}
+        # Non-erase writes in flight per barrier: an erase waits for them.
+        self._inflight_barriers: Counter[Barrier] = Counter()
+        #: Incremented on every erase submitted; readers use it to detect a
+        #: race between their read and an erase.
+        self.erase_epoch = 0
+
+        self._mode = Mode.FIRESTORE
+        self._mode_since = self._clock.now()
+        self._last_error: str | None = None
+        self._counters = _Counters()
+        self._urgent = 0
+        self._closed = False
+
+        self._wake = asyncio.Event()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._runner: asyncio.Task[None] | None = None
+        self._prober: asyncio.Task[None] | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    # -- public API --------------------------------------------------------
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    async def start(self, *, probe: bool = True) -> None:
+        """Start the dispatcher; with ``probe``, find out first whether the store answers."""
+        if self._runner is not None:
+            raise RuntimeError("The write-behind queue is already started.")
+        self._runner = asyncio.create_task(self._run(), name="samvad-write-behind")
+        if probe:
+            try:
+                await self._store.ping()
+            except (StoreUnavailable, StoreRejected) as exc:
+                self.report_unavailable(exc)
+            else:
+                logger.info("Firestore mode: writes go to the %s store", self._store.name)
+
+    def submit(self, write: Write) -> None:
+        """Queue ``write``; returns at once. Raises :class:`BacklogFull` at the bound."""
+        if self._closed:
+            raise RuntimeError("Cannot submit a write once the write-behind queue is closed.")
+        now = self._clock.monotonic()
+        key = write.key
+        if isinstance(write, Erase):
+            self._submit_erase(write)
+        entry = self._queued.get(key)
+        if entry is not None:
+            entry.write.absorb(write)  # type: ignore[arg-type]  # same key, same type
+            if not write.touch:
+                due = self._due(key, now, touch=False)
+                if due < entry.due_at:
+                    entry.due_at = due
+                    heapq.heappush(self._heap, (due, entry.seq, key))
+                    self._wake.set()
+            return
+        if isinstance(write, Erase):
+            self._erases[write.barrier] += 1
+        elif self.pending_count >= self._config.max_pending:
+            raise BacklogFull("Too many writes are waiting for Firestore; try again shortly.")
+        seq = next(self._seq)
+        entry = _Entry(
+            key=key, write=write, seq=seq, first_at=now, due_at=self._due(key, now, write.touch)
+        )
+        self._queued[key] = entry
+        self._empty.clear()
+        heapq.heappush(self._heap, (entry.due_at, seq, key))
+        self._wake.set()
+
+    def pending_writes(self, key: Key) -> list[Write]:
+        """The writes for ``key`` not yet confirmed by the store (in flight first)."""
+        writes: list[Write] = []
+        inflight = self._inflight.get(key)
+        if inflight is not None:
+            writes.append(inflight.write)
+        queued = self._queued.get(key)
+        if queued is not None:
+            writes.append(queued.write)
+        return writes
+
+    def pending_writes_where(self, predicate: Callable[[Write], bool]) -> list[Write]:
+        """Every unconfirmed write that ``predicate`` accepts, oldest first."""
+        entries = [*self._inflight.values(), *self._queued.values()]
+        entries.sort(key=lambda entry: entry.seq)
+        return [entry.write for entry in entries if predicate(entry.write)]
+
+    def erased(self, barriers: tuple[Barrier, ...]) -> bool:
+        """True while an erase covering any of ``barriers`` has not completed."""
+        return any(self._erases[barrier] > 0 for barrier in barriers)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._queued) + len(self._inflight)
+
+    def report_unavailable(self, exc: BaseException) -> None:
+        """A reader saw the store fail: switch to memory-only mode (once)."""
+        self._last_error = type(exc).__name__
+        if self._mode is Mode.MEMORY:
+            return
+        self._mode = Mode.MEMORY
+        self._mode_since = self._clock.now()
+        logger.warning(
+            "Firestore unavailable (%s): serving from memory, %d writes pending; probing",
+            type(exc).__name__,
+            self.pending_count,
+        )
+        if not self._closed:
+            self._start_prober()
+
+    def status(self) -> PersistenceStatus:
+        now = self._clock.monotonic()
+        oldest = min(
+            (entry.first_at for entry in (*self._queued.values(), *self._inflight.values())),
+            default=now,
+        )
+        return PersistenceStatus(
+            mode=self._mode,
+            backend=self._store.name,
+            pending_documents=self.pending_count,
+            pending_in_flight=len(self._inflight),
+            oldest_pending_age=max(0.0, now - oldest),
+            writes_issued=self._counters.writes_issued,
+            write_failures=self._counters.write_failures,
+            mode_since=self._mode_since,
+            last_error=self._last_error,
+        )
+
+    @property
+    def writes_by_collection(self) -> dict[str, int]:
+        """Store writes issued so far, per collection (or erase operation)."""
+        return dict(self._counters.by_collection)
+
+    def wake(self) -> None:
+        """Re-evaluate due times now (after moving a manual clock in tests)."""
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Flush everything pending now, ignoring intervals, and return when nothing is left.
+
+        In memory-only mode this waits for the store to come back; bound it
+        with ``asyncio.timeout``.
+        """
+        self._urgent += 1
+        self._reschedule_all()
+        try:
+            await self._empty.wait()
+        finally:
+            self._urgent -= 1
+
+    async def close(self, deadline: float) -> int:
+        """Flush within ``deadline`` seconds, stop, and return how many writes were left.
+
+        Writes left over are logged by document key (never by content): they
+        are lost with the process.
+        """
+        if self._closed:
+            return self.pending_count
+        self._urgent += 1
+        self._reschedule_all()
+        if self._mode is Mode.MEMORY:
+            self._start_prober()
+        try:
+            async with asyncio.timeout(deadline):
+                await self._empty.wait()
+        except TimeoutError:
+            pass
+        self._closed = True
+        for task in [self._runner, self._prober, *self._flushes]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(
+            *(t for t in [self._runner, self._prober, *self._flushes] if t is not None),
+            return_exceptions=True,
+        )
+        left = self.pending_count
+        if left:
+            keys = sorted({"/".join(key) for key in (*self._queued, *self._inflight)})
+            logger.error(
+                "Shutdown deadline passed with %d writes not in Firestore: %s",
+                left,
+                ", ".join(keys[:50]),
+            )
+        return left
+
+    # -- scheduling ----------------------------------------------------------
+
+    def _due(self, key: Key, now: float, touch: bool) -> float:
+        due = now + (self._config.touch_interval if touch else self._config.linger)
+        last = self._last_flush.get(key)
+        if last is not None:
+            due = max(due, last + self._config.flush_interval)
+        return due
+
+    def _submit_erase(self, erase: Erase) -> None:
+        """Drop the queued writes ``erase`` covers and mark the point in the order
+        before which every write it covers is void (also those in flight)."""
+        barrier = erase.barrier
+        for key, entry in list(self._queued.items()):
+            if barrier in entry.write.barriers:
+                del self._queued[key]
+                self._parked.discard(key)
+        self._erase_seq[barrier] = next(self._seq)
+        self.erase_epoch += 1
+
+    def _reschedule_all(self) -> None:
+        """Make every queued write due now, in submission order."""
+        now = self._clock.monotonic()
+        for entry in self._queued.values():
+            entry.due_at = min(entry.due_at, now)
+        self._heap = [(entry.due_at, entry.seq, key) for key, entry in self._queued.items()]
+        heapq.heapify(self._heap)
+        self._parked.clear()
+        self._wake.set()
+
+    def _blocked(self, entry: _Entry) -> bool:
+        if entry.key in self._inflight:
+            return True
+        write = entry.write
+        if isinstance(write, Erase):
+            return self._inflight_barriers[write.barrier] > 0
+        return any(self._erases[barrier] > 0 for barrier in write.barriers)
+
+    def _dispatch_ready(self) -> float | None:
+        """Launch due writes; return seconds until the next one is due (None: nothing)."""
+        if self._mode is Mode.MEMORY:
+            return None
+        now = self._clock.monotonic()
+        heap = self._heap
+        while heap and len(self._inflight) < self._config.concurrency:
+            due, seq, key = heap[0]
+            entry = self._queued.get(key)
+            if entry is None or entry.seq != seq or entry.due_at != due:
+                heapq.heappop(heap)
+                continue
+            if due > now and not self._urgent:
+                return due - now
+            heapq.heappop(heap)
+            if self._blocked(entry):
+                self._parked.add(key)
+                continue
+            self._launch(entry)
+        return None
+
+    def _launch(self, entry: _Entry) -> None:
+        del self._queued[entry.key]
+        self._inflight[entry.key] = entry
+        if not isinstance(entry.write, Erase):
+            self._inflight_barriers.update(entry.write.barriers)
+        task = asyncio.create_task(self._flush_one(entry), name="samvad-flush")
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    def _unpark(self) -> None:
+        for key in self._parked:
+            entry = self._queued.get(key)
+            if entry is not None:
+                heapq.heappush(self._heap, (entry.due_at, entry.seq, key))
+        self._parked.clear()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                delay = self._dispatch_ready()
+                self._wake.clear()
+                if delay is None:
+                    await self._wake.wait()
+                else:
+                    try:
+                        async with asyncio.timeout(delay):
+                            await self._wake.wait()
+                    except TimeoutError:
+                        pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The dispatcher must outlive any bug in one pass, or every
+                # later write would wait forever.
+                logger.exception("write-behind dispatcher pass failed; continuing")
+                await asyncio.sleep(0.1)
+
+    # -- flushing ----------------------------------------------------------
+
+    async def _flush_one(self, entry: _Entry) -> None:
+        write = entry.write
+        started = self._clock.monotonic()
+        label = write.key[0]
+        try:
+            result = await self._apply(write)
+        except asyncio.CancelledError:
+            self._requeue(entry, transient=True, cancelled=True)
+            raise
+        except StoreUnavailable as exc:
+            self._observe(label, started, ok=False)
+            self._requeue(entry, transient=True, exc=exc)
+        except StoreRejected as exc:
+            self._observe(label, started, ok=False)
+            self._requeue(entry, transient=False, exc=exc)
+        except Exception as exc:
+            logger.exception("write to %s failed unexpectedly", "/".join(write.key))
+            self._observe(label, started, ok=False)
+            self._requeue(entry, transient=False, exc=exc)
+        else:
+            self._observe(label, started, ok=True)
+            self._done(entry)
+            if isinstance(result, Profile) and self._on_profile_flushed is not None:
+                try:
+                    self._on_profile_flushed(result)
+                except Exception:
+                    logger.exception("profile-flushed callback failed")
+        finally:
+            self._after_flush()
+
+    async def _apply(self, write: Write) -> Profile | None:
+        if isinstance(write, FieldsWrite):
+            await self._store.write_fields(write)
+            return None
+        if isinstance(write, ProfileWrite):
+            return await self._store.write_profile(write, now=self._clock.now())
+        await self._store.erase(write)
+        return None
+
+    def _observe(self, label: str, started: float, *, ok: bool) -> None:
+        if ok:
+            self._counters.writes_issued += 1
+            self._counters.by_collection[label] += 1
+        else:
+            self._counters.write_failures += 1
+        if self._on_flush is not None:
+            self._on_flush(label, self._clock.monotonic() - started, ok)
+
+    def _release(self, entry: _Entry) -> None:
+        del self._inflight[entry.key]
+        write = entry.write
+        if isinstance(write, Erase):
+            return
+        self._inflight_barriers.subtract(write.barriers)
+        for barrier in write.barriers:
+            if self._inflight_barriers[barrier] <= 0:
+                del self._inflight_barriers[barrier]
+
+    def _done(self, entry: _Entry) -> None:
+        self._release(entry)
+        now = self._clock.monotonic()
+        self._last_flush[entry.key] = now
+        if now - self._last_prune > max(self._config.flush_interval, 1.0):
+            # Only flushes within the last interval still space writes out.
+            self._last_prune = now
+            horizon = now - self._config.flush_interval
+            self._last_flush = {k: t for k, t in self._last_flush.items() if t > horizon}
+        write = entry.write
+        if isinstance(write, Erase):
+            barrier = write.barrier
+            self._erases[barrier] -= 1
+            if self._erases[barrier] <= 0:
+                del self._erases[barrier]
+                self._erase_seq.pop(barrier, None)
+
+    def _requeue(
+        self,
+        entry: _Entry,
+        *,
+        transient: bool,
+        exc: BaseException | None = None,
+        cancelled: bool = False,
+    ) -> None:
+        self._release(entry)
+        key, write = entry.key, entry.write
+        if not isinstance(write, Erase) and any(
+            self._erase_seq.get(barrier, -1) > entry.seq for barrier in write.barriers
+        ):
+            # Erased while in flight: the erase waited for this write, which
+            # failed; the write is simply gone, as the erase asked.
+            return
+        if exc is not None:
+            self._last_error = type(exc).__name__
+        newer = self._queued.pop(key, None)
+        if newer is not None:
+            write.absorb(newer.write)  # type: ignore[arg-type]  # same key, same type
+        entry.attempts += 1
+        now = self._clock.monotonic()
+        if transient or cancelled:
+            entry.due_at = now
+        else:
+            backoff = min(self._config.retry_max_backoff, 0.5 * 2 ** min(entry.attempts, 16))
+            entry.due_at = now + backoff
+            logger.warning(
+                "Firestore rejected the write to %s (attempt %d, %s); retrying in %.1fs",
+                "/".join(key),
+                entry.attempts,
+                type(exc).__name__ if exc else "cancelled",
+                backoff,
+            )
+        # It keeps its sequence number, so the heap puts it back at its
+        # original place in the submission order.
+        self._queued[key] = entry
+        heapq.heappush(self._heap, (entry.due_at, entry.seq, key))
+        if transient and not cancelled and exc is not None:
+            self.report_unavailable(exc)
+
+    def _after_flush(self) -> None:
+        self._unpark()
+        if not self._queued and not self._inflight:
+            self._empty.set()
+        self._wake.set()
+
+    # -- outage ------------------------------------------------------------
+
+    def _start_prober(self) -> None:
+        if self._prober is None or self._prober.done():
+            self._prober = asyncio.create_task(self._probe(), name="samvad-firestore-probe")
+
+    async def _probe(self) -> None:
+        delay = self._config.probe_interval
+        failures = 0
+        while self._mode is Mode.MEMORY:
+            await asyncio.sleep(delay)
+            try:
+                await self._store.ping()
+            except (StoreUnavailable, StoreRejected) as exc:
+                failures += 1
+                self._last_error = type(exc).__name__
+                delay = min(delay * 2, self._config.probe_max_interval)
+                if failures % self._config.reconnect_after_failed_probes == 0:
+                    try:
+                        await self._store.reconnect()
+                    except Exception:
+                        logger.warning("reconnecting to Firestore failed", exc_info=True)
+            except Exception:
+                logger.exception("Firestore probe failed unexpectedly")
+                delay = min(delay * 2, self._config.probe_max_interval)
+            else:
+                self._recovered()
+
+    def _recovered(self) -> None:
+        outage = (self._clock.now() - self._mode_since).total_seconds()
+        self._mode = Mode.FIRESTORE
+        self._mode_since = self._clock.now()
+        logger.warning(
+            "Firestore reachable again after %.1fs: replaying %d pending writes in order",
+            outage,
+            self.pending_count,
+        )
+        self._reschedule_all()

@@ -1,0 +1,146 @@
+"""Pending writes: what the write-behind queue holds for one document.
+
+A write is keyed by the document it changes, so a burst of changes to one
+document coalesces into one write (:meth:`absorb`). Writes name the *barriers*
+they sit behind: an :class:`Erase` of a user or a session raises a barrier,
+and no write behind it reaches the store until the erase is done. That is
+what stops a late flush from bringing erased data back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from samvad.documents import PROFILES, Document
+from samvad.models import Message
+
+Key = tuple[str, str]
+"""(collection or operation, document id)."""
+
+Barrier = tuple[str, str]
+"""("user", userId) or ("session", sessionId)."""
+
+
+def user_barrier(user_id: str) -> Barrier:
+    return ("user", user_id)
+
+
+def session_barrier(session_id: str) -> Barrier:
+    return ("session", session_id)
+
+
+@dataclass(slots=True)
+class FieldsWrite:
+    """Set top-level fields of one document (each field is replaced as a whole).
+
+    ``defaults`` are written only where the stored document lacks the field
+    (``createdAt``). A ``touch`` write only refreshes low-value fields such as
+    ``lastActivity`` and may wait longer before it is flushed.
+    """
+
+    collection: str
+    doc_id: str
+    user_id: str
+    fields: dict[str, Any]
+    session_id: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    touch: bool = False
+
+    @property
+    def key(self) -> Key:
+        return (self.collection, self.doc_id)
+
+    @property
+    def barriers(self) -> tuple[Barrier, ...]:
+        if self.session_id is None:
+            return (user_barrier(self.user_id),)
+        return (user_barrier(self.user_id), session_barrier(self.session_id))
+
+    def absorb(self, later: FieldsWrite) -> None:
+        """Fold a later write to the same document into this one."""
+        self.fields.update(later.fields)
+        for name, value in later.defaults.items():
+            self.defaults.setdefault(name, value)
+        self.touch = self.touch and later.touch
+
+    def apply_to(self, doc: Mapping[str, Any] | None) -> Document:
+        """The document after this write; the semantics every store implements."""
+        result: Document = dict(doc) if doc is not None else {}
+        for name, value in self.defaults.items():
+            result.setdefault(name, value)
+        result.update(self.fields)
+        return result
+
+
+@dataclass(slots=True)
+class ProfileWrite:
+    """Append messages to a user's history and merge preferences.
+
+    The store merges by message id (so a replay is idempotent) and bounds the
+    history in the same write. ``cap`` bounds what is kept here too: older
+    pending messages could never survive the trim.
+    """
+
+    user_id: str
+    append: list[Message] = field(default_factory=list)
+    preferences: dict[str, Any] = field(default_factory=dict)
+    cap: int = 100
+
+    @property
+    def key(self) -> Key:
+        return (PROFILES, self.user_id)
+
+    @property
+    def barriers(self) -> tuple[Barrier, ...]:
+        return (user_barrier(self.user_id),)
+
+    @property
+    def touch(self) -> bool:
+        return False
+
+    def absorb(self, later: ProfileWrite) -> None:
+        self.append.extend(later.append)
+        if len(self.append) > self.cap:
+            del self.append[: len(self.append) - self.cap]
+        self.preferences.update(later.preferences)
+
+
+class EraseScope(StrEnum):
+    USER = "user"
+    SESSION = "session"
+
+
+@dataclass(slots=True)
+class Erase:
+    """Delete everything of a user (state, profile, sessions, interruptions) or of
+    one session (the session and its interruptions)."""
+
+    scope: EraseScope
+    target_id: str
+
+    @property
+    def key(self) -> Key:
+        return ("erase:" + self.scope.value, self.target_id)
+
+    @property
+    def barrier(self) -> Barrier:
+        return (self.scope.value, self.target_id)
+
+    @property
+    def barriers(self) -> tuple[Barrier, ...]:
+        # An erase waits for nothing queued: it drops what it covers. It does
+        # wait for covered writes already in flight (see WriteBehind).
+        return ()
+
+    @property
+    def touch(self) -> bool:
+        return False
+
+    def absorb(self, later: Erase) -> None:
+        """Two erases of the same target are one."""
+
+
+Write = FieldsWrite | ProfileWrite | Erase

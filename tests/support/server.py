@@ -1,0 +1,72 @@
+"""A real server for tests: uvicorn on a free port in the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from samvad.services import Services
+
+
+@dataclass
+class LiveServer:
+    """A running server: its URLs and, for assertions, its services."""
+
+    server: uvicorn.Server
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def services(self) -> Services:
+        state: dict[str, Any] = self.server.lifespan.state
+        found: Services = state["services"]
+        return found
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = asyncio.Event()
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets=sockets)
+        self.ready.set()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        # Leave the test runner's signal handlers alone.
+        yield
+
+
+@contextlib.asynccontextmanager
+async def live_server(app: Any, **config: Any) -> AsyncIterator[LiveServer]:
+    """Serve ``app`` on 127.0.0.1 (port 0) until the block ends, then shut down gracefully."""
+    options: dict[str, Any] = {"log_level": "warning", "lifespan": "on"}
+    options.update(config)
+    server = _Server(uvicorn.Config(app, host="127.0.0.1", port=0, **options))
+    task = asyncio.create_task(server.serve())
+    ready = asyncio.create_task(server.ready.wait())
+    done, _ = await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if ready not in done:
+        ready.cancel()
+        if task in done:
+            task.result()  # raises the start-up error
+        raise RuntimeError("the test server did not start within 30 s")
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield LiveServer(server=server, port=port)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 60)

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from samvad.history import history_bytes, merge, trim
+from samvad.models import MESSAGE_OVERHEAD_BYTES, Message, Role
+
+T0 = datetime(2025, 1, 10, 17, 0, tzinfo=UTC)
+
+
+def msg(i: int, content: str = "x", *, at: datetime | None = None) -> Message:
+    return Message(
+        id=f"m{i}", role=Role.USER, content=content, timestamp=at or T0 + timedelta(seconds=i)
+    )
+
+
+def test_trim_keeps_the_newest_messages_up_to_the_cap() -> None:
+    messages = [msg(i) for i in range(150)]
+    kept, size = trim(messages, cap=100, max_bytes=10**9)
+    assert [m.id for m in kept] == [f"m{i}" for i in range(50, 150)]
+    assert size == history_bytes(kept)
+
+
+def test_trim_drops_oldest_until_under_the_byte_bound() -> None:
+    big = "é" * 1000  # 2000 bytes in UTF-8
+    messages = [msg(i, big) for i in range(10)]
+    per_message = 2000 + MESSAGE_OVERHEAD_BYTES
+    kept, size = trim(messages, cap=100, max_bytes=per_message * 4 + 10)
+    assert [m.id for m in kept] == ["m6", "m7", "m8", "m9"]
+    assert size == per_message * 4
+
+
+def test_trim_keeps_the_newest_message_even_when_it_alone_is_too_big() -> None:
+    kept, _ = trim([msg(0), msg(1, "y" * 5000)], cap=100, max_bytes=1000)
+    assert [m.id for m in kept] == ["m1"]
+
+
+def test_merge_skips_known_ids_so_a_replay_is_idempotent() -> None:
+    existing = [msg(0), msg(1)]
+    merged = merge(existing, [msg(1), msg(2)])
+    assert [m.id for m in merged] == ["m0", "m1", "m2"]
+    assert merge(merged, [msg(1), msg(2)]) == merged
+
+
+def test_merge_keeps_history_chronological_when_a_replay_is_older() -> None:
+    existing = [msg(0), msg(5)]
+    merged = merge(existing, [msg(3), msg(4)])
+    assert [m.id for m in merged] == ["m0", "m3", "m4", "m5"]
+
+
+def test_merge_keeps_arrival_order_for_equal_timestamps() -> None:
+    same = [msg(i, at=T0) for i in range(4)]
+    merged = merge(same[:2], same[2:])
+    assert [m.id for m in merged] == ["m0", "m1", "m2", "m3"]

@@ -1,0 +1,338 @@
+"""The persistence service's logic over a store double: overlay, erasure, memory mode."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+
+from samvad.clock import ManualClock
+from samvad.config import Settings
+from samvad.documents import PROFILES, SESSIONS, STATES
+from samvad.errors import Conflict
+from samvad.interruptions import Interruption
+from samvad.models import Mode, Role, SessionStatus
+from samvad.persistence import Persistence
+from samvad.stores.base import HistoryBounds, SessionCursor
+from samvad.writes import FieldsWrite
+from tests.support.stores import FlakyStore, settle
+
+T0 = datetime(2025, 1, 10, 17, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+@pytest.fixture
+def store() -> FlakyStore:
+    return FlakyStore()
+
+
+def settings(**changes: object) -> Settings:
+    base = Settings(
+        flush_linger=0.0,
+        flush_interval=1.0,
+        probe_interval=0.001,
+        probe_max_interval=0.002,
+        history_cap=100,
+    )
+    return base.replace(**changes)
+
+
+@pytest.fixture
+async def p(store: FlakyStore, clock: ManualClock) -> AsyncIterator[Persistence]:
+    async with Persistence(store, settings=settings(), clock=clock) as persistence:
+        yield persistence
+
+
+async def test_saved_state_is_served_from_memory_and_reaches_the_store(
+    p: Persistence, store: FlakyStore
+) -> None:
+    assert await p.get_state("u1") is None
+    p.save_state("u1", {"language": "en", "conversationContext": {"topic": "loans"}})
+    state = await p.get_state("u1")
+    assert state is not None
+    assert state.data == {"language": "en", "conversationContext": {"topic": "loans"}}
+    assert state.is_active
+    await asyncio.wait_for(p.writes.flush(), 5)
+    stored = await store.get(STATES, "u1")
+    assert stored is not None
+    assert stored["language"] == "en"
+    assert stored["isActive"] is True
+    assert stored["updatedAt"] == T0
+
+
+async def test_state_save_replaces_top_level_fields_whole(
+    p: Persistence, store: FlakyStore
+) -> None:
+    p.save_state("u1", {"ctx": {"a": 1, "b": 2}, "language": "en"})
+    await asyncio.wait_for(p.writes.flush(), 5)
+    p.save_state("u1", {"ctx": {"a": 9}})
+    state = await p.get_state("u1")
+    assert state is not None and state.data == {"ctx": {"a": 9}, "language": "en"}
+    await asyncio.wait_for(p.writes.flush(), 5)
+    stored = await store.get(STATES, "u1")
+    assert stored is not None and stored["ctx"] == {"a": 9} and stored["language"] == "en"
+
+
+async def test_a_cache_miss_reads_the_store_once_and_overlays_pending_writes(
+    p: Persistence, store: FlakyStore, clock: ManualClock
+) -> None:
+    await store.write_fields(
+        FieldsWrite(collection=STATES, doc_id="u1", user_id="u1", fields={"old": 1, "keep": True})
+    )
+    store.gate.clear()  # the pending write stays pending
+    p.save_state("u1", {"old": 2})
+    await settle()
+    reads = store.reads
+    state = await p.get_state("u1")
+    assert state is not None and state.data == {"old": 2, "keep": True}
+    assert store.reads == reads + 1
+    assert await p.get_state("u1") == state
+    assert store.reads == reads + 1
+    store.gate.set()
+
+
+async def test_history_is_capped_and_ordered(p: Persistence, store: FlakyStore) -> None:
+    for i in range(130):
+        p.append_message("u1", role=Role.USER, content=f"message {i}")
+    profile = await p.get_profile("u1")
+    assert profile is not None
+    assert len(profile.history) == 100
+    assert profile.history[0].content == "message 30"
+    assert profile.history[-1].content == "message 129"
+    await asyncio.wait_for(p.writes.flush(), 5)
+    stored = await store.get(PROFILES, "u1")
+    assert stored is not None
+    assert stored["historyLength"] == 100
+    assert [m["content"] for m in stored["conversationHistory"]] == [
+        f"message {i}" for i in range(30, 130)
+    ]
+
+
+async def test_history_is_bounded_in_bytes(clock: ManualClock) -> None:
+    store = FlakyStore(bounds=HistoryBounds(cap=100, max_bytes=8192))
+    async with Persistence(store, settings=settings(history_max_bytes=8192), clock=clock) as p:
+        for i in range(20):
+            p.append_message("u1", role=Role.ASSISTANT, content=f"{i}:" + "x" * 1000)
+        profile = await p.get_profile("u1")
+        assert profile is not None
+        assert profile.history_bytes <= 8192
+        assert len(profile.history) == 7
+        assert profile.history[-1].content.startswith("19:")
+        await asyncio.wait_for(p.writes.flush(), 5)
+        stored = await store.get(PROFILES, "u1")
+        assert stored is not None and stored["historyLength"] == 7
+
+
+async def test_a_message_is_never_older_than_the_one_before(
+    p: Persistence, clock: ManualClock
+) -> None:
+    await p.get_profile("u1")
+    p.append_message("u1", role=Role.USER, content="first")
+    assert await p.get_profile("u1") is not None
+    clock._wall = T0.replace(year=2024)  # the wall clock jumps back
+    second = p.append_message("u1", role=Role.USER, content="second")
+    assert second.timestamp == T0
+
+
+async def test_erasing_a_user_clears_memory_and_store_and_nothing_comes_back(
+    p: Persistence, store: FlakyStore
+) -> None:
+    p.save_state("u1", {"language": "en"})
+    p.append_message("u1", role=Role.USER, content="hello")
+    await p.save_session("s1", user_id="u1", language="en")
+    await asyncio.wait_for(p.writes.flush(), 5)
+    # More writes still pending when the erase comes in.
+    store.gate.clear()
+    p.append_message("u1", role=Role.USER, content="pending")
+    await p.save_session("s2", user_id="u1")
+    erasure = await p.erase_user("u1")
+    assert erasure.user_state and erasure.user_profile
+    assert erasure.sessions == 2
+    assert await p.get_state("u1") is None
+    assert await p.get_profile("u1") is None
+    assert await p.get_session("s1") is None
+    store.gate.set()
+    await asyncio.wait_for(p.writes.flush(), 5)
+    for collection, doc_id in [
+        (STATES, "u1"),
+        (PROFILES, "u1"),
+        (SESSIONS, "s1"),
+        (SESSIONS, "s2"),
+    ]:
+        assert await store.get(collection, doc_id) is None, (collection, doc_id)
+    assert (await p.list_sessions("u1")).sessions == ()
+
+
+async def test_a_read_while_an_erase_is_pending_does_not_see_the_old_data(
+    p: Persistence, store: FlakyStore
+) -> None:
+    p.append_message("u1", role=Role.USER, content="old")
+    await asyncio.wait_for(p.writes.flush(), 5)
+    store.gate.clear()
+    await p.erase_user("u1")
+    p.profiles.clear()
+    assert await p.get_profile("u1") is None
+    p.append_message("u1", role=Role.USER, content="new")
+    profile = await p.get_profile("u1")
+    assert profile is not None and [m.content for m in profile.history] == ["new"]
+    store.gate.set()
+    await asyncio.wait_for(p.writes.flush(), 5)
+    stored = await store.get(PROFILES, "u1")
+    assert stored is not None
+    assert [m["content"] for m in stored["conversationHistory"]] == ["new"]
+
+
+async def test_memory_mode_serves_reads_without_the_store_and_completes_later(
+    p: Persistence, store: FlakyStore
+) -> None:
+    p.save_state("known", {"a": 1})
+    await asyncio.wait_for(p.writes.flush(), 5)
+    p.states.clear()
+    store.down = True
+    p.writes.report_unavailable(RuntimeError("test"))
+    reads = store.reads
+    p.save_state("known", {"b": 2})
+    partial = await p.get_state("known")
+    assert partial is not None and partial.data == {"b": 2}
+    assert store.reads == reads, "memory mode must not wait on the store"
+    store.down = False
+    await asyncio.wait_for(p.writes.flush(), 5)
+    assert p.mode is Mode.FIRESTORE
+    full = await p.get_state("known")
+    assert full is not None and full.data == {"a": 1, "b": 2}
+
+
+async def test_a_failing_read_switches_to_memory_mode_without_raising(
+    p: Persistence, store: FlakyStore
+) -> None:
+    store.down = True
+    assert await p.get_profile("nobody") is None
+    assert p.mode is Mode.MEMORY
+    store.down = False
+
+
+async def test_sessions_lifecycle(p: Persistence, store: FlakyStore, clock: ManualClock) -> None:
+    created = await p.save_session("s1", user_id="u1", language="en", metadata={"platform": "web"})
+    assert created.status is SessionStatus.ACTIVE and created.created_at == T0
+    clock.advance(5)
+    updated = await p.save_session("s1", user_id="u1", metadata={"deviceId": "d1"})
+    assert updated.created_at == T0
+    assert updated.language == "en"
+    assert updated.metadata == {"platform": "web", "deviceId": "d1"}
+    with pytest.raises(Conflict):
+        await p.save_session("s1", user_id="someone-else")
+    ended = await p.end_session("s1")
+    assert ended is not None and ended.status is SessionStatus.ENDED and ended.ended_at is not None
+    assert await p.end_session("nope") is None
+    await asyncio.wait_for(p.writes.flush(), 5)
+    stored = await store.get(SESSIONS, "s1")
+    assert stored is not None
+    assert stored["createdAt"] == T0
+    assert stored["isActive"] is False and stored["status"] == "ended"
+
+
+async def test_list_sessions_pages_by_cursor_and_filters_by_status(
+    p: Persistence, clock: ManualClock
+) -> None:
+    for i in range(5):
+        await p.save_session(f"s{i}", user_id="u1")
+        clock.advance(1)
+    await p.end_session("s1")
+    await p.save_session("other", user_id="u2")
+    await asyncio.wait_for(p.writes.flush(), 5)
+    first = await p.list_sessions("u1", limit=2)
+    assert [s.id for s in first.sessions] == ["s1", "s4"]
+    assert first.next_cursor is not None
+    second = await p.list_sessions("u1", limit=2, cursor=SessionCursor.decode(first.next_cursor))
+    assert [s.id for s in second.sessions] == ["s3", "s2"]
+    active = await p.active_sessions("u1")
+    assert [s.id for s in active] == ["s4", "s3", "s2", "s0"]
+    ended = await p.list_sessions("u1", status=SessionStatus.ENDED)
+    assert [s.id for s in ended.sessions] == ["s1"]
+
+
+async def test_list_sessions_includes_sessions_not_yet_flushed(
+    p: Persistence, store: FlakyStore
+) -> None:
+    await p.save_session("flushed", user_id="u1")
+    await asyncio.wait_for(p.writes.flush(), 5)
+    store.gate.clear()
+    await p.save_session("pending", user_id="u1")
+    page = await p.list_sessions("u1")
+    assert {s.id for s in page.sessions} == {"flushed", "pending"}
+    store.gate.set()
+
+
+async def test_idle_sessions_are_marked_abandoned(store: FlakyStore, clock: ManualClock) -> None:
+    async with Persistence(store, settings=settings(session_idle_timeout=60), clock=clock) as p:
+        await p.save_session("idle", user_id="u1")
+        await p.save_session("busy", user_id="u1")
+        await asyncio.wait_for(p.writes.flush(), 5)
+        clock.advance(61)
+        await p.touch_session("busy")
+        p.sessions.clear()
+        assert await p.sweep_idle_sessions() == 1
+        idle = await p.get_session("idle")
+        assert idle is not None and idle.status is SessionStatus.ABANDONED
+        busy = await p.get_session("busy")
+        assert busy is not None and busy.status is SessionStatus.ACTIVE
+
+
+async def test_erase_session_drops_only_that_session(p: Persistence, store: FlakyStore) -> None:
+    await p.save_session("s1", user_id="u1")
+    await p.save_session("s2", user_id="u1")
+    await asyncio.wait_for(p.writes.flush(), 5)
+    assert (await p.erase_session("s1")).session
+    assert not (await p.erase_session("missing")).session
+    await asyncio.wait_for(p.writes.flush(), 5)
+    assert await store.get(SESSIONS, "s1") is None
+    assert await store.get(SESSIONS, "s2") is not None
+
+
+async def test_interruptions_are_persisted_only_when_enabled(
+    store: FlakyStore, clock: ManualClock
+) -> None:
+    record = Interruption(
+        session_id="s1", user_id="u1", at=T0, reason="barge-in", heard="Hel", cut="lo"
+    )
+    async with Persistence(store, settings=settings(), clock=clock) as off:
+        off.record_interruption(record)
+        assert off.writes.pending_count == 0
+    async with Persistence(store, settings=settings(persist_interruptions=True), clock=clock) as on:
+        on.record_interruption(record)
+        await asyncio.wait_for(on.writes.flush(), 5)
+    assert (await store.counts()).total_interruptions == 1
+
+
+async def test_counts_come_from_the_store_and_fall_back_to_memory(
+    p: Persistence, store: FlakyStore
+) -> None:
+    p.save_state("u1", {"a": 1})
+    await p.save_session("s1", user_id="u1")
+    p.append_message("u1", role=Role.USER, content="x")
+    await asyncio.wait_for(p.writes.flush(), 5)
+    counts, from_store = await p.counts()
+    assert from_store
+    assert (counts.active_users, counts.active_sessions, counts.total_profiles) == (1, 1, 1)
+    store.down = True
+    await p.get_profile("u1")
+    counts, from_store = await p.counts()
+    assert not from_store
+    assert counts.active_sessions == 1
+    store.down = False
+
+
+async def test_close_flushes_everything(store: FlakyStore, clock: ManualClock) -> None:
+    p = Persistence(store, settings=settings(flush_linger=30.0), clock=clock)
+    await p.start()
+    p.save_state("u1", {"a": 1})
+    p.append_message("u1", role=Role.USER, content="bye")
+    assert await p.close() == 0
+    assert await store.get(STATES, "u1") is not None
+    assert await store.get(PROFILES, "u1") is not None

@@ -1,0 +1,354 @@
+"""The write-behind queue's logic, over a store double and a manual clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+
+from samvad.clock import ManualClock
+from samvad.documents import PROFILES, SESSIONS, STATES
+from samvad.errors import BacklogFull
+from samvad.models import Message, Mode, Role
+from samvad.writebehind import WriteBehind, WriteBehindConfig
+from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite
+from tests.support.stores import FlakyStore, settle
+
+T0 = datetime(2025, 1, 10, 17, 0, tzinfo=UTC)
+
+
+def state(user: str, **fields: object) -> FieldsWrite:
+    return FieldsWrite(collection=STATES, doc_id=user, user_id=user, fields=dict(fields))
+
+
+def session(sid: str, user: str, **fields: object) -> FieldsWrite:
+    return FieldsWrite(
+        collection=SESSIONS,
+        doc_id=sid,
+        user_id=user,
+        session_id=sid,
+        fields={"userId": user, **fields},
+    )
+
+
+def message(user: str, i: int) -> ProfileWrite:
+    return ProfileWrite(
+        user_id=user,
+        append=[Message(id=f"{user}-{i:03d}", role=Role.USER, content=f"m{i}", timestamp=T0)],
+    )
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+@pytest.fixture
+def store() -> FlakyStore:
+    return FlakyStore()
+
+
+def make(store: FlakyStore, clock: ManualClock, **config: object) -> WriteBehind:
+    defaults: dict[str, object] = {
+        "flush_interval": 1.0,
+        "linger": 0.0,
+        "touch_interval": 30.0,
+        "concurrency": 4,
+        "probe_interval": 0.001,
+        "probe_max_interval": 0.002,
+    }
+    defaults.update(config)
+    return WriteBehind(store, config=WriteBehindConfig(**defaults), clock=clock)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def wb(store: FlakyStore, clock: ManualClock) -> AsyncIterator[WriteBehind]:
+    queue = make(store, clock)
+    await queue.start()
+    yield queue
+    await queue.close(1.0)
+
+
+async def test_a_burst_to_one_document_becomes_one_write(
+    wb: WriteBehind, store: FlakyStore
+) -> None:
+    for i in range(50):
+        wb.submit(message("u1", i))
+    await settle()
+    assert store.log == [("profile", (PROFILES, "u1"))]
+    stored = await store.get(PROFILES, "u1")
+    assert stored is not None
+    assert [m["id"] for m in stored["conversationHistory"]] == [f"u1-{i:03d}" for i in range(50)]
+
+
+async def test_writes_to_one_document_are_spaced_by_the_flush_interval(
+    wb: WriteBehind, store: FlakyStore, clock: ManualClock
+) -> None:
+    wb.submit(state("u1", a=1))
+    await settle()
+    assert len(store.log) == 1
+    wb.submit(state("u1", a=2))
+    wb.submit(state("u1", b=3))
+    await settle()
+    assert len(store.log) == 1, "a second write within the interval must wait"
+    clock.advance(0.5)
+    wb.wake()
+    await settle()
+    assert len(store.log) == 1
+    clock.advance(0.5)
+    wb.wake()
+    await settle()
+    assert len(store.log) == 2
+    assert await store.get(STATES, "u1") == {"a": 2, "b": 3}
+
+
+async def test_different_documents_are_not_held_back_by_each_other(
+    wb: WriteBehind, store: FlakyStore
+) -> None:
+    for user in ("a", "b", "c"):
+        wb.submit(state(user, x=1))
+    await settle()
+    assert {key for _, key in store.log} == {(STATES, "a"), (STATES, "b"), (STATES, "c")}
+
+
+async def test_touch_writes_wait_for_the_touch_interval_unless_a_real_write_follows(
+    wb: WriteBehind, store: FlakyStore, clock: ManualClock
+) -> None:
+    touch = session("s1", "u1", lastActivity=1)
+    touch.touch = True
+    wb.submit(touch)
+    await settle()
+    assert store.log == []
+    clock.advance(29)
+    wb.wake()
+    await settle()
+    assert store.log == []
+    wb.submit(session("s1", "u1", status="ended"))
+    await settle()
+    assert store.log == [("fields", (SESSIONS, "s1"))]
+
+
+async def test_a_write_arriving_while_its_document_is_in_flight_waits_and_keeps_order(
+    wb: WriteBehind, store: FlakyStore, clock: ManualClock
+) -> None:
+    store.gate.clear()
+    wb.submit(state("u1", v=1))
+    await settle()
+    wb.submit(state("u1", v=2))
+    await settle()
+    assert wb.status().pending_in_flight == 1
+    store.gate.set()
+    await settle()
+    clock.advance(1)
+    wb.wake()
+    await settle()
+    assert len(store.log) == 2
+    assert await store.get(STATES, "u1") == {"v": 2}
+
+
+async def test_erase_drops_queued_writes_of_the_user(wb: WriteBehind, store: FlakyStore) -> None:
+    store.down = True
+    wb.report_unavailable(RuntimeError("test"))
+    wb.submit(state("u1", a=1))
+    wb.submit(message("u1", 1))
+    wb.submit(session("s1", "u1", status="active"))
+    wb.submit(state("u2", a=1))
+    wb.submit(Erase(EraseScope.USER, "u1"))
+    assert {tuple(w.key) for w in wb.pending_writes_where(lambda w: True)} == {
+        (STATES, "u2"),
+        ("erase:user", "u1"),
+    }
+    store.down = False
+    await asyncio.wait_for(wb.flush(), 5)
+    assert await store.get(STATES, "u1") is None
+    assert await store.get(PROFILES, "u1") is None
+    assert await store.get(STATES, "u2") == {"a": 1}
+
+
+async def test_erase_waits_for_an_in_flight_write_and_then_deletes_it(
+    wb: WriteBehind, store: FlakyStore
+) -> None:
+    store.gate.clear()
+    wb.submit(message("u1", 1))
+    await settle()
+    wb.submit(Erase(EraseScope.USER, "u1"))
+    await settle()
+    assert wb.status().pending_in_flight == 1, "the erase must not start before the write ends"
+    store.gate.set()
+    await asyncio.wait_for(wb.flush(), 5)
+    assert store.log == [("profile", (PROFILES, "u1")), ("erase", ("erase:user", "u1"))]
+    assert await store.get(PROFILES, "u1") is None
+
+
+async def test_writes_after_an_erase_wait_for_it_and_survive_it(
+    wb: WriteBehind, store: FlakyStore
+) -> None:
+    await store.write_fields(state("u1", old=True))
+    store.gate.clear()
+    wb.submit(Erase(EraseScope.USER, "u1"))
+    await settle()
+    wb.submit(state("u1", new=True))
+    await settle()
+    assert wb.erased((("user", "u1"),))
+    store.gate.set()
+    await asyncio.wait_for(wb.flush(), 5)
+    assert await store.get(STATES, "u1") == {"new": True}
+    assert [kind for kind, _ in store.log] == ["fields", "erase", "fields"]
+
+
+async def test_a_failed_in_flight_write_covered_by_an_erase_is_not_retried(
+    wb: WriteBehind, store: FlakyStore
+) -> None:
+    store.gate.clear()
+    wb.submit(state("u1", a=1))
+    await settle()
+    wb.submit(Erase(EraseScope.USER, "u1"))
+    store.rejecting.add((STATES, "u1"))
+    store.gate.set()
+    await asyncio.wait_for(wb.flush(), 5)
+    assert wb.pending_count == 0
+    assert await store.get(STATES, "u1") is None
+
+
+async def test_session_erase_holds_back_later_writes_to_that_session_only(
+    wb: WriteBehind, store: FlakyStore
+) -> None:
+    store.gate.clear()
+    wb.submit(Erase(EraseScope.SESSION, "s1"))
+    await settle()
+    wb.submit(session("s1", "u1", status="active"))
+    wb.submit(session("s2", "u1", status="active"))
+    await settle()
+    assert wb.erased((("session", "s1"),))
+    assert not wb.erased((("session", "s2"),))
+    store.gate.set()
+    await asyncio.wait_for(wb.flush(), 5)
+    assert await store.get(SESSIONS, "s1") == {"userId": "u1", "status": "active"}
+
+
+async def test_outage_switches_to_memory_mode_keeps_writes_and_replays_in_order(
+    wb: WriteBehind, store: FlakyStore, clock: ManualClock
+) -> None:
+    store.down = True
+    wb.submit(state("a", v=1))
+    await settle()
+    assert wb.mode is Mode.MEMORY
+    for user in ("b", "c", "d"):
+        wb.submit(state(user, v=1))
+    wb.submit(state("a", v=2))
+    await settle()
+    assert store.log == []
+    status = wb.status()
+    assert status.pending_documents == 4
+    assert status.last_error == "StoreUnavailable"
+    clock.advance(3)
+    assert wb.status().oldest_pending_age == pytest.approx(3)
+    store.down = False
+    await asyncio.wait_for(wb.flush(), 5)
+    assert wb.mode is Mode.FIRESTORE
+    assert [key[1] for _, key in store.log] == ["a", "b", "c", "d"]
+    assert await store.get(STATES, "a") == {"v": 2}
+
+
+async def test_the_prober_reconnects_after_repeated_failures(
+    wb: WriteBehind, store: FlakyStore
+) -> None:
+    store.down = True
+    wb.submit(state("a", v=1))
+    await asyncio.wait_for(store.reconnected.wait(), 5)
+    assert store.pings >= 3
+    store.down = False
+    await asyncio.wait_for(wb.flush(), 5)
+
+
+async def test_a_rejected_write_is_kept_and_retried_with_backoff(
+    wb: WriteBehind, store: FlakyStore, clock: ManualClock
+) -> None:
+    store.rejecting.add((STATES, "bad"))
+    wb.submit(state("bad", v=1))
+    wb.submit(state("good", v=1))
+    await settle()
+    assert wb.mode is Mode.FIRESTORE, "a rejection is not an outage"
+    assert await store.get(STATES, "good") == {"v": 1}
+    assert wb.pending_count == 1
+    store.rejecting.clear()
+    clock.advance(0.5)
+    wb.wake()
+    await settle()
+    assert wb.pending_count == 1, "still backing off"
+    clock.advance(1)
+    wb.wake()
+    await settle()
+    assert wb.pending_count == 0
+    assert await store.get(STATES, "bad") == {"v": 1}
+
+
+async def test_the_pending_bound_refuses_new_documents_but_not_updates_or_erases(
+    store: FlakyStore, clock: ManualClock
+) -> None:
+    queue = make(store, clock, max_pending=2)
+    await queue.start()
+    store.down = True
+    queue.report_unavailable(RuntimeError("test"))
+    queue.submit(state("a", v=1))
+    queue.submit(state("b", v=1))
+    with pytest.raises(BacklogFull):
+        queue.submit(state("c", v=1))
+    queue.submit(state("a", v=2))
+    queue.submit(Erase(EraseScope.USER, "b"))
+    assert queue.pending_count == 2
+    store.down = False
+    assert await queue.close(5) == 0
+    assert await store.get(STATES, "a") == {"v": 2}
+    assert await store.get(STATES, "b") is None
+
+
+async def test_close_flushes_pending_writes_ignoring_the_interval(
+    store: FlakyStore, clock: ManualClock
+) -> None:
+    queue = make(store, clock, linger=60.0)
+    await queue.start()
+    queue.submit(state("a", v=1))
+    queue.submit(message("a", 1))
+    assert await queue.close(5) == 0
+    assert len(store.log) == 2
+
+
+async def test_close_reports_what_it_could_not_flush_by_the_deadline(
+    store: FlakyStore, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = make(store, clock)
+    await queue.start()
+    store.down = True
+    queue.submit(state("a", v=1))
+    queue.submit(message("b", 1))
+    assert await queue.close(0.05) == 2
+    assert "user_states/a" in caplog.text
+    assert "m1" not in caplog.text, "content must never be logged"
+    with pytest.raises(RuntimeError, match="closed"):
+        queue.submit(state("a", v=2))
+
+
+async def test_start_with_the_store_down_begins_in_memory_mode(
+    store: FlakyStore, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.down = True
+    queue = make(store, clock)
+    await queue.start()
+    assert queue.mode is Mode.MEMORY
+    queue.submit(state("a", v=1))
+    store.down = False
+    await asyncio.wait_for(queue.flush(), 5)
+    assert queue.mode is Mode.FIRESTORE
+    assert sum("Firestore unavailable" in r.message for r in caplog.records) == 1
+    await queue.close(1)
+
+
+async def test_counters_track_writes_by_collection(wb: WriteBehind, store: FlakyStore) -> None:
+    wb.submit(state("a", v=1))
+    wb.submit(message("a", 1))
+    await asyncio.wait_for(wb.flush(), 5)
+    assert wb.writes_by_collection == {STATES: 1, PROFILES: 1}
+    assert wb.status().writes_issued == 2
