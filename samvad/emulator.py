@@ -1,0 +1,571 @@
+"""Run the Cloud Firestore emulator for tests and local development.
+
+``FirestoreEmulator.start()`` launches ``gcloud emulators firestore start`` in its
+own session, waits until it serves requests and stops the whole process group
+(the ``gcloud`` launcher, the ``cloud_firestore_emulator`` bash script and its
+Java child) on ``stop()``. ``python -m samvad.emulator -- CMD ...`` runs a
+command against a fresh emulator, like ``firebase emulators:exec``.
+
+Facts about emulator 1.19.9 that shape this module:
+
+- A signal to any process of the group stops the JVM without exporting; only
+  ``POST /shutdown`` lets it run its export-on-exit path, and that path fails
+  for the ``(default)`` database (``Database name "projects/P/databases/" has
+  invalid trailing "/"``). Persistence therefore uses the emulator's HTTP
+  export API before shutdown instead of ``--export-on-exit``.
+- ``--import-data`` takes the ``*.overall_export_metadata`` file of one export
+  and seeds *every* project the emulator serves with that data.
+- ``--rules`` and ``--import-data`` are passed through a bash script that
+  re-splits its arguments, so their paths must not contain whitespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Self
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROJECT = "samvad-local"
+"""Project whose data ``data_dir`` keeps, and the default ``GOOGLE_CLOUD_PROJECT``."""
+
+_COMPONENT_DIR = Path("platform", "cloud-firestore-emulator")
+_READY_LINE = "Dev App Server is now running"
+_BIND_ERRORS = ("BindException", "Address already in use")
+_EXPORT_PREFIX = "samvad-export-"
+_METADATA_SUFFIX = ".overall_export_metadata"
+_HTTP_TIMEOUT = 5.0
+_POLL_INTERVAL = 0.05
+_TAIL_BYTES = 4000
+
+
+class EmulatorNotInstalled(RuntimeError):
+    """``gcloud`` or its ``cloud-firestore-emulator`` component is missing."""
+
+
+class EmulatorStartError(RuntimeError):
+    """The emulator exited or did not become ready; the message ends with its output."""
+
+
+def find_gcloud() -> str | None:
+    """The path of a ``gcloud`` whose SDK has the Firestore emulator, or ``None``.
+
+    Checks ``<sdk root>/platform/cloud-firestore-emulator`` instead of running
+    ``gcloud``, which takes about a second to start.
+    """
+    gcloud = shutil.which("gcloud")
+    if gcloud is None:
+        return None
+    candidates = [Path(gcloud).resolve().parent.parent]
+    if sdk_root := os.environ.get("CLOUDSDK_ROOT_DIR"):
+        candidates.insert(0, Path(sdk_root))
+    for root in candidates:
+        if (root / _COMPONENT_DIR / "cloud_firestore_emulator").is_file():
+            return gcloud
+    return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def wipe_project(host_port: str, project: str, *, timeout: float = _HTTP_TIMEOUT) -> None:
+    """Delete every document of ``project``'s default database on the emulator at ``host_port``.
+
+    Works on any emulator, including one this process did not start.
+    """
+    _http(
+        host_port,
+        "DELETE",
+        f"/emulator/v1/projects/{project}/databases/(default)/documents",
+        timeout=timeout,
+    )
+
+
+def _http(
+    host_port: str,
+    method: str,
+    path: str,
+    body: object | None = None,
+    *,
+    timeout: float = _HTTP_TIMEOUT,
+) -> bytes:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"http://{host_port}{path}",
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            payload: bytes = response.read()
+            return payload
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace")
+        raise RuntimeError(
+            f"emulator {method} {path} failed with HTTP {exc.code}: {detail}"
+        ) from exc
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # A process we may not signal (pid reuse) is not one of ours.
+        return False
+    return True
+
+
+def _check_path_arg(name: str, path: Path) -> None:
+    if any(ch.isspace() for ch in str(path)):
+        raise ValueError(
+            f"{name} {str(path)!r} contains whitespace, which the emulator's launcher "
+            "script cannot pass through"
+        )
+
+
+def _latest_export(data_dir: Path) -> Path | None:
+    """The metadata file of the newest complete export in ``data_dir``."""
+    exports = sorted(data_dir.glob(f"{_EXPORT_PREFIX}*/*{_METADATA_SUFFIX}"))
+    return exports[-1] if exports else None
+
+
+class FirestoreEmulator:
+    """One running emulator process group; build it with :meth:`start`.
+
+    Usable as a context manager: leaving the ``with`` block calls :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        *,
+        process: subprocess.Popen[bytes],
+        host: str,
+        port: int,
+        log_path: Path,
+        log_offset: int,
+        owns_log: bool,
+        data_dir: Path | None,
+        project: str,
+    ) -> None:
+        # Private: use FirestoreEmulator.start(), which does the I/O.
+        self._process = process
+        self._host = host
+        self._port = port
+        self._log_path = log_path
+        # Where this run's output starts in a log file that may be appended to.
+        self._log_offset = log_offset
+        self._owns_log = owns_log
+        self._data_dir = data_dir
+        self._project = project
+        self._stopped = False
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        data_dir: Path | None = None,
+        rules: Path | None = None,
+        ready_timeout: float = 60.0,
+        log_path: Path | None = None,
+        project: str = DEFAULT_PROJECT,
+    ) -> FirestoreEmulator:
+        """Start an emulator and return once it serves requests.
+
+        ``port=0`` picks a free port (and retries once with another one if it
+        was taken in the meantime). With ``data_dir``, the newest export found
+        there is imported at start, and :meth:`stop` exports ``project`` into
+        it. ``rules`` is a security rules file, applied to non-admin requests.
+        Output goes to ``log_path``, or to a temporary file removed by
+        :meth:`stop`.
+
+        Raises ``EmulatorNotInstalled`` without ``gcloud`` or the component,
+        and ``EmulatorStartError`` if the emulator exits or is not ready
+        within ``ready_timeout`` seconds.
+        """
+        gcloud = find_gcloud()
+        if gcloud is None:
+            raise EmulatorNotInstalled(
+                "the Firestore emulator is not installed: need `gcloud` on PATH with the "
+                "cloud-firestore-emulator component (Debian package "
+                "google-cloud-cli-firestore-emulator, or "
+                "`gcloud components install cloud-firestore-emulator`)"
+            )
+        args = ["emulators", "firestore", "start"]
+        if rules is not None:
+            rules = rules.resolve()
+            _check_path_arg("rules", rules)
+            if not rules.is_file():
+                raise FileNotFoundError(f"rules file {str(rules)!r} does not exist")
+            args.append(f"--rules={rules}")
+        if data_dir is not None:
+            data_dir = data_dir.resolve()
+            _check_path_arg("data_dir", data_dir)
+            data_dir.mkdir(parents=True, exist_ok=True)
+            previous = _latest_export(data_dir)
+            if previous is not None:
+                args.append(f"--import-data={previous}")
+
+        owns_log = log_path is None
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="firestore-emulator-", suffix=".log")
+            os.close(fd)
+            log_path = Path(name)
+        # A port picked by free_port() can be taken before the JVM binds it.
+        attempts = 2 if port == 0 else 1
+        for attempt in range(1, attempts + 1):
+            chosen = port or free_port(host)
+            emulator = cls._launch(
+                gcloud,
+                [*args, f"--host-port={_join_host_port(host, chosen)}"],
+                host=host,
+                port=chosen,
+                log_path=log_path,
+                owns_log=owns_log,
+                data_dir=data_dir,
+                project=project,
+            )
+            try:
+                emulator._wait_ready(ready_timeout)
+            except EmulatorStartError as exc:
+                emulator._kill()
+                if attempt < attempts and any(marker in str(exc) for marker in _BIND_ERRORS):
+                    logger.info("emulator port %d was taken; retrying on another", chosen)
+                    continue
+                if owns_log:
+                    log_path.unlink(missing_ok=True)
+                raise
+            except BaseException:
+                emulator._kill()
+                if owns_log:
+                    log_path.unlink(missing_ok=True)
+                raise
+            return emulator
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @classmethod
+    def _launch(
+        cls,
+        gcloud: str,
+        args: list[str],
+        *,
+        host: str,
+        port: int,
+        log_path: Path,
+        owns_log: bool,
+        data_dir: Path | None,
+        project: str,
+    ) -> FirestoreEmulator:
+        env = dict(os.environ)
+        env["CLOUDSDK_CORE_DISABLE_PROMPTS"] = "1"
+        # Output goes to a file: a pipe nobody drains would block the emulator.
+        with log_path.open("ab") as log:
+            log_offset = log.tell()
+            process = subprocess.Popen(
+                [gcloud, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        logger.debug("started emulator group %d on %s:%d", process.pid, host, port)
+        return cls(
+            process=process,
+            host=host,
+            port=port,
+            log_path=log_path,
+            log_offset=log_offset,
+            owns_log=owns_log,
+            data_dir=data_dir,
+            project=project,
+        )
+
+    @property
+    def host(self) -> str:
+        """The address the emulator listens on."""
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """The emulator's port (gRPC and REST share it)."""
+        return self._port
+
+    @property
+    def host_port(self) -> str:
+        """``host:port``, the value ``FIRESTORE_EMULATOR_HOST`` takes."""
+        return _join_host_port(self._host, self._port)
+
+    @property
+    def pgid(self) -> int:
+        """The process group id of the launcher, the bash script and the JVM."""
+        return self._process.pid
+
+    @property
+    def log_path(self) -> Path:
+        """Where the emulator's output goes."""
+        return self._log_path
+
+    def is_running(self) -> bool:
+        """Whether the emulator process group is still alive."""
+        return self._process.poll() is None
+
+    def wipe(self, project: str) -> None:
+        """Delete every document of ``project``'s default database."""
+        wipe_project(self.host_port, project)
+
+    def export(self, project: str | None = None) -> Path:
+        """Export ``project`` (default: the one given to ``start``) into ``data_dir``.
+
+        Returns the export's metadata file, the path ``--import-data`` takes.
+        Older exports in ``data_dir`` are removed once the new one is complete.
+        """
+        if self._data_dir is None:
+            raise RuntimeError('Cannot export: the emulator was started without "data_dir".')
+        project = project or self._project
+        name = f"{_EXPORT_PREFIX}{time.time_ns()}"
+        body = {
+            "database": f"projects/{project}/databases/(default)",
+            "export_directory": str(self._data_dir),
+            "export_name": name,
+        }
+        _http(self.host_port, "POST", f"/emulator/v1/projects/{project}:export", body)
+        metadata = self._data_dir / name / f"{name}{_METADATA_SUFFIX}"
+        if not metadata.is_file():
+            raise RuntimeError(f"the emulator reported an export but {metadata} is missing")
+        for old in self._data_dir.glob(f"{_EXPORT_PREFIX}*"):
+            if old.name != name and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+        return metadata
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the process group, exporting to ``data_dir`` first if one was given.
+
+        Asks the emulator to shut down over HTTP, then signals the group with
+        SIGTERM and finally SIGKILL if it outlives ``timeout``. Idempotent.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        deadline = time.monotonic() + timeout
+        try:
+            if self.is_running():
+                if self._data_dir is not None:
+                    try:
+                        self.export()
+                    except Exception:
+                        logger.exception("exporting emulator data to %s failed", self._data_dir)
+                self._shutdown(deadline)
+        finally:
+            self._kill()
+            if self._owns_log:
+                self._log_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _shutdown(self, deadline: float) -> None:
+        # The JVM's own shutdown path; a signal would also stop it, abruptly.
+        with contextlib.suppress(OSError, RuntimeError):
+            _http(self.host_port, "POST", "/shutdown", timeout=2.0)
+        if self._wait_gone(min(deadline, time.monotonic() + 5.0)):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pgid, signal.SIGTERM)
+        self._wait_gone(deadline)
+
+    def _kill(self) -> None:
+        if self._process.poll() is None or _group_alive(self.pgid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pgid, signal.SIGKILL)
+        self._process.wait()
+        # The bash script and the JVM are reparented to init once the
+        # launcher is gone; wait until init has reaped them.
+        self._wait_gone(time.monotonic() + 5.0)
+
+    def _wait_gone(self, deadline: float) -> bool:
+        while True:
+            self._process.poll()
+            if self._process.returncode is not None and not _group_alive(self.pgid):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_POLL_INTERVAL)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._process.poll() is not None:
+                raise EmulatorStartError(
+                    f"the Firestore emulator exited with status {self._process.returncode} "
+                    f"before it was ready; its output:\n{self._log_tail()}"
+                )
+            # The log line proves that *our* JVM bound the port; the HTTP check
+            # that it serves. Either alone could be fooled by another server.
+            if _READY_LINE in self._log_tail(None) and self._http_ok():
+                return
+            if time.monotonic() >= deadline:
+                raise EmulatorStartError(
+                    f"the Firestore emulator was not ready on {self.host_port} within "
+                    f"{timeout:g} s; its output:\n{self._log_tail()}"
+                )
+            time.sleep(_POLL_INTERVAL)
+
+    def _http_ok(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.host_port}/", timeout=1.0) as response:
+                return bool(response.read().strip() == b"Ok")
+        except (OSError, ValueError):
+            return False
+
+    def _log_tail(self, limit: int | None = _TAIL_BYTES) -> str:
+        """This run's output: its last ``limit`` bytes, or all of it with ``None``."""
+        try:
+            with self._log_path.open("rb") as log:
+                end = log.seek(0, os.SEEK_END)
+                start = self._log_offset if limit is None else end - limit
+                log.seek(max(self._log_offset, start))
+                return log.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+class _Stop(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop(signum)
+
+
+def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(argv)
+    command: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1 :]
+    parser = argparse.ArgumentParser(
+        prog="python -m samvad.emulator",
+        usage="%(prog)s [options] [-- command [args ...]]",
+        description=(
+            "Start the Firestore emulator and print FIRESTORE_EMULATOR_HOST. With a "
+            "command after --, run it against the emulator and exit with its status; "
+            "otherwise run until SIGINT or SIGTERM."
+        ),
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--data-dir", type=Path, help="import from and export to this directory")
+    parser.add_argument("--rules", type=Path, help="Firestore security rules file")
+    parser.add_argument(
+        "--project",
+        default=os.environ.get("GOOGLE_CLOUD_PROJECT") or DEFAULT_PROJECT,
+        help="GOOGLE_CLOUD_PROJECT for the command, and the project --data-dir keeps",
+    )
+    parser.add_argument("--ready-timeout", type=float, default=60.0)
+    return parser.parse_args(argv), command
+
+
+def _run_command(command: list[str], env: dict[str, str]) -> int:
+    child = subprocess.Popen(command, env=env)
+    try:
+        status = child.wait()
+    except (_Stop, KeyboardInterrupt) as exc:
+        if isinstance(exc, _Stop):
+            signum = exc.signum
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+        else:
+            # A terminal's Ctrl-C reaches the child too (same process group):
+            # give it time to stop on its own rather than interrupting it twice.
+            signum = signal.SIGINT
+        try:
+            child.wait(10.0)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        return 128 + signum
+    return 128 - status if status < 0 else status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m samvad.emulator``; returns the exit status."""
+    args, command = _parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    emulator: FirestoreEmulator | None = None
+    try:
+        emulator = FirestoreEmulator.start(
+            host=args.host,
+            port=args.port,
+            data_dir=args.data_dir,
+            rules=args.rules,
+            ready_timeout=args.ready_timeout,
+            project=args.project,
+        )
+        print(f"FIRESTORE_EMULATOR_HOST={emulator.host_port}", flush=True)
+        if command:
+            env = dict(os.environ)
+            env["FIRESTORE_EMULATOR_HOST"] = emulator.host_port
+            env.setdefault("GOOGLE_CLOUD_PROJECT", args.project)
+            return _run_command(command, env)
+        while emulator.is_running():
+            time.sleep(0.5)
+        print(f"the emulator exited unexpectedly:\n{emulator._log_tail()}", file=sys.stderr)
+        return 1
+    except (EmulatorNotInstalled, EmulatorStartError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except _Stop as stop:
+        return 128 + stop.signum
+    finally:
+        if emulator is not None:
+            emulator.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Shared fixtures: the Firestore emulator, per-test projects and clients, a fault proxy.
+
+The emulator is started once per test run, unless ``FIRESTORE_EMULATOR_HOST``
+is already set (``firebase emulators:exec``, ``scripts/firestore-emulator --
+pytest``), in which case that one is used. Tests never share data: each gets
+its own project id.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from google.cloud.firestore import AsyncClient
+
+from samvad.emulator import FirestoreEmulator, find_gcloud
+from tests.support.faultproxy import FaultProxy
+from tests.support.firestore import close_client, emulator_missing, make_emulator_client
+
+
+def _split_host_port(host_port: str) -> tuple[str, int]:
+    host, _, port = host_port.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+@pytest.fixture(scope="session")
+def firestore_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``host:port`` of a running Firestore emulator, shared by the whole run."""
+    existing = os.environ.get("FIRESTORE_EMULATOR_HOST")
+    if existing:
+        yield existing
+        return
+    if find_gcloud() is None:
+        reason = (
+            "the Firestore emulator is not installed (need `gcloud` with the "
+            "cloud-firestore-emulator component, e.g. the Debian package "
+            "google-cloud-cli-firestore-emulator) and FIRESTORE_EMULATOR_HOST is not set"
+        )
+        emulator_missing(reason)
+    log_path = tmp_path_factory.mktemp("firestore-emulator") / "emulator.log"
+    with FirestoreEmulator.start(log_path=log_path) as emulator:
+        yield emulator.host_port
+
+
+@pytest.fixture
+def firestore_project() -> str:
+    """A project id of this test only: isolates its data on a shared emulator."""
+    return "samvad-test-" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def firestore_client(
+    firestore_emulator: str, firestore_project: str
+) -> AsyncIterator[AsyncClient]:
+    """An ``AsyncClient`` on the emulator for ``firestore_project``, closed afterwards."""
+    client = make_emulator_client(firestore_emulator, firestore_project)
+    try:
+        yield client
+    finally:
+        await close_client(client)
+
+
+@pytest.fixture
+async def fault_proxy(firestore_emulator: str) -> AsyncIterator[FaultProxy]:
+    """A started ``FaultProxy`` in front of the emulator, closed afterwards."""
+    host, port = _split_host_port(firestore_emulator)
+    proxy = await FaultProxy.start(host, port)
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
