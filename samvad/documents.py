@@ -169,7 +169,7 @@ def profile_with(
         user_id=profile.user_id,
         history=history,
         preferences=prefs,
-        created_at=profile.created_at or now,
+        created_at=profile.created_at or (min(now, messages[0].timestamp) if messages else now),
         last_updated=now,
         history_bytes=size,
     )

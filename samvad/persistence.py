@@ -10,10 +10,11 @@ caller. See ``docs/persistence.md`` for the guarantees.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -144,6 +145,7 @@ class Persistence:
         self.states: ViewCache[str, UserState] = ViewCache(maxsize=size, ttl=ttl, timer=timer)
         self.profiles: ViewCache[str, Profile] = ViewCache(maxsize=size, ttl=ttl, timer=timer)
         self.sessions: ViewCache[str, Session] = ViewCache(maxsize=size, ttl=ttl, timer=timer)
+        self._background: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -152,6 +154,9 @@ class Persistence:
 
     async def close(self) -> int:
         """Flush pending writes within the shutdown deadline; returns how many were left."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*list(self._background), return_exceptions=True)
         return await self.writes.close(self.settings.shutdown_flush_deadline)
 
     async def __aenter__(self) -> Self:
@@ -267,7 +272,23 @@ class Persistence:
             )
             self.states.put(user_id, state, complete=cached.complete)
             return state
+        self._warm(self.get_state(user_id))
         return UserState(user_id=user_id, data=dict(data), updated_at=now, is_active=True)
+
+    def _warm(self, load: Coroutine[Any, Any, object]) -> None:
+        """Load a view in the background after a write to an uncached document.
+
+        Whoever writes is likely to read next; and should Firestore go away in
+        between, the complete view is already in memory.
+        """
+        task = asyncio.create_task(load, name="samvad-cache-warm")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def settle(self) -> None:
+        """Wait for background cache loads started by writes (for tests and shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     # -- profile and history -----------------------------------------------
 
@@ -323,7 +344,9 @@ class Persistence:
             seq=seq,
         )
         self._submit(ProfileWrite(user_id=user_id, append=[message], cap=s.history_cap))
-        if cached is not None:
+        if cached is None:
+            self._warm(self.get_profile(user_id))
+        else:
             self.profiles.put(
                 user_id,
                 profile_with(
@@ -344,7 +367,9 @@ class Persistence:
         prefs = dict(preferences)
         self._submit(ProfileWrite(user_id=user_id, preferences=prefs, cap=s.history_cap))
         cached = self.profiles.peek(user_id)
-        if cached is not None:
+        if cached is None:
+            self._warm(self.get_profile(user_id))
+        else:
             self.profiles.put(
                 user_id,
                 profile_with(
@@ -486,28 +511,47 @@ class Persistence:
         """A user's sessions, most recent activity first, with a cursor for the next page."""
         limit = max(1, min(limit, _MAX_SESSIONS_LISTED))
         wb = self.writes
+        user = (user_barrier(user_id),)
+
+        def pending() -> list[Write]:
+            return wb.pending_writes_where(
+                lambda w: (
+                    isinstance(w, FieldsWrite) and w.collection == SESSIONS and w.user_id == user_id
+                )
+            )
+
         rows: dict[str, Document] = {}
+        before: list[Write] = []
         next_cursor: SessionCursor | None = None
         from_store = False
-        if not wb.erased((user_barrier(user_id),)) and wb.mode is Mode.FIRESTORE:
+        for _attempt in range(3):
+            epoch = wb.erase_epoch
+            # Writes pending before the query may be confirmed while it runs
+            # and vanish from the queue: keep them (re-applying is harmless).
+            before = pending()
+            rows, next_cursor, from_store = {}, None, False
+            if wb.erased(user) or wb.mode is not Mode.FIRESTORE:
+                break
             try:
                 stored, next_cursor = await self.store.list_sessions(
                     user_id=user_id, status=status, limit=limit, cursor=cursor
                 )
-                rows = dict(stored)
-                from_store = True
             except _STORE_ERRORS as exc:
                 wb.report_unavailable(exc)
+                break
+            rows, from_store = dict(stored), True
+            if wb.erase_epoch == epoch:
+                break
+            # An erase came in during the query: query again behind it.
+        if wb.erased(user):
+            # Only what was written after the erase counts.
+            rows, before, from_store, next_cursor = {}, [], False, None
         if not from_store:
             # Memory-only: what this instance knows of the user's sessions.
             for session_id, session in self.sessions.items():
                 if session.user_id == user_id:
                     rows[session_id] = encode_session(session)
-        for write in wb.pending_writes_where(
-            lambda w: (
-                isinstance(w, FieldsWrite) and w.collection == SESSIONS and w.user_id == user_id
-            )
-        ):
+        for write in [*before, *pending()]:
             assert isinstance(write, FieldsWrite)
             rows[write.doc_id] = write.apply_to(rows.get(write.doc_id))
         sessions = [

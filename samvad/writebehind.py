@@ -141,7 +141,10 @@ class WriteBehind:
             except (StoreUnavailable, StoreRejected) as exc:
                 self.report_unavailable(exc)
             else:
-                logger.info("Firestore mode: writes go to the %s store", self._store.name)
+                if self._store.durable:
+                    logger.info("Firestore mode: writes go to the %s store", self._store.name)
+                else:
+                    logger.warning("Memory-only store: data is lost when the process ends")
 
     def submit(self, write: Write) -> None:
         """Queue ``write``; returns at once. Raises :class:`BacklogFull` at the bound."""
@@ -175,10 +178,14 @@ class WriteBehind:
         self._wake.set()
 
     def pending_writes(self, key: Key) -> list[Write]:
-        """The writes for ``key`` not yet confirmed by the store (in flight first)."""
+        """The live writes for ``key`` not yet confirmed by the store (in flight first).
+
+        A write in flight that an erase submitted after it covers is not live:
+        the erase will delete whatever it leaves behind.
+        """
         writes: list[Write] = []
         inflight = self._inflight.get(key)
-        if inflight is not None:
+        if inflight is not None and not self._voided(inflight):
             writes.append(inflight.write)
         queued = self._queued.get(key)
         if queued is not None:
@@ -186,10 +193,18 @@ class WriteBehind:
         return writes
 
     def pending_writes_where(self, predicate: Callable[[Write], bool]) -> list[Write]:
-        """Every unconfirmed write that ``predicate`` accepts, oldest first."""
-        entries = [*self._inflight.values(), *self._queued.values()]
+        """Every live unconfirmed write that ``predicate`` accepts, oldest first."""
+        entries = [e for e in self._inflight.values() if not self._voided(e)]
+        entries.extend(self._queued.values())
         entries.sort(key=lambda entry: entry.seq)
         return [entry.write for entry in entries if predicate(entry.write)]
+
+    def _voided(self, entry: _Entry) -> bool:
+        """True when an erase submitted after ``entry`` covers it."""
+        write = entry.write
+        return not isinstance(write, Erase) and any(
+            self._erase_seq.get(barrier, -1) > entry.seq for barrier in write.barriers
+        )
 
     def erased(self, barriers: tuple[Barrier, ...]) -> bool:
         """True while an erase covering any of ``barriers`` has not completed."""
@@ -221,7 +236,7 @@ class WriteBehind:
             default=now,
         )
         return PersistenceStatus(
-            mode=self._mode,
+            mode=self._mode if self._store.durable else Mode.MEMORY,
             backend=self._store.name,
             pending_documents=self.pending_count,
             pending_in_flight=len(self._inflight),
@@ -472,9 +487,7 @@ class WriteBehind:
     ) -> None:
         self._release(entry)
         key, write = entry.key, entry.write
-        if not isinstance(write, Erase) and any(
-            self._erase_seq.get(barrier, -1) > entry.seq for barrier in write.barriers
-        ):
+        if self._voided(entry):
             # Erased while in flight: the erase waited for this write, which
             # failed; the write is simply gone, as the erase asked.
             return

@@ -88,6 +88,8 @@ async def test_a_cache_miss_reads_the_store_once_and_overlays_pending_writes(
     store.gate.clear()  # the pending write stays pending
     p.save_state("u1", {"old": 2})
     await settle()
+    await p.settle()
+    p.states.clear()
     reads = store.reads
     state = await p.get_state("u1")
     assert state is not None and state.data == {"old": 2, "keep": True}
@@ -321,7 +323,6 @@ async def test_counts_come_from_the_store_and_fall_back_to_memory(
     assert from_store
     assert (counts.active_users, counts.active_sessions, counts.total_profiles) == (1, 1, 1)
     store.down = True
-    await p.get_profile("u1")
     counts, from_store = await p.counts()
     assert not from_store
     assert counts.active_sessions == 1
@@ -336,3 +337,59 @@ async def test_close_flushes_everything(store: FlakyStore, clock: ManualClock) -
     assert await p.close() == 0
     assert await store.get(STATES, "u1") is not None
     assert await store.get(PROFILES, "u1") is not None
+
+
+async def test_a_write_in_flight_when_its_user_is_erased_is_not_served(
+    p: Persistence, store: FlakyStore
+) -> None:
+    store.gate.clear()
+    await p.save_session("s1", user_id="u1")
+    p.append_message("u1", role=Role.USER, content="in flight")
+    await settle()
+    assert p.writes.status().pending_in_flight == 2
+    await p.erase_user("u1")
+    p.sessions.clear()
+    p.profiles.clear()
+    assert await p.get_session("s1") is None
+    assert await p.get_profile("u1") is None
+    assert (await p.list_sessions("u1")).sessions == ()
+    store.gate.set()
+    await asyncio.wait_for(p.writes.flush(), 5)
+    assert await p.get_session("s1") is None, "nothing cached may outlive the erase"
+    assert await store.get(SESSIONS, "s1") is None
+
+
+async def test_list_sessions_sees_a_write_confirmed_while_the_query_runs(
+    p: Persistence, store: FlakyStore
+) -> None:
+    store.gate.clear()
+    await p.save_session("s1", user_id="u1")
+    await settle()
+    assert p.writes.status().pending_in_flight == 1
+    store.query_gate.clear()
+    listing = asyncio.create_task(p.list_sessions("u1"))
+    await settle()
+    store.gate.set()  # the write commits after the query took its snapshot
+    await asyncio.wait_for(p.writes.flush(), 5)
+    store.query_gate.set()
+    page = await listing
+    assert [s.id for s in page.sessions] == ["s1"]
+
+
+async def test_a_write_to_an_uncached_user_warms_the_cache(
+    p: Persistence, store: FlakyStore
+) -> None:
+    await store.write_fields(
+        FieldsWrite(collection=STATES, doc_id="u1", user_id="u1", fields={"stored": 1})
+    )
+    p.save_state("u1", {"new": 2})
+    p.append_message("u1", role=Role.USER, content="hi")
+    await p.settle()
+    reads = store.reads
+    store.down = True  # what is in memory is complete, store or no store
+    state = await p.get_state("u1")
+    assert state is not None and state.data == {"stored": 1, "new": 2}
+    profile = await p.get_profile("u1")
+    assert profile is not None and [m.content for m in profile.history] == ["hi"]
+    assert store.reads == reads
+    store.down = False

@@ -79,6 +79,9 @@ class Store(ABC):
 
     #: Short name for status output ("firestore", "memory").
     name: str = "store"
+    #: False for a store that does not outlive the process (the memory store):
+    #: the reported mode is then always ``memory``.
+    durable: bool = True
 
     def __init__(self, *, bounds: HistoryBounds) -> None:
         self.bounds = bounds

@@ -123,9 +123,7 @@ class FirestoreStore(Store):
         except (gexc.GoogleAPIError, TimeoutError, OSError) as exc:
             raise StoreUnavailable(f"Firestore unavailable: {type(exc).__name__}") from exc
         except Exception as exc:
-            # grpc.aio raises its own error types from a channel that was
-            # closed under it (after reconnect); treat them as an outage too.
-            if type(exc).__module__.startswith(("grpc", "google")):
+            if _caused_by_outage(exc):
                 raise StoreUnavailable(f"Firestore unavailable: {type(exc).__name__}") from exc
             raise
 
@@ -341,6 +339,32 @@ class FirestoreStore(Store):
             deleted += count
             if count < _DELETE_PAGE:
                 return deleted
+
+
+def _caused_by_outage(exc: BaseException) -> bool:
+    """True when ``exc`` is, or was raised while handling, an outage.
+
+    Two library behaviours make this necessary: grpc.aio raises its own error
+    types from a channel closed under it (after ``reconnect``), and when
+    ``begin_transaction`` fails or is cancelled by our deadline, the
+    transaction wrapper tries to roll back a transaction that never began and
+    raises ``ValueError("...cannot be rolled back")`` instead, with the real
+    cause only in the exception's context.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _REJECTIONS):
+            return False
+        if isinstance(
+            current, gexc.GoogleAPIError | TimeoutError | OSError | asyncio.CancelledError
+        ):
+            return True
+        if type(current).__module__.startswith("grpc"):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _merge_paths(fields: dict[str, Any]) -> list[FieldPath]:

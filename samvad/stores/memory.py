@@ -29,6 +29,7 @@ class MemoryStore(Store):
     """Documents in dictionaries, one per collection."""
 
     name = "memory"
+    durable = False
 
     def __init__(self, *, bounds: HistoryBounds | None = None) -> None:
         super().__init__(bounds=bounds or HistoryBounds())

@@ -10,8 +10,14 @@ import asyncio
 from datetime import datetime
 
 from samvad.documents import Document
-from samvad.models import Profile
-from samvad.stores.base import ErasureCounts, HistoryBounds, StoreRejected, StoreUnavailable
+from samvad.models import Profile, SessionStatus, StoreCounts
+from samvad.stores.base import (
+    ErasureCounts,
+    HistoryBounds,
+    SessionCursor,
+    StoreRejected,
+    StoreUnavailable,
+)
 from samvad.stores.memory import MemoryStore
 from samvad.writes import Erase, FieldsWrite, Key, ProfileWrite
 
@@ -22,7 +28,10 @@ class FlakyStore(MemoryStore):
     ``down``: every call raises StoreUnavailable. ``rejecting``: writes to these
     keys raise StoreRejected. ``gate``: when cleared, writes wait for it (in
     flight). ``log`` records every write that reached the store, in order.
+    It poses as a durable store, like the Firestore store it stands in for.
     """
+
+    durable = True
 
     def __init__(self, *, bounds: HistoryBounds | None = None) -> None:
         super().__init__(bounds=bounds)
@@ -35,6 +44,8 @@ class FlakyStore(MemoryStore):
         self.pings = 0
         self.reconnects = 0
         self.reconnected = asyncio.Event()
+        self.query_gate = asyncio.Event()
+        self.query_gate.set()
 
     def _check(self) -> None:
         if self.down:
@@ -59,6 +70,27 @@ class FlakyStore(MemoryStore):
         self._check()
         self.reads += 1
         return await super().get(collection, doc_id)
+
+    async def list_sessions(
+        self,
+        *,
+        user_id: str,
+        status: SessionStatus | None,
+        limit: int,
+        cursor: SessionCursor | None = None,
+    ) -> tuple[list[tuple[str, Document]], SessionCursor | None]:
+        """Takes its snapshot first, then waits for ``query_gate``: like a query
+        whose answer is on the wire while writes commit."""
+        self._check()
+        result = await super().list_sessions(
+            user_id=user_id, status=status, limit=limit, cursor=cursor
+        )
+        await self.query_gate.wait()
+        return result
+
+    async def counts(self) -> StoreCounts:
+        self._check()
+        return await super().counts()
 
     async def write_fields(self, write: FieldsWrite) -> None:
         await self._enter(write.key)
