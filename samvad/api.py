@@ -1,10 +1,469 @@
-"""The REST session API (wire-compatible with the original backend)."""
+"""The REST session API, wire-compatible with the original backend.
+
+The original's eleven endpoints keep their paths, methods, field names and
+``message`` strings; what is added (status lifecycle, paginated listings,
+recent history, preferences, device id) is additive. ``docs/api.md`` is the
+reference, ``/openapi.json`` the machine-readable description.
+
+Every handler validates the whole request before its first write, so a
+rejected request changes nothing stored; errors are raised as
+:class:`samvad.errors.SamvadError` and rendered by ``samvad.http_errors``.
+"""
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+import contextlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import Scope
+
+from samvad import openapi
+from samvad.clock import to_iso
+from samvad.documents import INTERRUPTIONS, STATE_SERVER_FIELDS
+from samvad.errors import BacklogFull, BadRequest, Conflict, InvalidField, NotFound, PayloadTooLarge
+from samvad.lifecycle import effective_status, idle_cutoff, list_user_sessions
+from samvad.models import Role, SessionStatus
+from samvad.requests_json import read_json_object
+from samvad.services import services
+from samvad.stores.base import SessionCursor
+from samvad.validation import check_id, check_object, check_session_id
+from samvad.wire import (
+    jsonable,
+    message_json,
+    profile_json,
+    session_json,
+    state_json,
+    status_fields,
+)
+from samvad.writes import FieldsWrite
+
+PREFIX = "/api/session"
+DEVICE_HEADER = "x-device-id"
+MAX_LANGUAGE_LENGTH = 64
+MAX_CURSOR_LENGTH = 1024
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+DEFAULT_HISTORY_LIMIT = 20
+
+
+def ok(**fields: Any) -> JSONResponse:
+    """A success response: ``{"success": true, ...fields}``."""
+    return JSONResponse({"success": True, **fields})
+
+
+# -- request parts -------------------------------------------------------------------
+
+
+def _user_id(request: Request) -> str:
+    return check_id(request.path_params["userId"], "userId")
+
+
+def _session_id(request: Request) -> str:
+    return check_session_id(request.path_params["sessionId"], "sessionId")
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    return await read_json_object(request, limit=services(request).settings.max_body_bytes)
+
+
+def _int_query(request: Request, name: str, *, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    raw = raw.strip()
+    # Bounded before int(): Python refuses to parse thousands of digits.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9 and lo <= int(raw) <= hi):
+        raise InvalidField(name, f"must be an integer between {lo} and {hi}")
+    return int(raw)
+
+
+def _required(body: Mapping[str, Any], name: str) -> Any:
+    value = body.get(name)
+    if value is None:
+        raise InvalidField(name, "is required")
+    return value
+
+
+def _language(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidField("language", "must be a string")
+    if not value or len(value) > MAX_LANGUAGE_LENGTH or not value.isprintable():
+        raise InvalidField("language", f"must be 1 to {MAX_LANGUAGE_LENGTH} printable characters")
+    return value
+
+
+def _check_merged_size(limit: int, field: str, merged: Mapping[str, Any]) -> None:
+    """Refuse a merge that would grow a stored object past ``limit`` bytes of JSON."""
+    size = len(json.dumps(jsonable(merged), ensure_ascii=False, separators=(",", ":")).encode())
+    if size > limit:
+        raise PayloadTooLarge(f"{field} would grow to {size} bytes; at most {limit} are kept")
+
+
+# -- the original's endpoints --------------------------------------------------------
+
+
+async def save_state(request: Request) -> JSONResponse:
+    """``POST /api/session/{userId}/state``: merge the body into the user's state."""
+    svc = services(request)
+    user_id = _user_id(request)
+    body = check_object(await _body(request), "state")
+    data = {k: v for k, v in body.items() if k not in STATE_SERVER_FIELDS}
+    current = await svc.persistence.get_state(user_id)
+    merged = {**(current.data if current else {}), **data}
+    _check_merged_size(svc.settings.max_merged_object_bytes, "state", merged)
+    svc.persistence.save_state(user_id, data)
+    return ok(message="User state saved successfully", userId=user_id)
+
+
+async def get_state(request: Request) -> JSONResponse:
+    """``GET /api/session/{userId}/state``."""
+    user_id = _user_id(request)
+    state = await services(request).persistence.get_state(user_id)
+    if state is None:
+        raise NotFound("User state not found")
+    return ok(userId=user_id, state=state_json(state))
+
+
+async def get_profile(request: Request) -> JSONResponse:
+    """``GET /api/session/{userId}/profile``: the profile with its bounded history."""
+    user_id = _user_id(request)
+    profile = await services(request).persistence.get_profile(user_id)
+    if profile is None:
+        raise NotFound("User profile not found")
+    return ok(userId=user_id, profile=profile_json(profile))
+
+
+async def append_history(request: Request) -> JSONResponse:
+    """``POST /api/session/{userId}/history``: append one message."""
+    svc = services(request)
+    persistence = svc.persistence
+    user_id = _user_id(request)
+    body = await _body(request)
+    role_raw = _required(body, "role")
+    if not isinstance(role_raw, str):
+        raise InvalidField("role", "must be a string")
+    try:
+        role = Role(role_raw)
+    except ValueError:
+        allowed = ", ".join(r.value for r in Role)
+        raise InvalidField("role", f"must be one of {allowed}") from None
+    content = _required(body, "content")
+    if not isinstance(content, str):
+        raise InvalidField("content", "must be a string")
+    if not content:
+        raise InvalidField("content", "must not be empty")
+    session_id = body.get("sessionId")
+    session = None
+    if session_id is not None:
+        session_id = check_session_id(session_id)
+        session = await persistence.get_session(session_id)
+        if session is not None and session.user_id and session.user_id != user_id:
+            raise Conflict(f"session {session_id} belongs to another user")
+    message = persistence.append_message(user_id, role=role, content=content, session_id=session_id)
+    if session is not None and session_id is not None:
+        # Activity only; the message is in, so a full backlog must not fail the request.
+        with contextlib.suppress(BacklogFull):
+            await persistence.touch_session(session_id)
+    return ok(
+        message="Message appended to history",
+        userId=user_id,
+        messageId=message.id,
+        timestamp=to_iso(message.timestamp),
+    )
+
+
+async def create_session(request: Request) -> JSONResponse:
+    """``POST /api/session/create``: create a session, or update and re-activate it."""
+    svc = services(request)
+    persistence = svc.persistence
+    body = await _body(request)
+    session_id = check_session_id(_required(body, "sessionId"))
+    user_id = check_id(_required(body, "userId"), "userId")
+    language = _language(body.get("language"))
+    raw_metadata = body.get("metadata")
+    metadata = check_object(raw_metadata, "metadata") if raw_metadata is not None else {}
+    device = request.headers.get(DEVICE_HEADER)
+    if device is not None:
+        metadata["deviceId"] = check_id(device, "X-Device-ID")
+    existing = await persistence.get_session(session_id)
+    if existing is not None and existing.user_id and existing.user_id != user_id:
+        raise Conflict(f"session {session_id} belongs to another user")
+    merged = {**(existing.metadata if existing else {}), **metadata}
+    _check_merged_size(svc.settings.max_merged_object_bytes, "metadata", merged)
+    session = await persistence.save_session(
+        session_id, user_id=user_id, language=language, metadata=metadata
+    )
+    return ok(
+        message="Session created/updated successfully",
+        sessionId=session_id,
+        userId=user_id,
+        session=session_json(session, session.status),
+    )
+
+
+async def get_session(request: Request) -> JSONResponse:
+    """``GET /api/session/{sessionId}``."""
+    persistence = services(request).persistence
+    session_id = _session_id(request)
+    session = await persistence.get_session(session_id)
+    if session is None:
+        raise NotFound("Session not found")
+    status = effective_status(session, idle_cutoff(persistence))
+    return ok(session=session_json(session, status))
+
+
+async def end_session(request: Request) -> JSONResponse:
+    """``PUT /api/session/{sessionId}/end``."""
+    svc = services(request)
+    session_id = _session_id(request)
+    session = await svc.persistence.end_session(session_id)
+    if session is None:
+        raise NotFound("Session not found")
+    # The interruption context only serves the next reply of a live session.
+    svc.interruptions.forget_context(session_id)
+    return ok(message="Session ended successfully", sessionId=session_id)
+
+
+async def active_sessions(request: Request) -> JSONResponse:
+    """``GET /api/session/user/{userId}/active``: active sessions, newest first."""
+    persistence = services(request).persistence
+    user_id = _user_id(request)
+    cutoff = idle_cutoff(persistence)
+    sessions = [
+        s
+        for s in await persistence.active_sessions(user_id)
+        if effective_status(s, cutoff) is SessionStatus.ACTIVE
+    ]
+    return ok(
+        userId=user_id,
+        count=len(sessions),
+        sessions=[session_json(s, SessionStatus.ACTIVE) for s in sessions],
+    )
+
+
+async def refresh_user(request: Request) -> JSONResponse:
+    """``POST /api/session/refresh``: erase everything of a user, pending writes included."""
+    svc = services(request)
+    body = await _body(request)
+    user_id = check_id(_required(body, "userId"), "userId")
+    erased = await svc.persistence.erase_user(user_id)
+    interruptions = svc.interruptions.clear_user(user_id)
+    if svc.hub is not None:
+        svc.hub.forget_user(user_id)
+    return ok(
+        message="User data cleared successfully",
+        userId=user_id,
+        cleared={
+            "userState": erased.user_state,
+            "userProfile": erased.user_profile,
+            "sessions": erased.sessions,
+            "interruptions": interruptions,
+        },
+    )
+
+
+async def delete_session(request: Request) -> JSONResponse:
+    """``DELETE /api/session/{sessionId}``: the session and its interruptions."""
+    svc = services(request)
+    session_id = _session_id(request)
+    session = await svc.persistence.get_session(session_id)
+    if session is None and svc.interruptions.count(session_id) == 0:
+        raise NotFound("Session not found")
+    erased = await svc.persistence.erase_session(session_id)
+    interruptions = svc.interruptions.clear_session(session_id)
+    return ok(
+        message="Session cleared successfully",
+        sessionId=session_id,
+        cleared={"session": erased.session, "interruptions": interruptions},
+    )
+
+
+async def stats(request: Request) -> JSONResponse:
+    """``GET /api/session/stats``: count aggregations plus the persistence status."""
+    svc = services(request)
+    persistence = svc.persistence
+    counts, from_store = await persistence.counts()
+    live = svc.interruptions.total
+    if not from_store:
+        # Memory figures: this process's caches and interruption stack.
+        persisted, total = 0, live
+    elif svc.settings.persist_interruptions:
+        # Every interruption is also logged to the store: the log (plus what
+        # waits to be written) is the whole truth, the stack would count twice.
+        pending = len(
+            persistence.writes.pending_writes_where(
+                lambda w: isinstance(w, FieldsWrite) and w.collection == INTERRUPTIONS
+            )
+        )
+        persisted, total = counts.total_interruptions, counts.total_interruptions + pending
+    else:
+        # The log is off: what it holds (from earlier runs) and the live stack
+        # are disjoint, so the sum counts each interruption once.
+        persisted, total = counts.total_interruptions, counts.total_interruptions + live
+    return ok(
+        stats={
+            "activeUsers": counts.active_users,
+            "activeSessions": counts.active_sessions,
+            "totalProfiles": counts.total_profiles,
+            "totalInterruptions": total,
+            "persistedInterruptions": persisted,
+            "liveInterruptions": live,
+            "source": persistence.store.name if from_store else "memory",
+            **status_fields(persistence.status()),
+        }
+    )
+
+
+# -- additions -----------------------------------------------------------------------
+
+
+async def list_sessions(request: Request) -> JSONResponse:
+    """``GET /api/session/user/{userId}/sessions?status=&limit=&cursor=``."""
+    persistence = services(request).persistence
+    user_id = _user_id(request)
+    status: SessionStatus | None = None
+    raw_status = request.query_params.get("status")
+    if raw_status is not None:
+        try:
+            status = SessionStatus(raw_status)
+        except ValueError:
+            allowed = ", ".join(s.value for s in SessionStatus)
+            raise InvalidField("status", f"must be one of {allowed}") from None
+    limit = _int_query(request, "limit", default=DEFAULT_PAGE_SIZE, lo=1, hi=MAX_PAGE_SIZE)
+    cursor = None
+    raw_cursor = request.query_params.get("cursor")
+    if raw_cursor is not None:
+        if not raw_cursor or len(raw_cursor) > MAX_CURSOR_LENGTH:
+            raise BadRequest("cursor is not a cursor this server issued")
+        cursor = SessionCursor.decode(raw_cursor)
+        try:
+            check_id(cursor.session_id, "cursor")
+        except InvalidField:
+            raise BadRequest("cursor is not a cursor this server issued") from None
+    sessions, next_cursor = await list_user_sessions(
+        persistence, user_id, status=status, limit=limit, cursor=cursor
+    )
+    cutoff = idle_cutoff(persistence)
+    return ok(
+        userId=user_id,
+        count=len(sessions),
+        sessions=[session_json(s, effective_status(s, cutoff)) for s in sessions],
+        nextCursor=next_cursor,
+    )
+
+
+async def recent_history(request: Request) -> JSONResponse:
+    """``GET /api/session/{userId}/history?limit=N``: the last N messages, oldest first."""
+    svc = services(request)
+    user_id = _user_id(request)
+    cap = svc.settings.history_cap
+    limit = _int_query(request, "limit", default=min(DEFAULT_HISTORY_LIMIT, cap), lo=1, hi=cap)
+    profile = await svc.persistence.get_profile(user_id)
+    history = profile.history if profile is not None else ()
+    messages = history[-limit:]
+    return ok(
+        userId=user_id,
+        count=len(messages),
+        historyLength=len(history),
+        messages=[message_json(m) for m in messages],
+    )
+
+
+async def set_preferences(request: Request) -> JSONResponse:
+    """``PUT /api/session/{userId}/preferences``: merge preferences key by key."""
+    svc = services(request)
+    user_id = _user_id(request)
+    prefs = check_object(await _body(request), "preferences")
+    if not prefs:
+        raise InvalidField("preferences", "must hold at least one key")
+    profile = await svc.persistence.get_profile(user_id)
+    merged = {**(profile.preferences if profile else {}), **prefs}
+    _check_merged_size(svc.settings.max_merged_object_bytes, "preferences", merged)
+    svc.persistence.set_preferences(user_id, prefs)
+    return ok(
+        message="Preferences saved successfully", userId=user_id, preferences=jsonable(merged)
+    )
+
+
+# One route per path, so a wrong method answers 405 with the full Allow header.
+
+
+async def user_state(request: Request) -> JSONResponse:
+    """``GET`` or ``POST /api/session/{userId}/state``."""
+    return await (save_state if request.method == "POST" else get_state)(request)
+
+
+async def history(request: Request) -> JSONResponse:
+    """``GET`` or ``POST /api/session/{userId}/history``."""
+    return await (append_history if request.method == "POST" else recent_history)(request)
+
+
+async def session(request: Request) -> JSONResponse:
+    """``GET`` or ``DELETE /api/session/{sessionId}``."""
+    return await (delete_session if request.method == "DELETE" else get_session)(request)
+
+
+async def openapi_document(request: Request) -> JSONResponse:
+    """``GET /openapi.json``."""
+    return JSONResponse(openapi.document())
+
+
+async def malformed_path(request: Request) -> JSONResponse:
+    """Any request :class:`_MalformedPath` caught."""
+    raise BadRequest("Identifiers in the path must not be empty or contain '/' (%2F)")
+
+
+class _MalformedPath(Route):
+    """Catches ``/api/session/...`` paths with an encoded ``/`` or an empty segment.
+
+    The server decodes ``%2F`` before routing, so ``a%2Fstate`` would otherwise
+    reach another endpoint as two segments; these answer 400 before any route
+    can be confused by them.
+    """
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] != "http":
+            return Match.NONE, {}
+        raw: bytes = scope.get("raw_path") or scope["path"].encode()
+        text = raw.split(b"?", 1)[0].decode("latin-1")
+        if not text.startswith(PREFIX + "/"):
+            return Match.NONE, {}
+        inner = text[len(PREFIX) + 1 :]
+        if "%2f" in inner.lower() or inner.startswith("/") or "//" in inner:
+            return super().matches(scope)
+        return Match.NONE, {}
+
+
+_ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 def routes() -> list[BaseRoute]:
-    """The REST routes, mounted at the root of the app."""
-    return []
+    """The REST routes, mounted at the root of the app.
+
+    Literal paths come before parameterised ones, and every session id is
+    validated against the literal words, so ``stats``, ``create``, ``refresh``
+    and ``user`` can never be taken for a session.
+    """
+    p = PREFIX
+    return [
+        _MalformedPath(f"{p}/{{rest:path}}", malformed_path, methods=_ALL_METHODS),
+        Route("/openapi.json", openapi_document, methods=["GET"]),
+        Route(f"{p}/stats", stats, methods=["GET"]),
+        Route(f"{p}/create", create_session, methods=["POST"]),
+        Route(f"{p}/refresh", refresh_user, methods=["POST"]),
+        Route(f"{p}/user/{{userId}}/active", active_sessions, methods=["GET"]),
+        Route(f"{p}/user/{{userId}}/sessions", list_sessions, methods=["GET"]),
+        Route(f"{p}/{{userId}}/state", user_state, methods=["GET", "POST"]),
+        Route(f"{p}/{{userId}}/profile", get_profile, methods=["GET"]),
+        Route(f"{p}/{{userId}}/history", history, methods=["GET", "POST"]),
+        Route(f"{p}/{{userId}}/preferences", set_preferences, methods=["PUT"]),
+        Route(f"{p}/{{sessionId}}/end", end_session, methods=["PUT"]),
+        Route(f"{p}/{{sessionId}}", session, methods=["GET", "DELETE"]),
+    ]

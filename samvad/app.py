@@ -15,17 +15,17 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
 from samvad import __version__, api, realtime
-from samvad.clock import Clock, SystemClock, to_iso
+from samvad.clock import Clock, SystemClock
 from samvad.config import Settings
 from samvad.firestore_client import client_from_settings
 from samvad.http_errors import EXCEPTION_HANDLERS
 from samvad.interruptions import InterruptionStack
-from samvad.models import PersistenceStatus
 from samvad.persistence import Persistence
 from samvad.services import Services, services
 from samvad.stores.base import HistoryBounds, Store
 from samvad.stores.firestore import FirestoreStore
 from samvad.stores.memory import MemoryStore
+from samvad.wire import status_fields
 
 logger = logging.getLogger(__name__)
 
@@ -48,22 +48,6 @@ def build_store(settings: Settings) -> Store:
         bounds=bounds,
         deadline=settings.firestore_deadline,
     )
-
-
-def status_fields(status: PersistenceStatus) -> dict[str, Any]:
-    """The persistence status as JSON fields (``/healthz``, stats)."""
-    return {
-        "mode": status.mode.value,
-        "backend": status.backend,
-        "pendingWrites": status.pending_documents,
-        "pendingInFlight": status.pending_in_flight,
-        "oldestPendingAgeSeconds": round(status.oldest_pending_age, 3),
-        "replayLagSeconds": round(status.oldest_pending_age, 3),
-        "writesIssued": status.writes_issued,
-        "writeFailures": status.write_failures,
-        "modeSince": to_iso(status.mode_since),
-        "lastError": status.last_error,
-    }
 
 
 async def healthz(request: Request) -> JSONResponse:

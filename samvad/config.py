@@ -64,6 +64,10 @@ class Settings:
 
     # REST
     max_body_bytes: int = 64 * 1024
+    #: Bound on a JSON object the REST API merges into over time (user state,
+    #: profile preferences, session metadata), so that repeated merges can
+    #: never grow a document toward Firestore's 1 MiB limit.
+    max_merged_object_bytes: int = 256 * 1024
     session_idle_timeout: float = 1800.0
     session_retention_days: int = 30
     persist_interruptions: bool = False
@@ -75,6 +79,9 @@ class Settings:
     ws_idle_timeout: float = 120.0
     ws_send_queue: int = 256
     ws_resume_window: int = 200
+    ws_rate_strikes: int = 5
+    ws_responder: str = "builtin"
+    ws_reply_chunk_delay: float = 0.05
 
     # Security and operations
     auth: AuthMode = "off"
@@ -136,6 +143,9 @@ class Settings:
                 "SAMVAD_RETRY_MAX_BACKOFF_SECONDS", d.retry_max_backoff, lo=0.01
             ),
             max_body_bytes=env.integer("SAMVAD_MAX_BODY_BYTES", d.max_body_bytes, lo=1024),
+            max_merged_object_bytes=env.integer(
+                "SAMVAD_MAX_MERGED_OBJECT_BYTES", d.max_merged_object_bytes, lo=1024, hi=256 * 1024
+            ),
             session_idle_timeout=env.number(
                 "SAMVAD_SESSION_IDLE_TIMEOUT_SECONDS", d.session_idle_timeout, lo=1.0
             ),
@@ -153,6 +163,11 @@ class Settings:
             ws_idle_timeout=env.number("SAMVAD_WS_IDLE_TIMEOUT_SECONDS", d.ws_idle_timeout, lo=1.0),
             ws_send_queue=env.integer("SAMVAD_WS_SEND_QUEUE", d.ws_send_queue, lo=1),
             ws_resume_window=env.integer("SAMVAD_WS_RESUME_WINDOW", d.ws_resume_window, lo=0),
+            ws_rate_strikes=env.integer("SAMVAD_WS_RATE_STRIKES", d.ws_rate_strikes, lo=0),
+            ws_responder=env.text("SAMVAD_RESPONDER", d.ws_responder),
+            ws_reply_chunk_delay=env.number(
+                "SAMVAD_RESPONDER_CHUNK_DELAY_SECONDS", d.ws_reply_chunk_delay, lo=0.0, hi=10.0
+            ),
             auth=cast(AuthMode, env.choice("SAMVAD_AUTH", d.auth, ("off", "firebase"))),
             api_keys=env.items("SAMVAD_API_KEYS"),
             cors_origins=env.items("SAMVAD_CORS_ORIGINS"),

@@ -20,7 +20,7 @@ async def test_healthz_reports_the_persistence_mode() -> None:
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "ok"
-    assert body["persistence"]["mode"] == "firestore"
+    assert body["persistence"]["mode"] == "memory"
     assert body["persistence"]["backend"] == "memory"
     assert body["persistence"]["pendingWrites"] == 0
 

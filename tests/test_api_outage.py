@@ -1,0 +1,155 @@
+"""The API with Firestore cut off: every endpoint keeps answering from memory,
+and what was written during the outage reaches Firestore once it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import pytest
+from google.cloud.firestore import AsyncClient
+from google.cloud.firestore_v1.base_query import FieldFilter
+
+from samvad.app import create_app
+from samvad.config import Settings
+from samvad.models import Mode
+from tests.support.faultproxy import FaultProxy
+from tests.support.server import LiveServer, live_server
+
+pytestmark = pytest.mark.firestore
+
+# Every request must answer well within this, Firestore or not.
+ANSWER_WITHIN = 3.0
+
+
+async def _flush(server: LiveServer) -> None:
+    async with asyncio.timeout(30):
+        await server.services.persistence.writes.flush()
+
+
+class Client:
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+
+    async def request(
+        self, method: str, path: str, *, status: int = 200, **kwargs: Any
+    ) -> dict[str, Any]:
+        started = time.monotonic()
+        response = await self.http.request(method, path, **kwargs)
+        assert time.monotonic() - started < ANSWER_WITHIN, f"{method} {path} was slow"
+        assert response.status_code == status, (method, path, response.text)
+        body: dict[str, Any] = response.json()
+        return body
+
+
+async def _doc(client: AsyncClient, collection: str, doc_id: str) -> dict[str, Any] | None:
+    snapshot = await client.collection(collection).document(doc_id).get()
+    return snapshot.to_dict() if snapshot.exists else None
+
+
+async def test_the_api_answers_from_memory_during_an_outage_and_catches_up(
+    fault_proxy: FaultProxy, firestore_project: str, firestore_client: AsyncClient
+) -> None:
+    settings = Settings(
+        store="firestore",
+        emulator_host=fault_proxy.host_port,
+        project=firestore_project,
+        flush_linger=0.0,
+        firestore_deadline=0.5,
+        probe_interval=0.05,
+        probe_max_interval=0.2,
+        retry_max_backoff=0.2,
+        shutdown_flush_deadline=1.0,
+    )
+    async with (
+        live_server(create_app(settings)) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=10) as http,
+    ):
+        api = Client(http)
+        persistence = server.services.persistence
+        # Before the outage: a user who will be refreshed during it.
+        await api.request("POST", "/api/session/gone/state", json={"language": "en"})
+        await api.request("POST", "/api/session/create", json={"sessionId": "g1", "userId": "gone"})
+        await _flush(server)
+        await api.request("GET", "/api/session/gone/state")  # now in this server's memory
+
+        fault_proxy.cut()
+        # A cache miss finds Firestore gone (within its deadline): memory mode.
+        await api.request("GET", "/api/session/stranger/state", status=404)
+        assert persistence.mode is Mode.MEMORY
+
+        await api.request("POST", "/api/session/u1/state", json={"language": "hi", "step": 2})
+        for i in range(3):
+            await api.request(
+                "POST",
+                "/api/session/u1/history",
+                json={"role": "user", "content": f"m{i}", "sessionId": "s1"},
+            )
+        await api.request("PUT", "/api/session/u1/preferences", json={"voice": "slow"})
+        await api.request(
+            "POST",
+            "/api/session/create",
+            json={"sessionId": "s1", "userId": "u1", "language": "hi"},
+            headers={"X-Device-ID": "phone-1"},
+        )
+        await api.request("POST", "/api/session/create", json={"sessionId": "s2", "userId": "u1"})
+        await api.request("PUT", "/api/session/s2/end")
+        await api.request("POST", "/api/session/create", json={"sessionId": "s3", "userId": "u1"})
+        await api.request("DELETE", "/api/session/s3")
+        cleared = await api.request("POST", "/api/session/refresh", json={"userId": "gone"})
+        assert cleared["cleared"]["userState"] is True
+        assert cleared["cleared"]["sessions"] == 1
+
+        state = await api.request("GET", "/api/session/u1/state")
+        assert state["state"]["language"] == "hi" and state["state"]["step"] == 2
+        profile = await api.request("GET", "/api/session/u1/profile")
+        assert [m["content"] for m in profile["profile"]["conversationHistory"]] == [
+            "m0",
+            "m1",
+            "m2",
+        ]
+        recent = await api.request("GET", "/api/session/u1/history", params={"limit": 2})
+        assert recent["count"] == 2
+        session = await api.request("GET", "/api/session/s1")
+        assert session["session"]["metadata"] == {"deviceId": "phone-1"}
+        active = await api.request("GET", "/api/session/user/u1/active")
+        assert [s["id"] for s in active["sessions"]] == ["s1"]
+        ended = await api.request(
+            "GET", "/api/session/user/u1/sessions", params={"status": "ended"}
+        )
+        assert [s["id"] for s in ended["sessions"]] == ["s2"]
+        await api.request("GET", "/api/session/s3", status=404)
+        await api.request("GET", "/api/session/gone/state", status=404)
+        stats = (await api.request("GET", "/api/session/stats"))["stats"]
+        assert stats["mode"] == "memory" and stats["source"] == "memory"
+        assert stats["pendingWrites"] > 0
+        await api.request("GET", "/openapi.json")
+
+        # Firestore comes back: the prober notices and the backlog is replayed.
+        fault_proxy.restore()
+        await _flush(server)
+        assert persistence.mode is Mode.FIRESTORE
+        stats = (await api.request("GET", "/api/session/stats"))["stats"]
+        assert stats["mode"] == "firestore" and stats["source"] == "firestore"
+        assert stats["pendingWrites"] == 0
+
+    state_doc = await _doc(firestore_client, "user_states", "u1")
+    assert state_doc is not None and state_doc["language"] == "hi" and state_doc["step"] == 2
+    profile_doc = await _doc(firestore_client, "user_profiles", "u1")
+    assert profile_doc is not None
+    assert [m["content"] for m in profile_doc["conversationHistory"]] == ["m0", "m1", "m2"]
+    assert profile_doc["preferences"] == {"voice": "slow"}
+    s1 = await _doc(firestore_client, "sessions", "s1")
+    assert s1 is not None and s1["status"] == "active" and s1["metadata"] == {"deviceId": "phone-1"}
+    s2 = await _doc(firestore_client, "sessions", "s2")
+    assert s2 is not None and s2["status"] == "ended"
+    assert await _doc(firestore_client, "sessions", "s3") is None
+    assert await _doc(firestore_client, "user_states", "gone") is None
+    gone_sessions = (
+        await firestore_client.collection("sessions")
+        .where(filter=FieldFilter("userId", "==", "gone"))
+        .get()
+    )
+    assert gone_sessions == []
