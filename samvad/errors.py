@@ -103,3 +103,16 @@ class BacklogFull(SamvadError):
 
 class ConfigError(Exception):
     """A configuration value is missing or invalid; the message names the variable."""
+
+
+class FrameRejected(BadRequest):
+    """A WebSocket frame broke the protocol; answered with an error frame, the
+    connection stays open.
+
+    ``code`` is the stable string of the error frame (``bad_json``,
+    ``unknown_type``, ``not_started``, ...; see ``docs/protocol.md``).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

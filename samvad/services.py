@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -12,6 +13,11 @@ from starlette.requests import HTTPConnection
 from samvad.config import Settings
 from samvad.interruptions import InterruptionStack
 from samvad.persistence import Persistence
+from samvad.responder import Responder
+
+#: Verifies a client's ID token and returns the user id it was issued for;
+#: raises :class:`samvad.errors.Unauthorized` when the token is not valid.
+TokenVerifier = Callable[[str], Awaitable[str]]
 
 
 @dataclass(slots=True)
@@ -24,6 +30,11 @@ class Services:
     started_at: datetime
     #: Live WebSocket connections (``samvad.realtime.Hub``), set by the lifespan.
     hub: Any = None
+    #: Writes the assistant's replies on the WebSocket; None means the one
+    #: ``settings.ws_responder`` names, built by the hub on first use.
+    responder: Responder | None = None
+    #: Checks ``start`` tokens when ``settings.auth`` is not ``off``.
+    verify_token: TokenVerifier | None = None
     #: Extra components keyed by name, for optional features.
     extras: dict[str, Any] = field(default_factory=dict)
 
