@@ -46,7 +46,8 @@ class Settings:
     cache_ttl: float = 1800.0
     cache_max_entries: int = 50_000
 
-    # History
+    # History (bytes bound at most 640 KiB: with 256 KiB of preferences a
+    # profile document stays below Firestore's 1 MiB)
     history_cap: int = 100
     history_max_bytes: int = 512 * 1024
 
@@ -118,7 +119,7 @@ class Settings:
             cache_max_entries=env.integer("SAMVAD_CACHE_MAX_ENTRIES", d.cache_max_entries, lo=1),
             history_cap=env.integer("SAMVAD_HISTORY_CAP", d.history_cap, lo=1, hi=10_000),
             history_max_bytes=env.integer(
-                "SAMVAD_HISTORY_MAX_BYTES", d.history_max_bytes, lo=4096, hi=900 * 1024
+                "SAMVAD_HISTORY_MAX_BYTES", d.history_max_bytes, lo=4096, hi=640 * 1024
             ),
             flush_interval=env.number("SAMVAD_FLUSH_INTERVAL_SECONDS", d.flush_interval, lo=0.0),
             flush_linger=env.number("SAMVAD_FLUSH_LINGER_SECONDS", d.flush_linger, lo=0.0),

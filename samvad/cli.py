@@ -1,0 +1,109 @@
+"""The ``samvad`` command.
+
+``samvad serve`` is the production entry point. With no Firestore configured
+(no ``FIRESTORE_EMULATOR_HOST``, ``GOOGLE_CLOUD_PROJECT`` or
+``GOOGLE_APPLICATION_CREDENTIALS``) and ``--store auto`` (the default), it
+starts the local Firestore emulator with its data kept in
+``$SAMVAD_DATA_DIR/firestore`` across restarts and serves against it; where no
+emulator is installed it runs memory-only and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import Any
+
+from samvad import __version__
+from samvad.config import Settings
+from samvad.errors import ConfigError
+
+logger = logging.getLogger("samvad")
+
+LOCAL_PROJECT = "samvad-local"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samvad", description="Samvad conversation backend")
+    parser.add_argument("--version", action="version", version=f"samvad {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--host", help="interface to bind (SAMVAD_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (SAMVAD_PORT or PORT, default 8080)")
+    serve.add_argument(
+        "--store",
+        choices=["auto", "firestore", "memory"],
+        help="persistence backend (SAMVAD_STORE, default auto)",
+    )
+    serve.add_argument("--log-format", choices=["text", "json"], help="SAMVAD_LOG_FORMAT")
+    return parser
+
+
+def _embedded_emulator(settings: Settings, stack: ExitStack) -> Settings:
+    """Start the local Firestore emulator for an unconfigured ``auto`` store."""
+    from samvad.emulator import EmulatorStartError, FirestoreEmulator, find_gcloud
+
+    if find_gcloud() is None:
+        logger.warning(
+            "No Firestore configured and no Firestore emulator installed: running "
+            "memory-only; data is lost on restart. Set GOOGLE_CLOUD_PROJECT or "
+            "FIRESTORE_EMULATOR_HOST, or install google-cloud-cli-firestore-emulator."
+        )
+        return settings.replace(store="memory")
+    data_dir = (settings.data_dir / "firestore").resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    project = settings.project or LOCAL_PROJECT
+    try:
+        emulator = FirestoreEmulator.start(
+            data_dir=data_dir, log_path=data_dir.parent / "emulator.log", project=project
+        )
+    except (EmulatorStartError, ValueError):
+        logger.exception("The local Firestore emulator did not start: running memory-only")
+        return settings.replace(store="memory")
+    # stop() exports the project's data into data_dir; the next start imports it.
+    stack.callback(emulator.stop)
+    logger.info(
+        "No Firestore configured: started the local Firestore emulator at %s "
+        "(project %s, data kept in %s)",
+        emulator.host_port,
+        project,
+        data_dir,
+    )
+    return settings.replace(store="firestore", emulator_host=emulator.host_port, project=project)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from samvad.app import create_app
+    from samvad.logs import configure_logging
+    from samvad.server import run
+
+    overrides: dict[str, Any] = {}
+    for name in ("host", "port", "store", "log_format"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    settings = Settings.from_env().replace(**overrides)
+    configure_logging(settings)
+    with ExitStack() as stack:
+        if settings.store == "auto" and not settings.firestore_configured:
+            settings = _embedded_emulator(settings, stack)
+        run(create_app(settings), settings)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+    except ConfigError as exc:
+        print(f"samvad: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 1  # pragma: no cover - argparse requires a command
+
+
+if __name__ == "__main__":
+    sys.exit(main())

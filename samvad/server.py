@@ -1,0 +1,82 @@
+"""Running the app under uvicorn with Samvad's shutdown order.
+
+On SIGTERM or SIGINT: stop accepting connections, close every WebSocket with
+1001 ("going away", so clients reconnect elsewhere) instead of uvicorn's 1012,
+let in-flight requests finish, then the lifespan flushes pending writes within
+``SAMVAD_SHUTDOWN_FLUSH_SECONDS``, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+
+from samvad.config import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class SamvadServer(uvicorn.Server):
+    """uvicorn's server, closing WebSockets with 1001 and exiting 0 on a signal."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self._app = app
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises the captured signal after shutting down, which makes
+        # the process die "by SIGTERM" (exit 143); a clean drain should exit 0.
+        def handle(sig: int, frame: FrameType | None) -> None:
+            logger.info("received %s: shutting down", signal.Signals(sig).name)
+            self.handle_exit(sig, frame)
+
+        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        for server in self.servers:
+            server.close()
+        svc = getattr(self._app.state, "services", None)
+        if svc is not None and svc.hub is not None:
+            try:
+                await svc.hub.close_all(code=1001, reason="server shutting down")
+            except Exception:
+                logger.exception("closing WebSockets at shutdown failed")
+        await super().shutdown(sockets=sockets)
+
+
+def uvicorn_config(app: Starlette, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """The uvicorn configuration Samvad runs with."""
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,  # logging is configured by samvad.logs
+        "lifespan": "on",
+        "ws": "auto",
+        # The app closes oversized frames with 1009 itself; uvicorn's own limit
+        # only bounds what is buffered before the app sees it.
+        "ws_max_size": max(4 * settings.ws_max_frame_bytes, 1024 * 1024),
+        "timeout_graceful_shutdown": 5,
+        "proxy_headers": True,
+        "server_header": False,
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+def run(app: Starlette, settings: Settings) -> None:
+    """Serve ``app`` until a signal, then drain (see module docstring)."""
+    server = SamvadServer(uvicorn_config(app, settings), app)
+    server.run()

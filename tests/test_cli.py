@@ -1,0 +1,132 @@
+"""``samvad serve`` as a real process: the embedded emulator default, data kept
+across restarts, and a graceful SIGTERM that exits 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from samvad.emulator import find_gcloud, free_port
+from samvad.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key
+        not in (
+            "FIRESTORE_EMULATOR_HOST",
+            "GOOGLE_CLOUD_PROJECT",
+            "GCLOUD_PROJECT",
+            "GOOGLE_APPLICATION_CREDENTIALS",
+        )
+        and not key.startswith("SAMVAD_")
+    }
+    env["SAMVAD_DATA_DIR"] = str(data_dir)
+    env.update(extra)
+    return env
+
+
+def _start(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "samvad", "serve", "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> dict[str, object]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early:\n{log.read_text()}")
+        try:
+            response = httpx.get(url + "/healthz", timeout=1)
+            if response.status_code == 200:
+                body: dict[str, object] = response.json()
+                return body
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"server not ready in 60 s:\n{log.read_text()}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGTERM)
+    return process.wait(timeout=60)
+
+
+@pytest.mark.firestore
+def test_serve_without_firestore_configured_runs_on_the_local_emulator_and_keeps_data(
+    tmp_path: Path,
+) -> None:
+    if find_gcloud() is None:
+        pytest.skip("the Firestore emulator is not installed")
+    data_dir = tmp_path / "data"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    first = _start(_env(data_dir), port, tmp_path / "first.log")
+    try:
+        health = _wait_ready(url, first, tmp_path / "first.log")
+        assert health["persistence"] == {**health["persistence"], "backend": "firestore"}  # type: ignore[dict-item]
+        saved = httpx.post(url + "/api/session/u1/state", json={"language": "hi"})
+        assert saved.status_code == 200
+        appended = httpx.post(
+            url + "/api/session/u1/history", json={"role": "user", "content": "namaste"}
+        )
+        assert appended.status_code == 200
+    finally:
+        assert _stop(first) == 0, (tmp_path / "first.log").read_text()
+    log = (tmp_path / "first.log").read_text()
+    assert "started the local Firestore emulator" in log
+    assert "namaste" not in log, "message content must never be logged"
+
+    second = _start(_env(data_dir), port, tmp_path / "second.log")
+    try:
+        _wait_ready(url, second, tmp_path / "second.log")
+        state = httpx.get(url + "/api/session/u1/state").json()
+        assert state["state"]["language"] == "hi"
+        profile = httpx.get(url + "/api/session/u1/profile").json()
+        assert [m["content"] for m in profile["profile"]["conversationHistory"]] == ["namaste"]
+    finally:
+        assert _stop(second) == 0
+
+
+def test_serve_memory_only_says_so_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    process = _start(_env(tmp_path, SAMVAD_STORE="memory"), port, log)
+    try:
+        health = _wait_ready(f"http://127.0.0.1:{port}", process, log)
+        assert health["persistence"]["mode"] == "memory"  # type: ignore[index]
+    finally:
+        assert _stop(process) == 0
+    assert "Memory-only store" in log.read_text()
+
+
+def test_a_bad_setting_stops_serve_with_the_variable_name(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "samvad", "serve"],
+        cwd=REPO,
+        env=_env(tmp_path, SAMVAD_CACHE_TTL_SECONDS="forever"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "SAMVAD_CACHE_TTL_SECONDS" in result.stderr
+    assert ConfigError.__name__ not in result.stderr, "a clear message, not a traceback"
