@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum, StrEnum
 from typing import Any
 
+from samvad import wire
 from samvad.clock import to_iso
 from samvad.errors import FrameRejected, InvalidField
 from samvad.interruptions import Interruption
@@ -551,30 +552,9 @@ def encode(frame: Mapping[str, Any]) -> str:
     return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
 
 
-def message_json(message: Message) -> dict[str, Any]:
-    """A history message as on the wire (the REST history shape, plus ``seq``)."""
-    out: dict[str, Any] = {
-        "id": message.id,
-        "role": message.role.value,
-        "content": message.content,
-        "timestamp": to_iso(message.timestamp),
-    }
-    if message.session_id is not None:
-        out["sessionId"] = message.session_id
-    if message.interrupted:
-        out["interrupted"] = True
-    if message.seq is not None:
-        out["seq"] = message.seq
-    return out
-
-
 def state_json(state: UserState | None) -> dict[str, Any]:
-    if state is None:
-        return {}
-    out = dict(state.data)
-    if state.updated_at is not None:
-        out["updatedAt"] = to_iso(state.updated_at)
-    return out
+    """A user's state as frames carry it (the REST shape; ``{}`` when there is none)."""
+    return wire.state_json(state) if state is not None else {}
 
 
 def interruption_json(interruption: Interruption) -> dict[str, Any]:
@@ -605,7 +585,7 @@ def started_frame(
         "userId": user_id,
         "mode": mode,
         "state": state_json(state),
-        "history": [message_json(m) for m in history],
+        "history": [wire.message_json(m) for m in history],
         "lastSeq": last_seq,
         "resumed": resumed,
         "limits": dict(limits),
@@ -617,7 +597,7 @@ def resume_frame(
 ) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "resume", "recovered": plan.recovered, "lastSeq": last_seq}
     if plan.recovered:
-        frame["messages"] = [message_json(m) for m in plan.messages]
+        frame["messages"] = [wire.message_json(m) for m in plan.messages]
     else:
         assert plan.reason is not None
         frame["reason"] = plan.reason.value
@@ -636,7 +616,7 @@ def ack_frame(message: Message, client_id: str | None) -> dict[str, Any]:
 
 
 def message_frame(message: Message) -> dict[str, Any]:
-    return {"type": "message", "message": message_json(message)}
+    return {"type": "message", "message": wire.message_json(message)}
 
 
 def reply_start_frame(reply_id: str, *, in_reply_to: int | None) -> dict[str, Any]:

@@ -31,11 +31,11 @@ from samvad.protocol import (
     frame_too_large,
     heard_part,
     last_seq,
-    message_json,
     parse_frame,
     plan_resume,
     resume_frame,
 )
+from samvad.wire import message_json
 
 T0 = datetime(2025, 1, 10, 17, 0, 0, tzinfo=UTC)
 
