@@ -8,6 +8,12 @@ reference, ``/openapi.json`` the machine-readable description.
 Every handler validates the whole request before its first write, so a
 rejected request changes nothing stored; errors are raised as
 :class:`samvad.errors.SamvadError` and rendered by ``samvad.http_errors``.
+
+With authentication on (``SAMVAD_AUTH=firebase``, see ``samvad.auth``) every
+handler identifies its caller before it reads anything: a user may only touch
+their own state, profile, history and sessions (a session belongs to its
+``userId``), the service key may act for anyone, and only the service key may
+read the global stats.
 """
 
 from __future__ import annotations
@@ -23,13 +29,24 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Scope
 
 from samvad import openapi
+from samvad.auth import Principal, authenticate
 from samvad.clock import to_iso
 from samvad.documents import INTERRUPTIONS, STATE_SERVER_FIELDS
-from samvad.errors import BacklogFull, BadRequest, Conflict, InvalidField, NotFound, PayloadTooLarge
+from samvad.errors import (
+    BacklogFull,
+    BadRequest,
+    Conflict,
+    InvalidField,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+)
 from samvad.lifecycle import effective_status, idle_cutoff, list_user_sessions
+from samvad.logs import bind_log_context
 from samvad.models import Role, SessionStatus
+from samvad.ratelimit import RateLimiter
 from samvad.requests_json import read_json_object
-from samvad.services import services
+from samvad.services import Services, services
 from samvad.stores.base import SessionCursor
 from samvad.validation import check_id, check_object, check_session_id
 from samvad.wire import (
@@ -64,7 +81,39 @@ def _user_id(request: Request) -> str:
 
 
 def _session_id(request: Request) -> str:
-    return check_session_id(request.path_params["sessionId"], "sessionId")
+    session_id = check_session_id(request.path_params["sessionId"], "sessionId")
+    bind_log_context(session_id=session_id)
+    return session_id
+
+
+async def _caller(request: Request) -> Principal:
+    """Who is calling (everyone may act for anyone while authentication is off)."""
+    svc = services(request)
+    return await authenticate(svc.settings, svc.verify_token, request.headers)
+
+
+def _acts_for(principal: Principal, user_id: str) -> str:
+    """``user_id``, once ``principal`` is known to act for it (else :class:`Forbidden`)."""
+    principal.require_user(user_id)
+    bind_log_context(user_id=user_id)
+    return user_id
+
+
+async def _path_user(request: Request) -> str:
+    """The path's ``userId``, checked against the caller's credentials."""
+    principal = await _caller(request)
+    return _acts_for(principal, _user_id(request))
+
+
+def _rate_limit(svc: Services, limiter: RateLimiter | None, key: str) -> None:
+    if limiter is None:
+        return
+    try:
+        limiter.hit(key)
+    except RateLimited:
+        if svc.metrics is not None:
+            svc.metrics.rate_limited.labels(limiter.name).inc()
+        raise
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -112,7 +161,7 @@ def _check_merged_size(limit: int, field: str, merged: Mapping[str, Any]) -> Non
 async def save_state(request: Request) -> JSONResponse:
     """``POST /api/session/{userId}/state``: merge the body into the user's state."""
     svc = services(request)
-    user_id = _user_id(request)
+    user_id = await _path_user(request)
     body = check_object(await _body(request), "state")
     data = {k: v for k, v in body.items() if k not in STATE_SERVER_FIELDS}
     current = await svc.persistence.get_state(user_id)
@@ -124,7 +173,7 @@ async def save_state(request: Request) -> JSONResponse:
 
 async def get_state(request: Request) -> JSONResponse:
     """``GET /api/session/{userId}/state``."""
-    user_id = _user_id(request)
+    user_id = await _path_user(request)
     state = await services(request).persistence.get_state(user_id)
     if state is None:
         raise NotFound("User state not found")
@@ -133,7 +182,7 @@ async def get_state(request: Request) -> JSONResponse:
 
 async def get_profile(request: Request) -> JSONResponse:
     """``GET /api/session/{userId}/profile``: the profile with its bounded history."""
-    user_id = _user_id(request)
+    user_id = await _path_user(request)
     profile = await services(request).persistence.get_profile(user_id)
     if profile is None:
         raise NotFound("User profile not found")
@@ -144,7 +193,7 @@ async def append_history(request: Request) -> JSONResponse:
     """``POST /api/session/{userId}/history``: append one message."""
     svc = services(request)
     persistence = svc.persistence
-    user_id = _user_id(request)
+    user_id = await _path_user(request)
     body = await _body(request)
     role_raw = _required(body, "role")
     if not isinstance(role_raw, str):
@@ -167,6 +216,8 @@ async def append_history(request: Request) -> JSONResponse:
         if session is not None and session.user_id and session.user_id != user_id:
             raise Conflict(f"session {session_id} belongs to another user")
     message = persistence.append_message(user_id, role=role, content=content, session_id=session_id)
+    if svc.metrics is not None:
+        svc.metrics.messages.labels(role.value, "rest").inc()
     if session is not None and session_id is not None:
         # Activity only; the message is in, so a full backlog must not fail the request.
         with contextlib.suppress(BacklogFull):
@@ -183,9 +234,11 @@ async def create_session(request: Request) -> JSONResponse:
     """``POST /api/session/create``: create a session, or update and re-activate it."""
     svc = services(request)
     persistence = svc.persistence
+    principal = await _caller(request)
     body = await _body(request)
     session_id = check_session_id(_required(body, "sessionId"))
-    user_id = check_id(_required(body, "userId"), "userId")
+    user_id = _acts_for(principal, check_id(_required(body, "userId"), "userId"))
+    bind_log_context(session_id=session_id)
     language = _language(body.get("language"))
     raw_metadata = body.get("metadata")
     metadata = check_object(raw_metadata, "metadata") if raw_metadata is not None else {}
@@ -211,10 +264,12 @@ async def create_session(request: Request) -> JSONResponse:
 async def get_session(request: Request) -> JSONResponse:
     """``GET /api/session/{sessionId}``."""
     persistence = services(request).persistence
+    principal = await _caller(request)
     session_id = _session_id(request)
     session = await persistence.get_session(session_id)
     if session is None:
         raise NotFound("Session not found")
+    _acts_for(principal, session.user_id)
     status = effective_status(session, idle_cutoff(persistence))
     return ok(session=session_json(session, status))
 
@@ -222,7 +277,13 @@ async def get_session(request: Request) -> JSONResponse:
 async def end_session(request: Request) -> JSONResponse:
     """``PUT /api/session/{sessionId}/end``."""
     svc = services(request)
+    principal = await _caller(request)
     session_id = _session_id(request)
+    if principal.is_user:
+        owned = await svc.persistence.get_session(session_id)
+        if owned is None:
+            raise NotFound("Session not found")
+        _acts_for(principal, owned.user_id)
     session = await svc.persistence.end_session(session_id)
     if session is None:
         raise NotFound("Session not found")
@@ -234,7 +295,7 @@ async def end_session(request: Request) -> JSONResponse:
 async def active_sessions(request: Request) -> JSONResponse:
     """``GET /api/session/user/{userId}/active``: active sessions, newest first."""
     persistence = services(request).persistence
-    user_id = _user_id(request)
+    user_id = await _path_user(request)
     cutoff = idle_cutoff(persistence)
     sessions = [
         s
@@ -251,8 +312,10 @@ async def active_sessions(request: Request) -> JSONResponse:
 async def refresh_user(request: Request) -> JSONResponse:
     """``POST /api/session/refresh``: erase everything of a user, pending writes included."""
     svc = services(request)
+    principal = await _caller(request)
     body = await _body(request)
-    user_id = check_id(_required(body, "userId"), "userId")
+    user_id = _acts_for(principal, check_id(_required(body, "userId"), "userId"))
+    _rate_limit(svc, svc.limits.refresh if svc.limits else None, user_id)
     erased = await svc.persistence.erase_user(user_id)
     interruptions = svc.interruptions.clear_user(user_id)
     if svc.hub is not None:
@@ -272,10 +335,22 @@ async def refresh_user(request: Request) -> JSONResponse:
 async def delete_session(request: Request) -> JSONResponse:
     """``DELETE /api/session/{sessionId}``: the session and its interruptions."""
     svc = services(request)
+    principal = await _caller(request)
     session_id = _session_id(request)
     session = await svc.persistence.get_session(session_id)
     if session is None and svc.interruptions.count(session_id) == 0:
         raise NotFound("Session not found")
+    if session is not None:
+        owner: str | None = session.user_id
+    else:
+        # Only interruptions are left of the session: they name its user.
+        recent = svc.interruptions.recent(session_id)
+        owner = recent[-1].user_id if recent else None
+    if owner is not None:
+        _acts_for(principal, owner)
+    elif principal.is_user:
+        raise NotFound("Session not found")
+    _rate_limit(svc, svc.limits.delete if svc.limits else None, owner or session_id)
     erased = await svc.persistence.erase_session(session_id)
     interruptions = svc.interruptions.clear_session(session_id)
     return ok(
@@ -286,8 +361,12 @@ async def delete_session(request: Request) -> JSONResponse:
 
 
 async def stats(request: Request) -> JSONResponse:
-    """``GET /api/session/stats``: count aggregations plus the persistence status."""
+    """``GET /api/session/stats``: count aggregations plus the persistence status.
+
+    Global figures: with authentication on, for the service key only.
+    """
     svc = services(request)
+    (await _caller(request)).require_service()
     persistence = svc.persistence
     counts, from_store = await persistence.counts()
     live = svc.interruptions.total
@@ -327,7 +406,7 @@ async def stats(request: Request) -> JSONResponse:
 async def list_sessions(request: Request) -> JSONResponse:
     """``GET /api/session/user/{userId}/sessions?status=&limit=&cursor=``."""
     persistence = services(request).persistence
-    user_id = _user_id(request)
+    user_id = await _path_user(request)
     status: SessionStatus | None = None
     raw_status = request.query_params.get("status")
     if raw_status is not None:
@@ -362,7 +441,7 @@ async def list_sessions(request: Request) -> JSONResponse:
 async def recent_history(request: Request) -> JSONResponse:
     """``GET /api/session/{userId}/history?limit=N``: the last N messages, oldest first."""
     svc = services(request)
-    user_id = _user_id(request)
+    user_id = await _path_user(request)
     cap = svc.settings.history_cap
     limit = _int_query(request, "limit", default=min(DEFAULT_HISTORY_LIMIT, cap), lo=1, hi=cap)
     profile = await svc.persistence.get_profile(user_id)
@@ -379,7 +458,7 @@ async def recent_history(request: Request) -> JSONResponse:
 async def set_preferences(request: Request) -> JSONResponse:
     """``PUT /api/session/{userId}/preferences``: merge preferences key by key."""
     svc = services(request)
-    user_id = _user_id(request)
+    user_id = await _path_user(request)
     prefs = check_object(await _body(request), "preferences")
     if not prefs:
         raise InvalidField("preferences", "must hold at least one key")

@@ -1,5 +1,6 @@
-"""The Starlette application: routes, error mapping and the lifespan that owns
-every resource (store, persistence, interruption stack, live connections)."""
+"""The Starlette application: routes, error mapping, middleware and the
+lifespan that owns every resource (store, persistence, interruption stack,
+live connections, the ID token verifier, rate limits and metrics)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,23 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from samvad import __version__, api, realtime
+from samvad.auth import FirebaseTokenVerifier
 from samvad.clock import Clock, SystemClock
 from samvad.config import Settings
 from samvad.firestore_client import client_from_settings
 from samvad.http_errors import EXCEPTION_HANDLERS
 from samvad.interruptions import InterruptionStack
+from samvad.metrics import CONTENT_TYPE, Metrics
+from samvad.middleware import RequestContextMiddleware
 from samvad.persistence import Persistence
+from samvad.ratelimit import RateLimits
 from samvad.services import Services, services
 from samvad.stores.base import HistoryBounds, Store
 from samvad.stores.firestore import FirestoreStore
@@ -62,6 +69,20 @@ async def healthz(request: Request) -> JSONResponse:
     )
 
 
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: 200 once start-up finished and until shutdown begins, else 503.
+
+    Memory-only mode (Firestore unreachable) is still ready: the server keeps
+    serving and replays its writes when Firestore returns, and an outage
+    affects every instance alike, so taking this one out of rotation would
+    not help.
+    """
+    svc: Services | None = getattr(request.app.state, "services", None)
+    if svc is None or not svc.ready:
+        return JSONResponse({"ready": False}, status_code=503)
+    return JSONResponse({"ready": True, "mode": svc.persistence.status().mode.value})
+
+
 async def _sweep_idle_sessions(persistence: Persistence, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
@@ -80,48 +101,105 @@ def create_app(
     """Build the ASGI app. No I/O happens until the lifespan starts."""
     settings = settings or Settings.from_env()
     clock = clock or SystemClock()
+    metrics = Metrics()
+
+    async def metrics_endpoint(request: Request) -> Response:
+        """``GET /metrics``: Prometheus text format (keep it internal; see docs/deploy.md)."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        store = store_factory(settings)
-        async with store:
-            persistence = Persistence(store, settings=settings, clock=clock)
-            await persistence.start()
-            svc = Services(
-                settings=settings,
-                persistence=persistence,
-                interruptions=InterruptionStack(),
-                started_at=clock.now(),
-            )
-            svc.hub = realtime.Hub(svc)
-            app.state.services = svc
-            sweeper = asyncio.create_task(
-                _sweep_idle_sessions(persistence, max(5.0, settings.session_idle_timeout / 10)),
-                name="samvad-idle-sweeper",
-            )
-            logger.info(
-                "Samvad %s ready (store: %s, mode: %s)",
-                __version__,
-                store.name,
-                persistence.mode.value,
-            )
-            try:
-                yield {"services": svc}
-            finally:
-                await svc.hub.close_all(code=1001, reason="server shutting down")
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
-                left = await persistence.close()
-                logger.info("Samvad stopped; %d writes left unflushed", left)
+        verifier = _open_verifier(settings, clock)
+        try:
+            store = store_factory(settings)
+            async with store:
+                persistence = Persistence(
+                    store, settings=settings, clock=clock, on_flush=metrics.observe_flush
+                )
+                await persistence.start()
+                svc = Services(
+                    settings=settings,
+                    persistence=persistence,
+                    interruptions=InterruptionStack(),
+                    started_at=clock.now(),
+                    verify_token=verifier.verify if verifier is not None else None,
+                    limits=RateLimits.from_settings(settings, clock.monotonic),
+                    metrics=metrics,
+                )
+                svc.hub = realtime.Hub(svc)
+                app.state.services = svc
+                metrics.bind(svc)
+                sweeper = asyncio.create_task(
+                    _sweep_idle_sessions(persistence, max(5.0, settings.session_idle_timeout / 10)),
+                    name="samvad-idle-sweeper",
+                )
+                svc.ready = True
+                logger.info(
+                    "Samvad %s ready (store: %s, mode: %s, auth: %s)",
+                    __version__,
+                    store.name,
+                    persistence.mode.value,
+                    settings.auth,
+                )
+                try:
+                    yield {"services": svc}
+                finally:
+                    svc.ready = False
+                    await svc.hub.close_all(code=1001, reason="server shutting down")
+                    sweeper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await sweeper
+                    left = await persistence.close()
+                    metrics.bind(None)
+                    logger.info("Samvad stopped; %d writes left unflushed", left)
+        finally:
+            if verifier is not None:
+                verifier.close()
 
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         *api.routes(),
         *realtime.routes(),
     ]
     return Starlette(
         routes=routes,
+        middleware=_middleware(settings, metrics),
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )
+
+
+def _open_verifier(settings: Settings, clock: Clock) -> FirebaseTokenVerifier | None:
+    if settings.auth == "off":
+        if settings.api_keys:
+            logger.warning("SAMVAD_API_KEYS is set but SAMVAD_AUTH is off: the keys are unused")
+        return None
+    if settings.firebase_project is None:
+        # Settings.from_env refuses this; settings built in code may still do it.
+        logger.error(
+            "SAMVAD_AUTH=%s but no Firebase project is configured: ID tokens are refused",
+            settings.auth,
+        )
+        return None
+    return FirebaseTokenVerifier.open(settings, clock=clock)
+
+
+def _middleware(settings: Settings, metrics: Metrics) -> list[Middleware]:
+    stack = [Middleware(RequestContextMiddleware, metrics=metrics, access_log=settings.access_log)]
+    if settings.cors_origins:
+        # Browsers send ID tokens in the Authorization header, never cookies:
+        # no credentialed CORS. Service keys (X-API-Key) are not for browsers.
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "PUT", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "X-Device-ID", "X-Request-ID"],
+                expose_headers=["X-Request-ID", "Retry-After"],
+                allow_credentials=False,
+                max_age=600,
+            )
+        )
+    return stack

@@ -23,6 +23,9 @@ AuthMode = Literal["off", "firebase"]
 
 _T = TypeVar("_T")
 
+#: Shortest accepted service API key (``SAMVAD_API_KEYS``).
+MIN_API_KEY_LENGTH = 16
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -86,10 +89,17 @@ class Settings:
 
     # Security and operations
     auth: AuthMode = "off"
-    api_keys: tuple[str, ...] = ()
+    #: Firebase project whose ID tokens are accepted (default: ``project``).
+    auth_project: str | None = None
+    #: ``FIREBASE_AUTH_EMULATOR_HOST``: tokens are then NOT signature-checked (tests only).
+    auth_emulator_host: str | None = None
+    #: Service API keys; kept out of ``repr`` so that logging settings never shows them.
+    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     cors_origins: tuple[str, ...] = ()
     refresh_rate_per_minute: int = 5
     delete_rate_per_minute: int = 30
+    #: One log line per HTTP request (method, route, status, duration, ids).
+    access_log: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -170,7 +180,9 @@ class Settings:
                 "SAMVAD_RESPONDER_CHUNK_DELAY_SECONDS", d.ws_reply_chunk_delay, lo=0.0, hi=10.0
             ),
             auth=cast(AuthMode, env.choice("SAMVAD_AUTH", d.auth, ("off", "firebase"))),
-            api_keys=env.items("SAMVAD_API_KEYS"),
+            auth_project=env.optional("SAMVAD_AUTH_PROJECT"),
+            auth_emulator_host=env.optional("FIREBASE_AUTH_EMULATOR_HOST"),
+            api_keys=env.secrets("SAMVAD_API_KEYS", min_length=MIN_API_KEY_LENGTH),
             cors_origins=env.items("SAMVAD_CORS_ORIGINS"),
             refresh_rate_per_minute=env.integer(
                 "SAMVAD_REFRESH_RATE_PER_MINUTE", d.refresh_rate_per_minute, lo=1
@@ -178,11 +190,25 @@ class Settings:
             delete_rate_per_minute=env.integer(
                 "SAMVAD_DELETE_RATE_PER_MINUTE", d.delete_rate_per_minute, lo=1
             ),
-        )
+            access_log=env.flag("SAMVAD_ACCESS_LOG", d.access_log),
+        )._checked()
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (for tests and the CLI)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def firebase_project(self) -> str | None:
+        """The Firebase project whose ID tokens are accepted."""
+        return self.auth_project or self.project
+
+    def _checked(self) -> Settings:
+        if self.auth == "firebase" and self.firebase_project is None:
+            raise ConfigError(
+                "SAMVAD_AUTH=firebase needs the Firebase project whose ID tokens to accept: "
+                "set SAMVAD_AUTH_PROJECT (or GOOGLE_CLOUD_PROJECT)"
+            )
+        return self
 
     @property
     def firestore_configured(self) -> bool:
@@ -257,6 +283,17 @@ class _Env:
         if raw is None:
             return ()
         return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+    def secrets(self, name: str, *, min_length: int) -> tuple[str, ...]:
+        values = self.items(name)
+        for index, value in enumerate(values, start=1):
+            # Never echo a secret, not even a short one: name its position.
+            if len(value) < min_length:
+                raise ConfigError(
+                    f"{name} entry {index} is too short: API keys must have at least "
+                    f"{min_length} characters"
+                )
+        return values
 
     def file(self, name: str) -> str | None:
         raw = self.optional(name)

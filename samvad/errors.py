@@ -116,3 +116,12 @@ class FrameRejected(BadRequest):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class AuthUnavailable(SamvadError):
+    """Credentials could not be checked right now (e.g. Google's public keys could
+    not be fetched); the caller's credentials may well be valid, so retry."""
+
+    status_code = 503
+    close_code = 1013
+    code = "auth_unavailable"

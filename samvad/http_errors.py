@@ -6,12 +6,13 @@ Every error body has the original's shape, ``{"success": false, "error": "..."}`
 from __future__ import annotations
 
 import logging
+import math
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from samvad.errors import RateLimited, SamvadError
+from samvad.errors import AuthUnavailable, RateLimited, SamvadError, Unauthorized
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,11 @@ async def samvad_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SamvadError)
     headers = None
     if isinstance(exc, RateLimited):
-        headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    elif isinstance(exc, Unauthorized):
+        headers = {"WWW-Authenticate": 'Bearer realm="samvad"'}
+    elif isinstance(exc, AuthUnavailable):
+        headers = {"Retry-After": "5"}
     return error_response(exc.status_code, exc.message, headers)
 
 

@@ -475,6 +475,42 @@ _PATHS: dict[str, Any] = {
             },
         },
     },
+    "/readyz": {
+        "get": {
+            "summary": "Readiness: 200 once started and until shutdown begins, else 503",
+            "responses": {
+                "200": {
+                    "description": "Ready (also in memory-only mode, which still serves)",
+                    "content": {
+                        "application/json": {
+                            "schema": _obj(
+                                ["ready", "mode"],
+                                ready={"const": True},
+                                mode={"enum": ["firestore", "memory"]},
+                            )
+                        }
+                    },
+                },
+                "503": {
+                    "description": "Starting or shutting down",
+                    "content": {
+                        "application/json": {"schema": _obj(["ready"], ready={"const": False})}
+                    },
+                },
+            },
+        },
+    },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics (text exposition format); keep it internal",
+            "responses": {
+                "200": {
+                    "description": "Metrics",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        },
+    },
     "/openapi.json": {
         "get": {
             "summary": "This document",
@@ -489,6 +525,58 @@ _PATHS: dict[str, Any] = {
 }
 
 
+_SECURITY_SCHEMES: dict[str, Schema] = {
+    "firebaseIdToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "A Firebase ID token of the user whose data is addressed "
+        "(only with SAMVAD_AUTH=firebase).",
+    },
+    "apiKey": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "A service key of SAMVAD_API_KEYS: may act for any user. "
+        "Also accepted as 'Authorization: Bearer <key>'.",
+    },
+}
+# With SAMVAD_AUTH=off (the default) no credentials are needed.
+_API_SECURITY: list[dict[str, list[str]]] = [{"firebaseIdToken": []}, {"apiKey": []}, {}]
+_AUTH_ERRORS = {
+    "401": "Credentials missing or invalid (authentication on)",
+    "403": "The credentials do not give access to this user's data (or, for stats, "
+    "are not a service key)",
+}
+_RATE_LIMITED = {
+    "/api/session/refresh": "post",
+    "/api/session/{sessionId}": "delete",
+}
+
+
+_METHODS = ("get", "post", "put", "delete")
+
+
+def _with_security(paths: dict[str, Any]) -> dict[str, Any]:
+    for path, item in paths.items():
+        operations = {m: op for m, op in item.items() if m in _METHODS}
+        if not path.startswith("/api/"):
+            for operation in operations.values():
+                operation["security"] = []
+            continue
+        for method, operation in operations.items():
+            operation["security"] = copy.deepcopy(_API_SECURITY)
+            errors = dict(_AUTH_ERRORS)
+            if _RATE_LIMITED.get(path) == method:
+                errors["429"] = "Too many requests for this user; see the Retry-After header"
+            for code, description in errors.items():
+                operation["responses"][code] = {
+                    "description": description,
+                    "content": {"application/json": {"schema": _ref("Error")}},
+                }
+    return paths
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI document (a fresh copy each time)."""
     return {
@@ -497,8 +585,13 @@ def document() -> dict[str, Any]:
             "title": "Samvad session API",
             "version": __version__,
             "description": "Wire-compatible with the original backend's REST API. "
-            "Every error is {success: false, error: message}.",
+            "Every error is {success: false, error: message}. Authentication is off by "
+            "default; with SAMVAD_AUTH=firebase every /api/session endpoint needs a "
+            "Firebase ID token or a service API key (docs/deploy.md).",
         },
-        "paths": copy.deepcopy(_PATHS),
-        "components": {"schemas": copy.deepcopy(_SCHEMAS)},
+        "paths": _with_security(copy.deepcopy(_PATHS)),
+        "components": {
+            "schemas": copy.deepcopy(_SCHEMAS),
+            "securitySchemes": copy.deepcopy(_SECURITY_SCHEMES),
+        },
     }

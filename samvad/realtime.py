@@ -25,9 +25,11 @@ from typing import Any
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
+from samvad.auth import Principal, authenticate_start
 from samvad.clock import to_iso
 from samvad.errors import BacklogFull, Forbidden, SamvadError, Unauthorized
 from samvad.interruptions import Interruption
+from samvad.logs import bind_log_context
 from samvad.models import Message, Role
 from samvad.protocol import (
     MAX_HISTORY_LIMIT,
@@ -153,6 +155,7 @@ class SessionChannel:
         self.last_seq = seq
         self.hub.remember_seq(self.session_id, seq)
         self.recent.append(message)
+        self.hub.count_message(role)
         return message
 
     def _append_reply(self, reply: _Reply, content: str, *, interrupted: bool) -> Message | None:
@@ -342,6 +345,7 @@ class SessionChannel:
             message_id=message.id if message is not None else None,
         )
         hub.interruptions.push(interruption)
+        hub.count_interruption()
         self.pending_interruption = interruption
         try:
             hub.persistence.record_interruption(interruption)
@@ -467,6 +471,7 @@ class Connection:
                 self.send(error_frame(exc.code, exc.message))
 
     async def _dispatch(self, received: Received) -> None:
+        self.hub.count_frame(received)
         if isinstance(received, Reject):
             logger.debug("connection %s: frame rejected (%s)", self.id, received.error.code)
             self.send(error_frame(received.error.code, received.error.message))
@@ -498,9 +503,10 @@ class Connection:
     async def _on_start(self, frame: Start) -> None:
         hub = self.hub
         if hub.settings.auth != "off":
-            await hub.authenticate(frame)
+            await hub.authenticate(frame, self.ws.headers)
         persistence = hub.persistence
         session_id = frame.session_id or _new_id()
+        bind_log_context(user_id=frame.user_id, session_id=session_id)
         await persistence.save_session(
             session_id, user_id=frame.user_id, language=frame.language, metadata=frame.metadata
         )
@@ -632,6 +638,23 @@ class Hub:
         self.persistence = services.persistence
         self.interruptions = services.interruptions
         self.clock = services.persistence.clock
+        self.metrics = services.metrics
+        self._frame_counters: dict[type, Any] = {}
+        if self.metrics is not None:
+            frames = self.metrics.ws_frames
+            self._frame_counters = {
+                kind: frames.labels(label)
+                for kind, label in (
+                    (Start, "start"),
+                    (UserMessage, "message"),
+                    (Interrupt, "interrupt"),
+                    (StateUpdate, "state"),
+                    (Ping, "ping"),
+                    (End, "end"),
+                    (Reject, "rejected"),
+                    (Close, "refused"),
+                )
+            }
         if services.responder is None:
             services.responder = load_responder(self.settings)
         self.closing = False
@@ -771,16 +794,45 @@ class Hub:
                 continue
             connection.send_text(text)
 
-    async def authenticate(self, frame: Start) -> None:
-        """Check the start frame's token (``settings.auth`` is on)."""
-        if frame.token is None:
-            raise Unauthorized("This server needs a token in the start frame.")
-        verify = self._services.verify_token
-        if verify is None:
-            logger.error("authentication is on but no token verifier is configured")
-            raise Unauthorized("Tokens cannot be checked right now.")
-        if await verify(frame.token) != frame.user_id:
+    async def authenticate(self, frame: Start, headers: Mapping[str, str]) -> Principal:
+        """Check the start frame's token or the upgrade's API key (``settings.auth`` is on).
+
+        Raises :class:`Unauthorized` for missing or invalid credentials and
+        :class:`Forbidden` when they belong to another user than ``userId``.
+        """
+        principal = await authenticate_start(
+            self.settings, self._services.verify_token, token=frame.token, headers=headers
+        )
+        if not principal.may_act_for(frame.user_id):
             raise Forbidden("The token was issued for another user.")
+        return principal
+
+    # -- metrics ---------------------------------------------------------------------
+
+    def count_frame(self, received: Received) -> None:
+        """One client frame handled (by kind); refused ones count as rate limited."""
+        counter = self._frame_counters.get(type(received))
+        if counter is None:
+            return
+        counter.inc()
+        if isinstance(received, Reject):
+            code: str = received.error.code
+        elif isinstance(received, Close):
+            code = received.error
+        else:
+            return
+        if code == ErrorCode.RATE_LIMITED and self.metrics is not None:
+            self.metrics.rate_limited.labels("websocket").inc()
+
+    def count_message(self, role: Role) -> None:
+        """One message stored on a WebSocket session."""
+        if self.metrics is not None:
+            self.metrics.messages.labels(role.value, "websocket").inc()
+
+    def count_interruption(self) -> None:
+        """One interruption context pushed (a barge-in)."""
+        if self.metrics is not None:
+            self.metrics.interruptions.inc()
 
     # -- tasks -----------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Running the app under uvicorn with Samvad's shutdown order.
 
-On SIGTERM or SIGINT: stop accepting connections, close every WebSocket with
+On SIGTERM or SIGINT: report not ready (``/readyz`` answers 503 to the
+connections still open), stop accepting connections, close every WebSocket with
 1001 ("going away", so clients reconnect elsewhere) instead of uvicorn's 1012,
 let in-flight requests finish, then the lifespan flushes pending writes within
 ``SAMVAD_SHUTDOWN_FLUSH_SECONDS``, and the process exits 0.
@@ -36,6 +37,7 @@ class SamvadServer(uvicorn.Server):
         # the process die "by SIGTERM" (exit 143); a clean drain should exit 0.
         def handle(sig: int, frame: FrameType | None) -> None:
             logger.info("received %s: shutting down", signal.Signals(sig).name)
+            self._not_ready()
             self.handle_exit(sig, frame)
 
         previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -45,7 +47,13 @@ class SamvadServer(uvicorn.Server):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def _not_ready(self) -> None:
+        svc = getattr(self._app.state, "services", None)
+        if svc is not None:
+            svc.ready = False
+
     async def shutdown(self, sockets: Any = None) -> None:
+        self._not_ready()
         for server in self.servers:
             server.close()
         svc = getattr(self._app.state, "services", None)

@@ -12,7 +12,9 @@ from starlette.requests import HTTPConnection
 
 from samvad.config import Settings
 from samvad.interruptions import InterruptionStack
+from samvad.metrics import Metrics
 from samvad.persistence import Persistence
+from samvad.ratelimit import RateLimits
 from samvad.responder import Responder
 
 #: Verifies a client's ID token and returns the user id it was issued for;
@@ -33,8 +35,15 @@ class Services:
     #: Writes the assistant's replies on the WebSocket; None means the one
     #: ``settings.ws_responder`` names, built by the hub on first use.
     responder: Responder | None = None
-    #: Checks ``start`` tokens when ``settings.auth`` is not ``off``.
+    #: Checks Firebase ID tokens (REST ``Authorization`` and the ``start`` frame's
+    #: ``token``) when ``settings.auth`` is not ``off``; see ``samvad.auth``.
     verify_token: TokenVerifier | None = None
+    #: Per-user limits of refresh and session deletion; None: unlimited.
+    limits: RateLimits | None = None
+    #: This app's Prometheus metrics; None: not recorded.
+    metrics: Metrics | None = None
+    #: True from the end of start-up until shutdown begins (``/readyz``).
+    ready: bool = False
     #: Extra components keyed by name, for optional features.
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -1,9 +1,15 @@
-"""Shared fixtures: the Firestore emulator, per-test projects and clients, a fault proxy.
+"""Shared fixtures: the Firestore emulator, per-test projects and clients, a fault
+proxy, and the Firebase Auth emulator.
 
 The emulator is started once per test run, unless ``FIRESTORE_EMULATOR_HOST``
 is already set (``firebase emulators:exec``, ``scripts/firestore-emulator --
 pytest``), in which case that one is used. Tests never share data: each gets
 its own project id.
+
+The Auth emulator (``node_modules/.bin/firebase``, installed by
+``scripts/bootstrap``) is likewise started once per run on free ports unless
+``FIREBASE_AUTH_EMULATOR_HOST`` is set; without it, its tests skip (and fail
+with ``CI=true``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import pytest
 from google.cloud.firestore import AsyncClient
 
 from samvad.emulator import FirestoreEmulator, find_gcloud
+from tests.support.auth_emulator import AuthEmulator, find_firebase
 from tests.support.faultproxy import FaultProxy
 from tests.support.firestore import close_client, emulator_missing, make_emulator_client
 
@@ -71,3 +78,32 @@ async def fault_proxy(firestore_emulator: str) -> AsyncIterator[FaultProxy]:
         yield proxy
     finally:
         await proxy.close()
+
+
+@pytest.fixture(scope="session")
+def auth_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthEmulator]:
+    """A running Firebase Auth emulator, shared by the whole run.
+
+    Tests that verify its tokens in-process also need ``FIREBASE_AUTH_EMULATOR_HOST``
+    set while they run: use ``auth_emulator_env``.
+    """
+    existing = os.environ.get("FIREBASE_AUTH_EMULATOR_HOST")
+    if existing:
+        yield AuthEmulator.external(existing)
+        return
+    firebase = find_firebase()
+    if firebase is None:
+        emulator_missing(
+            "the Firebase Auth emulator is not installed (run scripts/bootstrap: it installs "
+            "firebase-tools from package-lock.json into node_modules) and "
+            "FIREBASE_AUTH_EMULATOR_HOST is not set"
+        )
+    with AuthEmulator.start(firebase, workdir=tmp_path_factory.mktemp("auth-emulator")) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def auth_emulator_env(auth_emulator: AuthEmulator, monkeypatch: pytest.MonkeyPatch) -> AuthEmulator:
+    """The Auth emulator, with ``FIREBASE_AUTH_EMULATOR_HOST`` set for this test only."""
+    monkeypatch.setenv("FIREBASE_AUTH_EMULATOR_HOST", auth_emulator.host_port)
+    return auth_emulator

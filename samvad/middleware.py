@@ -1,0 +1,121 @@
+"""Request context for every HTTP request and WebSocket: a request id, log
+context and metrics.
+
+A pure ASGI middleware (no per-request objects beyond a closure; another
+engineer benchmarks the REST hot path): it takes the client's ``X-Request-ID``
+when it is a sane id or makes one, echoes it on the response, exposes it to log
+records (``samvad.logs``) for the duration of the request, and records the
+request's latency by route *template* in :class:`samvad.metrics.Metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from samvad.logs import request_id_var, session_id_var, user_id_var
+from samvad.metrics import UNMATCHED_ROUTE, Metrics
+
+logger = logging.getLogger("samvad.access")
+
+REQUEST_ID_HEADER = b"x-request-id"
+#: Longest client request id kept; longer or odder ones are replaced.
+MAX_REQUEST_ID_LENGTH = 64
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == REQUEST_ID_HEADER:
+            try:
+                text: str = value.decode("ascii")
+            except UnicodeDecodeError:
+                break
+            # Only ids that cannot forge a log line or bloat a label.
+            if 0 < len(text) <= MAX_REQUEST_ID_LENGTH and _ID_CHARS.issuperset(text):
+                return text
+            break
+    return uuid.uuid4().hex
+
+
+def route_label(scope: Scope) -> str:
+    """The route template the router matched, or :data:`UNMATCHED_ROUTE`."""
+    route: Any = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else UNMATCHED_ROUTE
+
+
+class RequestContextMiddleware:
+    """Request id, log context, latency metrics and the optional access log."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, access_log: bool = False) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "websocket":
+            request_id = _request_id(scope)
+            token = request_id_var.set(request_id)
+            try:
+                await self.app(scope, receive, self._count_accept(send))
+            finally:
+                request_id_var.reset(token)
+            return
+        if kind != "http":
+            await self.app(scope, receive, send)
+            return
+
+        request_id = _request_id(scope)
+        header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
+        status = 500
+        request_token = request_id_var.set(request_id)
+        user_token = user_id_var.set(None)
+        session_token = session_id_var.set(None)
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = route_label(scope)
+            self.metrics.observe_http(scope["method"], route, status, elapsed)
+            if self.access_log:
+                logger.info(
+                    "%s %s %d %.1f ms",
+                    scope["method"],
+                    route,
+                    status,
+                    elapsed * 1000,
+                    extra={
+                        "method": scope["method"],
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                    },
+                )
+            session_id_var.reset(session_token)
+            user_id_var.reset(user_token)
+            request_id_var.reset(request_token)
+
+    def _count_accept(self, send: Send) -> Send:
+        opened = self.metrics.ws_opened
+
+        async def send_counting(message: Message) -> None:
+            if message["type"] == "websocket.accept":
+                opened.inc()
+            await send(message)
+
+        return send_counting
