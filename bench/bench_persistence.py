@@ -1,14 +1,24 @@
 """In-process cost of the persistence hot path, and Firestore writes per message.
 
-    python bench/bench_persistence.py [--emulator] [--json PATH]
+    python bench/bench_persistence.py [--emulator] [--gc default|freeze|off|T0,T1,T2] [--json PATH]
 
 1. cached state read: ``await persistence.get_state(user)`` on a cache hit;
 2. append one message: ``persistence.append_message(...)`` (memory + queue);
-3. Firestore writes issued while one user appends 100 messages at 10 messages/s
+3. a service-level conversation turn, what the WebSocket layer does for one
+   exchange minus the frames: the user's message appended, the session
+   touched, the assistant's reply appended, the user's state updated, and an
+   interruption pushed and read back;
+4. Firestore writes issued while one user appends 100 messages at 10 messages/s
    (real time, 10 s), against 100 for one write per message. With ``--emulator``
    the store is the real Firestore emulator (started here unless
    FIRESTORE_EMULATOR_HOST is set); otherwise the memory store, which counts the
    same writes (the write-behind decides them, not the store).
+
+``--gc`` chooses what the garbage collector does during 1-3: ``default``
+(CPython's thresholds), ``freeze`` (``gc.freeze()`` once the 1,000 users are
+loaded, as a server could after start-up), ``off`` (``gc.disable()``: shows
+what is the collector and what the code), or ``T0,T1,T2`` thresholds for
+``gc.set_threshold``.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import sys
 import time
 import uuid
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,34 +39,109 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import emit, percentiles
 from samvad.config import Settings
 from samvad.firestore_client import make_client
+from samvad.interruptions import Interruption, InterruptionStack
 from samvad.models import Role
 from samvad.persistence import Persistence
 from samvad.stores.base import HistoryBounds, Store
 from samvad.stores.firestore import FirestoreStore
 from samvad.stores.memory import MemoryStore
 
+USERS = 1000
+QUESTION = "What documents do I need for a home loan?"
+ANSWER = (
+    'You said: "What documents do I need for a home loan?". That is 9 words; message 3 of '
+    "this conversation. I am the built-in responder, so I simply reflect what I hear back to you."
+)
 
-async def hot_path(p: Persistence, iterations: int) -> dict[str, dict[str, float]]:
-    users = [f"user-{i}" for i in range(1000)]
-    for user in users:
+
+def apply_gc_mode(mode: str) -> None:
+    gc.collect()
+    if mode == "freeze":
+        gc.freeze()
+    elif mode == "off":
+        gc.disable()
+    elif mode != "default":
+        t0, t1, t2 = (int(x) for x in mode.split(","))
+        gc.set_threshold(t0, t1, t2)
+
+
+def restore_gc() -> None:
+    gc.enable()
+    gc.unfreeze()
+    gc.set_threshold(700, 10, 10)
+
+
+async def warm(p: Persistence, users: list[str], sessions: list[str]) -> None:
+    for user, session in zip(users, sessions, strict=True):
         p.save_state(user, {"language": "en", "conversationContext": {"topic": "loans"}})
         await p.get_state(user)
         await p.get_profile(user)
+        await p.save_session(session, user_id=user, language="en")
+        for i in range(100):  # a full history, as a user who has talked for a while has
+            p.append_message(
+                user,
+                role=Role.USER if i % 2 == 0 else Role.ASSISTANT,
+                content=QUESTION if i % 2 == 0 else ANSWER,
+                session_id=session,
+                seq=i + 1,
+            )
+    await asyncio.wait_for(p.writes.flush(), 120)
+
+
+async def hot_path(p: Persistence, iterations: int, gc_mode: str) -> dict[str, object]:
+    users = [f"user-{i}" for i in range(USERS)]
+    sessions = [f"session-{i}" for i in range(USERS)]
+    await warm(p, users, sessions)
+    stack = InterruptionStack()
+    at = datetime.now(UTC)
     reads: list[int] = []
     appends: list[int] = []
+    turns: list[int] = []
     clock = time.perf_counter_ns
-    gc.collect()
-    for i in range(iterations):
-        user = users[i % len(users)]
-        start = clock()
-        await p.get_state(user)
-        reads.append(clock() - start)
-    for i in range(iterations):
-        user = users[i % len(users)]
-        start = clock()
-        p.append_message(user, role=Role.USER, content="What documents do I need for a home loan?")
-        appends.append(clock() - start)
-    return {"cached_state_read": percentiles(reads), "append_message": percentiles(appends)}
+    apply_gc_mode(gc_mode)
+    try:
+        for i in range(iterations):
+            user = users[i % USERS]
+            start = clock()
+            await p.get_state(user)
+            reads.append(clock() - start)
+        for i in range(iterations):
+            user = users[i % USERS]
+            start = clock()
+            p.append_message(user, role=Role.USER, content=QUESTION)
+            appends.append(clock() - start)
+        seq = 1000
+        turn_iterations = max(1, iterations // 4)
+        for i in range(turn_iterations):
+            user, session = users[i % USERS], sessions[i % USERS]
+            seq += 2
+            start = clock()
+            p.append_message(user, role=Role.USER, content=QUESTION, session_id=session, seq=seq)
+            await p.touch_session(session)
+            message = p.append_message(
+                user, role=Role.ASSISTANT, content=ANSWER, session_id=session, seq=seq + 1
+            )
+            p.save_state(user, {"conversationContext": {"topic": "loans", "turn": seq}})
+            stack.push(
+                Interruption(
+                    session_id=session,
+                    user_id=user,
+                    at=at,
+                    reason="barge_in",
+                    heard="You said",
+                    cut=" the rest",
+                    message_id=message.id,
+                )
+            )
+            stack.recent(session)
+            turns.append(clock() - start)
+    finally:
+        restore_gc()
+    return {
+        "cached_state_read": percentiles(reads),
+        "append_message": percentiles(appends),
+        "service_turn": percentiles(turns),
+    }
 
 
 async def writes_per_100_messages(p: Persistence, rate: float) -> dict[str, float]:
@@ -81,10 +167,12 @@ async def writes_per_100_messages(p: Persistence, rate: float) -> dict[str, floa
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--emulator", action="store_true", help="use the Firestore emulator")
     parser.add_argument("--iterations", type=int, default=100_000)
     parser.add_argument("--rate", type=float, default=10.0)
+    parser.add_argument("--gc", default="default", help="default, freeze, off or T0,T1,T2")
+    parser.add_argument("--skip-writes", action="store_true", help="only the hot path")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
 
@@ -113,15 +201,19 @@ async def main() -> None:
         await stack.enter_async_context(p)
         figures: dict[str, object] = {
             "store": backend,
+            "gc": args.gc,
+            "users": USERS,
+            "history_per_user": settings.history_cap,
             "settings": {
                 "flush_interval_s": settings.flush_interval,
                 "flush_linger_s": settings.flush_linger,
                 "history_cap": settings.history_cap,
             },
         }
-        figures.update(await hot_path(p, args.iterations))
-        await asyncio.wait_for(p.writes.flush(), 120)
-        figures["writes_per_100_messages"] = await writes_per_100_messages(p, args.rate)
+        figures.update(await hot_path(p, args.iterations, args.gc))
+        await asyncio.wait_for(p.writes.flush(), 300)
+        if not args.skip_writes:
+            figures["writes_per_100_messages"] = await writes_per_100_messages(p, args.rate)
     emit("persistence", figures, args.json_path)
 
 

@@ -3,6 +3,9 @@
 A hit costs a dictionary lookup. A miss runs the loader once per key however
 many callers ask at the same time: the load runs in its own task, so a
 caller that goes away (a dropped connection) does not cancel it for the others.
+Absence is cached too, for a shorter time (:data:`ABSENT_TTL`): a user
+without a saved state is not read again from the store on every reply, and a
+document another instance creates still shows up here within a minute.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from cachetools import TTLCache
+
+#: Seconds a key found absent in the store is remembered as absent (at most the TTL).
+ABSENT_TTL = 60.0
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -34,8 +40,20 @@ Loader = Callable[[], Awaitable[tuple[V | None, bool]]]
 class ViewCache(Generic[K, V]):
     """TTL- and size-bounded cache of views, keyed by document id."""
 
-    def __init__(self, *, maxsize: int, ttl: float, timer: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        *,
+        maxsize: int,
+        ttl: float,
+        timer: Callable[[], float],
+        absent_ttl: float = ABSENT_TTL,
+    ) -> None:
         self._data: TTLCache[K, Cached[V]] = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
+        # Keys the store had no document for, with whether that was read from
+        # the store (True) or assumed in memory-only mode (False).
+        self._absent: TTLCache[K, bool] = TTLCache(
+            maxsize=maxsize, ttl=min(ttl, absent_ttl), timer=timer
+        )
         self._loading: dict[K, asyncio.Task[V | None]] = {}
         self.hits = 0
         self.misses = 0
@@ -44,14 +62,20 @@ class ViewCache(Generic[K, V]):
         return len(self._data)
 
     def peek(self, key: K) -> Cached[V] | None:
-        """The cached entry, without loading (and without counting a hit or miss)."""
+        """The cached entry, without loading (and without counting a hit or miss).
+
+        None both when nothing is cached and when the key is known to be absent.
+        """
         return self._data.get(key)
 
     def put(self, key: K, value: V, *, complete: bool = True) -> None:
         self._data[key] = Cached(value, complete)
+        self._absent.pop(key, None)
 
     def discard(self, key: K) -> None:
+        """Forget ``key`` (its value, or that it is absent): the next get loads it."""
         self._data.pop(key, None)
+        self._absent.pop(key, None)
 
     def items(self) -> Iterator[tuple[K, V]]:
         """A snapshot of the live entries."""
@@ -60,6 +84,7 @@ class ViewCache(Generic[K, V]):
 
     def clear(self) -> None:
         self._data.clear()
+        self._absent.clear()
 
     async def get(self, key: K, load: Loader[V], *, want_complete: bool = True) -> V | None:
         """The value for ``key``, loading it on a miss (or when an incomplete entry
@@ -68,6 +93,10 @@ class ViewCache(Generic[K, V]):
         if entry is not None and (entry.complete or not want_complete):
             self.hits += 1
             return entry.value
+        absent = self._absent.get(key)
+        if absent is not None and (absent or not want_complete):
+            self.hits += 1
+            return None
         task = self._loading.get(key)
         if task is None:
             self.misses += 1
@@ -80,8 +109,10 @@ class ViewCache(Generic[K, V]):
             value, complete = await load()
             if value is not None:
                 self._data[key] = Cached(value, complete)
+                self._absent.pop(key, None)
             else:
                 self._data.pop(key, None)
+                self._absent[key] = complete
             return value
         finally:
             self._loading.pop(key, None)

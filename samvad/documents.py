@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from samvad.clock import parse_iso
-from samvad.history import history_bytes, merge, trim
+from samvad.history import history_bytes, in_time_order, merge, order_key, trim
 from samvad.models import Message, Profile, Role, Session, SessionStatus, UserState
 
 STATES = "user_states"
@@ -127,6 +127,11 @@ def decode_profile(user_id: str, doc: Mapping[str, Any], *, cap: int, max_bytes:
         for item in (raw_history if isinstance(raw_history, list) else [])
         if isinstance(item, Mapping)
     ]
+    if not in_time_order(messages):
+        # Samvad writes histories in time order; one written by another client
+        # (the original backend) may not be. Every history held is kept in
+        # order, which is what lets ``merge`` skip the id check for new messages.
+        messages.sort(key=order_key)
     history, size = trim(messages, cap=cap, max_bytes=max_bytes)
     preferences = doc.get("preferences")
     return Profile(

@@ -29,8 +29,18 @@ def trim(
     message is always kept, even when it alone exceeds ``max_bytes``: callers
     bound single messages far below the byte bound.
     """
-    kept = tuple(messages[-cap:]) if len(messages) > cap else tuple(messages)
-    if size is None or len(kept) != len(messages):
+    dropped = len(messages) - cap
+    if dropped > 0:
+        if size is not None and dropped < cap:
+            # Usually one message falls off a full history: subtract it rather
+            # than sizing the hundred that stay.
+            size -= history_bytes(messages[:dropped])
+        else:
+            size = None
+        kept = tuple(messages[dropped:])
+    else:
+        kept = tuple(messages)
+    if size is None:
         size = history_bytes(kept)
     start = 0
     while size > max_bytes and start < len(kept) - 1:
@@ -46,11 +56,18 @@ def merge(existing: Sequence[Message], new: Iterable[Message]) -> list[Message]:
 
     Skipping known ids makes a replayed flush idempotent: a write whose commit
     reached Firestore but whose answer was lost adds nothing the second time.
+    ``existing`` must be in time order (every history Samvad holds is).
     """
+    fresh = new if isinstance(new, list) else list(new)
+    if newer_than(existing, fresh):
+        # The common case, a new message after the newest: no id can be known,
+        # since a known id is a message of ``existing``, which sorts no later
+        # than its newest. Skip building the set of ids.
+        return [*existing, *fresh]
     seen = {message.id for message in existing}
     merged = list(existing)
     in_order = True
-    for message in new:
+    for message in fresh:
         if message.id not in seen:
             seen.add(message.id)
             if merged and order_key(message) < order_key(merged[-1]):
@@ -62,6 +79,27 @@ def merge(existing: Sequence[Message], new: Iterable[Message]) -> list[Message]:
         # restore time order, so trimming drops the oldest.
         merged.sort(key=order_key)
     return merged
+
+
+def newer_than(existing: Sequence[Message], fresh: Sequence[Message]) -> bool:
+    """True when ``fresh`` is non-empty, in strict time order, and all of it sorts
+    after the last message of ``existing``."""
+    if not fresh:
+        return False
+    last = order_key(existing[-1]) if existing else None
+    for message in fresh:
+        key = order_key(message)
+        if last is not None and key <= last:
+            return False
+        last = key
+    return True
+
+
+def in_time_order(messages: Sequence[Message]) -> bool:
+    """True when every message sorts no earlier than the one before it."""
+    return all(
+        order_key(messages[i - 1]) <= order_key(messages[i]) for i in range(1, len(messages))
+    )
 
 
 def order_key(message: Message) -> tuple[datetime, str]:

@@ -272,6 +272,7 @@ class Persistence:
             )
             self.states.put(user_id, state, complete=cached.complete)
             return state
+        self.states.discard(user_id)  # it may be cached as absent
         self._warm(self.get_state(user_id))
         return UserState(user_id=user_id, data=dict(data), updated_at=now, is_active=True)
 
@@ -345,6 +346,7 @@ class Persistence:
         )
         self._submit(ProfileWrite(user_id=user_id, append=[message], cap=s.history_cap))
         if cached is None:
+            self.profiles.discard(user_id)  # it may be cached as absent
             self._warm(self.get_profile(user_id))
         else:
             self.profiles.put(
@@ -368,6 +370,7 @@ class Persistence:
         self._submit(ProfileWrite(user_id=user_id, preferences=prefs, cap=s.history_cap))
         cached = self.profiles.peek(user_id)
         if cached is None:
+            self.profiles.discard(user_id)  # it may be cached as absent
             self._warm(self.get_profile(user_id))
         else:
             self.profiles.put(

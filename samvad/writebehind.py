@@ -112,6 +112,8 @@ class WriteBehind:
         self._counters = _Counters()
         self._urgent = 0
         self._closed = False
+        #: Store writes that succeeded since the queue last left memory-only mode.
+        self._ok_since_recovery = 0
 
         self._wake = asyncio.Event()
         self._empty = asyncio.Event()
@@ -221,6 +223,7 @@ class WriteBehind:
             return
         self._mode = Mode.MEMORY
         self._mode_since = self._clock.now()
+        self._ok_since_recovery = 0
         logger.warning(
             "Firestore unavailable (%s): serving from memory, %d writes pending; probing",
             type(exc).__name__,
@@ -423,6 +426,8 @@ class WriteBehind:
             self._requeue(entry, transient=False, exc=exc)
         else:
             self._observe(label, started, ok=True)
+            if self._mode is Mode.FIRESTORE:
+                self._ok_since_recovery += 1
             self._done(entry)
             if isinstance(result, Profile) and self._on_profile_flushed is not None:
                 try:
@@ -464,6 +469,15 @@ class WriteBehind:
         self._release(entry)
         now = self._clock.monotonic()
         self._last_flush[entry.key] = now
+        queued = self._queued.get(entry.key)
+        if queued is not None and not isinstance(queued.write, Erase):
+            # Submitted while this write was in flight, its due time was
+            # reckoned from the flush before: keep one interval from this one,
+            # so a document is never written twice within the interval.
+            due = now + self._config.flush_interval
+            if queued.due_at < due:
+                queued.due_at = due
+                heapq.heappush(self._heap, (due, queued.seq, queued.key))
         if now - self._last_prune > max(self._config.flush_interval, 1.0):
             # Only flushes within the last interval still space writes out.
             self._last_prune = now
@@ -496,15 +510,24 @@ class WriteBehind:
         newer = self._queued.pop(key, None)
         if newer is not None:
             write.absorb(newer.write)  # type: ignore[arg-type]  # same key, same type
+        failed_before = entry.attempts > 0
         entry.attempts += 1
         now = self._clock.monotonic()
-        if transient or cancelled:
+        # A write that fails again while other writes have succeeded since the
+        # store came back is this document's trouble (say, a lock left behind by
+        # a transaction the outage cut off), not an outage: back it off alone
+        # rather than stop every write and replay the whole queue for it.
+        isolated = transient and not cancelled and failed_before and self._ok_since_recovery > 0
+        if (transient or cancelled) and not isolated:
             entry.due_at = now
         else:
             backoff = min(self._config.retry_max_backoff, 0.5 * 2 ** min(entry.attempts, 16))
             entry.due_at = now + backoff
             logger.warning(
-                "Firestore rejected the write to %s (attempt %d, %s); retrying in %.1fs",
+                "%s the write to %s (attempt %d, %s); retrying in %.1fs",
+                "Firestore answers other writes but failed again on"
+                if isolated
+                else "Firestore rejected",
                 "/".join(key),
                 entry.attempts,
                 type(exc).__name__ if exc else "cancelled",
@@ -514,7 +537,7 @@ class WriteBehind:
         # original place in the submission order.
         self._queued[key] = entry
         heapq.heappush(self._heap, (entry.due_at, entry.seq, key))
-        if transient and not cancelled and exc is not None:
+        if transient and not cancelled and exc is not None and not isolated:
             self.report_unavailable(exc)
 
     def _after_flush(self) -> None:

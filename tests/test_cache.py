@@ -88,20 +88,6 @@ async def test_the_cache_is_bounded_in_entries() -> None:
     assert cache.peek("k0") is None
 
 
-async def test_absent_values_are_not_cached() -> None:
-    cache = make(ManualClock())
-    loads = 0
-
-    async def load() -> tuple[str | None, bool]:
-        nonlocal loads
-        loads += 1
-        return None, True
-
-    assert await cache.get("k", load) is None
-    assert await cache.get("k", load) is None
-    assert loads == 2
-
-
 async def test_incomplete_entries_reload_only_when_asked() -> None:
     cache = make(ManualClock())
     cache.put("k", "partial", complete=False)
@@ -128,3 +114,91 @@ async def test_a_failing_load_propagates_and_is_retried_next_time() -> None:
         return "v", True
 
     assert await cache.get("k", load) == "v"
+
+
+async def test_absence_is_cached_until_a_put_or_discard() -> None:
+    cache = make(ManualClock())
+    loads = 0
+    value: str | None = None
+
+    async def load() -> tuple[str | None, bool]:
+        nonlocal loads
+        loads += 1
+        return value, True
+
+    assert await cache.get("k", load) is None
+    assert await cache.get("k", load) is None
+    assert loads == 1
+    assert cache.peek("k") is None
+    cache.put("k", "v")
+    assert await cache.get("k", load) == "v"
+    cache.discard("k")
+    value = "stored"
+    assert await cache.get("k", load) == "stored"
+    assert loads == 2
+
+
+async def test_absence_is_remembered_for_a_minute_at_most() -> None:
+    clock = ManualClock()
+    cache = make(clock, ttl=1800.0)
+    loads = 0
+
+    async def load() -> tuple[str | None, bool]:
+        nonlocal loads
+        loads += 1
+        return None, True
+
+    assert await cache.get("k", load) is None
+    clock.advance(59)
+    assert await cache.get("k", load) is None
+    assert loads == 1
+    clock.advance(2)
+    assert await cache.get("k", load) is None
+    assert loads == 2
+
+
+async def test_absence_expires_with_a_shorter_ttl() -> None:
+    clock = ManualClock()
+    cache = make(clock, ttl=10.0)
+    loads = 0
+
+    async def load() -> tuple[str | None, bool]:
+        nonlocal loads
+        loads += 1
+        return None, True
+
+    assert await cache.get("k", load) is None
+    clock.advance(11)
+    assert await cache.get("k", load) is None
+    assert loads == 2
+
+
+async def test_absence_assumed_in_memory_mode_is_read_again_when_complete_is_wanted() -> None:
+    cache = make(ManualClock())
+    loads = 0
+
+    async def load() -> tuple[str | None, bool]:
+        nonlocal loads
+        loads += 1
+        return None, False
+
+    assert await cache.get("k", load, want_complete=False) is None
+    assert await cache.get("k", load, want_complete=False) is None
+    assert loads == 1
+    assert await cache.get("k", load, want_complete=True) is None
+    assert loads == 2
+
+
+async def test_clear_forgets_absence_too() -> None:
+    cache = make(ManualClock())
+    loads = 0
+
+    async def load() -> tuple[str | None, bool]:
+        nonlocal loads
+        loads += 1
+        return None, True
+
+    await cache.get("k", load)
+    cache.clear()
+    await cache.get("k", load)
+    assert loads == 2

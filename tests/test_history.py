@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from samvad.history import history_bytes, merge, trim
+from samvad.history import history_bytes, in_time_order, merge, newer_than, trim
 from samvad.models import MESSAGE_OVERHEAD_BYTES, Message, Role
 
 T0 = datetime(2025, 1, 10, 17, 0, tzinfo=UTC)
@@ -52,3 +52,56 @@ def test_merge_keeps_arrival_order_for_equal_timestamps() -> None:
     same = [msg(i, at=T0) for i in range(4)]
     merged = merge(same[:2], same[2:])
     assert [m.id for m in merged] == ["m0", "m1", "m2", "m3"]
+
+
+def test_trim_with_a_known_size_subtracts_what_falls_off() -> None:
+    messages = [msg(i, "é" * i) for i in range(101)]
+    kept, size = trim(messages, cap=100, max_bytes=10**9, size=history_bytes(messages))
+    assert [m.id for m in kept] == [f"m{i}" for i in range(1, 101)]
+    assert size == history_bytes(kept)
+
+
+def test_trim_with_a_known_size_still_honours_the_byte_bound() -> None:
+    messages = [msg(i, "x" * 1000) for i in range(102)]
+    per_message = 1000 + MESSAGE_OVERHEAD_BYTES
+    kept, size = trim(messages, cap=100, max_bytes=per_message * 10, size=history_bytes(messages))
+    assert [m.id for m in kept] == [f"m{i}" for i in range(92, 102)]
+    assert size == per_message * 10
+
+
+def test_merge_appends_newer_messages_in_order() -> None:
+    existing = [msg(0), msg(1)]
+    merged = merge(existing, [msg(2), msg(3)])
+    assert [m.id for m in merged] == ["m0", "m1", "m2", "m3"]
+    assert existing == [msg(0), msg(1)]  # not modified
+
+
+def test_merge_does_not_duplicate_a_replayed_newest_message() -> None:
+    existing = [msg(0), msg(1)]
+    assert [m.id for m in merge(existing, [msg(1)])] == ["m0", "m1"]
+    assert [m.id for m in merge(existing, [msg(1), msg(2)])] == ["m0", "m1", "m2"]
+
+
+def test_merge_takes_a_message_given_twice_once() -> None:
+    merged = merge([msg(0)], [msg(1), msg(1)])
+    assert [m.id for m in merged] == ["m0", "m1"]
+
+
+def test_merge_accepts_any_iterable() -> None:
+    merged = merge((msg(0),), (m for m in [msg(1), msg(2)]))
+    assert [m.id for m in merged] == ["m0", "m1", "m2"]
+
+
+def test_newer_than_needs_strictly_newer_messages_in_order() -> None:
+    assert newer_than([], [msg(0)])
+    assert newer_than([msg(0)], [msg(1), msg(2)])
+    assert not newer_than([msg(0)], [])
+    assert not newer_than([msg(1)], [msg(1)])
+    assert not newer_than([msg(1)], [msg(0)])
+    assert not newer_than([msg(0)], [msg(2), msg(1)])
+
+
+def test_in_time_order() -> None:
+    assert in_time_order([])
+    assert in_time_order([msg(0), msg(1), msg(1)])
+    assert not in_time_order([msg(1), msg(0)])

@@ -393,3 +393,48 @@ async def test_a_write_to_an_uncached_user_warms_the_cache(
     assert profile is not None and [m.content for m in profile.history] == ["hi"]
     assert store.reads == reads
     store.down = False
+
+
+async def test_a_user_without_state_is_read_from_the_store_once(
+    p: Persistence, store: FlakyStore
+) -> None:
+    reads = store.reads
+    for _ in range(5):
+        assert await p.get_state("stateless") is None
+        assert await p.get_profile("stateless") is None
+        assert await p.get_session("no-such-session") is None
+    assert store.reads == reads + 3
+
+
+async def test_a_write_after_a_cached_absence_is_served(p: Persistence) -> None:
+    assert await p.get_state("u1") is None
+    assert await p.get_profile("u1") is None
+    assert await p.get_session("s1") is None
+    p.save_state("u1", {"language": "en"})
+    p.append_message("u1", role=Role.USER, content="hello")
+    await p.save_session("s1", user_id="u1")
+    state = await p.get_state("u1")
+    assert state is not None and state.data == {"language": "en"}
+    profile = await p.get_profile("u1")
+    assert profile is not None and [m.content for m in profile.history] == ["hello"]
+    assert await p.get_session("s1") is not None
+
+
+async def test_preferences_after_a_cached_absence_are_served(p: Persistence) -> None:
+    assert await p.get_profile("u1") is None
+    p.set_preferences("u1", {"voiceSpeed": 1.0})
+    profile = await p.get_profile("u1")
+    assert profile is not None and profile.preferences == {"voiceSpeed": 1.0}
+
+
+async def test_an_erased_user_reads_as_absent_and_a_new_write_is_served(
+    p: Persistence, store: FlakyStore
+) -> None:
+    p.save_state("u1", {"a": 1})
+    await asyncio.wait_for(p.writes.flush(), 5)
+    await p.erase_user("u1")
+    await asyncio.wait_for(p.writes.flush(), 5)
+    assert await p.get_state("u1") is None
+    p.save_state("u1", {"b": 2})
+    state = await p.get_state("u1")
+    assert state is not None and state.data == {"b": 2}

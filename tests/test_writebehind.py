@@ -12,6 +12,7 @@ from samvad.clock import ManualClock
 from samvad.documents import PROFILES, SESSIONS, STATES
 from samvad.errors import BacklogFull
 from samvad.models import Message, Mode, Role
+from samvad.stores.base import StoreUnavailable
 from samvad.writebehind import WriteBehind, WriteBehindConfig
 from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite
 from tests.support.stores import FlakyStore, settle
@@ -352,3 +353,125 @@ async def test_counters_track_writes_by_collection(wb: WriteBehind, store: Flaky
     await asyncio.wait_for(wb.flush(), 5)
     assert wb.writes_by_collection == {STATES: 1, PROFILES: 1}
     assert wb.status().writes_issued == 2
+
+
+async def test_a_write_submitted_during_a_flush_waits_an_interval_from_its_end(
+    wb: WriteBehind, store: FlakyStore, clock: ManualClock
+) -> None:
+    clock.advance(5)  # the document's last flush is long past
+    store.gate.clear()
+    wb.submit(state("u1", v=1))
+    await settle()
+    assert wb.status().pending_in_flight == 1
+    wb.submit(state("u1", v=2))  # due at once by the old flush; the new one is in flight
+    clock.advance(0.3)
+    store.gate.set()
+    await settle()
+    assert len(store.log) == 1, "the next write waits a whole interval after the flush"
+    clock.advance(0.9)
+    wb.wake()
+    await settle()
+    assert len(store.log) == 1
+    clock.advance(0.1)
+    wb.wake()
+    await settle()
+    assert len(store.log) == 2
+    assert await store.get(STATES, "u1") == {"v": 2}
+
+
+async def test_flush_still_writes_a_document_held_back_by_its_interval(
+    wb: WriteBehind, store: FlakyStore
+) -> None:
+    store.gate.clear()
+    wb.submit(state("u1", v=1))
+    await settle()
+    wb.submit(state("u1", v=2))
+    store.gate.set()
+    await asyncio.wait_for(wb.flush(), 5)
+    assert len(store.log) == 2
+    assert await store.get(STATES, "u1") == {"v": 2}
+
+
+class OneDocumentFails(FlakyStore):
+    """Writes to ``failing`` keys raise StoreUnavailable once ``fail`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing: set[tuple[str, str]] = set()
+        self.fail = asyncio.Event()
+        self.fail.set()
+        self.answered = asyncio.Event()
+
+    async def ping(self) -> None:
+        await super().ping()
+        self.answered.set()  # the prober switches back to Firestore mode next
+
+    async def _enter(self, key: tuple[str, str]) -> None:
+        if key in self.failing:
+            await self.fail.wait()
+            if key in self.failing:
+                raise StoreUnavailable("this document is stuck (test)")
+        await super()._enter(key)
+
+
+async def recovered(store: OneDocumentFails, wb: WriteBehind) -> None:
+    store.answered.clear()
+    await asyncio.wait_for(store.answered.wait(), 5)
+    await settle()
+    assert wb.mode is Mode.FIRESTORE
+
+
+async def test_a_document_failing_again_while_others_succeed_is_backed_off_alone(
+    clock: ManualClock,
+) -> None:
+    store = OneDocumentFails()
+    store.failing.add((STATES, "stuck"))
+    wb = make(store, clock)
+    await wb.start()
+    try:
+        wb.submit(state("stuck", v=1))
+        await settle()
+        assert wb.mode is Mode.MEMORY, "a first failure is taken for an outage"
+        store.fail.clear()  # its next attempt hangs, then fails...
+        await recovered(store, wb)
+        clock.advance(2)
+        wb.submit(state("ok", v=1))  # ...while another write succeeds
+        await settle()
+        assert (STATES, "ok") in [key for _, key in store.log]
+        store.fail.set()
+        await settle()
+        assert wb.mode is Mode.FIRESTORE, "the store answers: not an outage"
+        assert wb.status().pending_documents == 1
+        store.failing.clear()
+        clock.advance(0.5 * 2**2)  # the second attempt's backoff
+        wb.wake()
+        await settle()
+        assert await store.get(STATES, "stuck") == {"v": 1}
+        assert wb.status().pending_documents == 0
+    finally:
+        await wb.close(1.0)
+
+
+async def test_writes_failing_right_after_a_recovery_still_mean_an_outage(
+    clock: ManualClock,
+) -> None:
+    store = OneDocumentFails()
+    wb = make(store, clock)
+    await wb.start()
+    try:
+        store.down = True
+        wb.submit(state("a", v=1))
+        await settle()
+        assert wb.mode is Mode.MEMORY
+        store.gate.clear()  # the replayed write will wait in flight
+        store.down = False
+        await recovered(store, wb)
+        store.down = True  # down again before any write succeeded
+        store.gate.set()
+        await settle()
+        assert wb.mode is Mode.MEMORY
+        store.down = False
+        await asyncio.wait_for(wb.flush(), 5)
+        assert [key[1] for _, key in store.log] == ["a"]
+    finally:
+        await wb.close(1.0)
