@@ -81,6 +81,7 @@ class Settings:
     ws_rate_per_second: float = 20.0
     ws_rate_burst: int = 40
     ws_idle_timeout: float = 120.0
+    ws_start_timeout: float = 10.0
     ws_send_queue: int = 256
     ws_resume_window: int = 200
     ws_rate_strikes: int = 5
@@ -172,6 +173,9 @@ class Settings:
             ),
             ws_rate_burst=env.integer("SAMVAD_WS_RATE_BURST", d.ws_rate_burst, lo=1),
             ws_idle_timeout=env.number("SAMVAD_WS_IDLE_TIMEOUT_SECONDS", d.ws_idle_timeout, lo=1.0),
+            ws_start_timeout=env.number(
+                "SAMVAD_WS_START_TIMEOUT_SECONDS", d.ws_start_timeout, lo=0.1
+            ),
             ws_send_queue=env.integer("SAMVAD_WS_SEND_QUEUE", d.ws_send_queue, lo=1),
             ws_resume_window=env.integer("SAMVAD_WS_RESUME_WINDOW", d.ws_resume_window, lo=0),
             ws_rate_strikes=env.integer("SAMVAD_WS_RATE_STRIKES", d.ws_rate_strikes, lo=0),

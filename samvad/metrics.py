@@ -191,8 +191,14 @@ class _LiveCollector(Collector):
         )
         yield GaugeMetricFamily(
             "samvad_oldest_pending_write_age_seconds",
-            "Age of the oldest write not yet in the store (the replay lag).",
+            "Age of the oldest write not yet in the store.",
             value=status.oldest_pending_age,
+        )
+        yield GaugeMetricFamily(
+            "samvad_replay_lag_seconds",
+            "How long the oldest write past its scheduled time has waited "
+            "(session activity is scheduled late on purpose).",
+            value=status.replay_lag,
         )
 
     @staticmethod

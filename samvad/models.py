@@ -129,6 +129,9 @@ class PersistenceStatus:
     pending_documents: int
     pending_in_flight: int
     oldest_pending_age: float
+    #: How long the oldest write past its scheduled time has waited; session
+    #: activity touches are scheduled ``touch_interval`` late on purpose.
+    replay_lag: float
     writes_issued: int
     write_failures: int
     mode_since: datetime

@@ -46,7 +46,7 @@ class CloseCode(IntEnum):
     TRY_AGAIN_LATER = 1013  # the client read too slowly (send queue full); resume
     UNAUTHORIZED = 4401  # missing or invalid token
     FORBIDDEN = 4403  # the token is for another user
-    IDLE_TIMEOUT = 4408  # no frame for ``ws_idle_timeout`` seconds
+    IDLE_TIMEOUT = 4408  # no frame for ``ws_idle_timeout`` s, or no start in ``ws_start_timeout`` s
 
 
 class ErrorCode(StrEnum):
@@ -68,6 +68,7 @@ class ErrorCode(StrEnum):
     BACKLOG_FULL = "backlog_full"
     REPLY_FAILED = "reply_failed"
     IDLE_TIMEOUT = "idle_timeout"
+    START_TIMEOUT = "start_timeout"
     SLOW_CONSUMER = "slow_consumer"
     INTERNAL_ERROR = "internal_error"
 

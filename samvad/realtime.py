@@ -446,14 +446,28 @@ class Connection:
     # -- receiving -------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        idle = self.hub.settings.ws_idle_timeout
+        settings = self.hub.settings
+        idle = settings.ws_idle_timeout
+        clock = self.hub.clock
+        # ``start`` must come within ``ws_start_timeout`` of the connection,
+        # however many other frames (pings) come before it: a connection that
+        # never identifies itself does not hold a socket for long.
+        start_deadline = clock.monotonic() + settings.ws_start_timeout
         while self.closing is None:
+            waiting_for_start = self.channel is None
+            timeout = idle
+            if waiting_for_start:
+                timeout = max(0.0, min(idle, start_deadline - clock.monotonic()))
             try:
-                async with asyncio.timeout(idle):
+                async with asyncio.timeout(timeout):
                     message = await self.ws.receive()
             except TimeoutError:
-                logger.info("connection %s idle for %.0f s: closing", self.id, idle)
-                self.send(error_frame(ErrorCode.IDLE_TIMEOUT, "No frame received in time."))
+                if waiting_for_start and timeout < idle:
+                    logger.info("connection %s sent no start frame in time: closing", self.id)
+                    self.send(error_frame(ErrorCode.START_TIMEOUT, "No start frame in time."))
+                else:
+                    logger.info("connection %s idle for %.0f s: closing", self.id, idle)
+                    self.send(error_frame(ErrorCode.IDLE_TIMEOUT, "No frame received in time."))
                 self.close(CloseCode.IDLE_TIMEOUT, "idle timeout")
                 return
             if message["type"] == "websocket.disconnect":

@@ -10,6 +10,7 @@ let in-flight requests finish, then the lifespan flushes pending writes within
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Iterator
@@ -47,6 +48,10 @@ class SamvadServer(uvicorn.Server):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets=sockets)
+        tune_gc()
+
     def _not_ready(self) -> None:
         svc = getattr(self._app.state, "services", None)
         if svc is not None:
@@ -63,6 +68,22 @@ class SamvadServer(uvicorn.Server):
             except Exception:
                 logger.exception("closing WebSockets at shutdown failed")
         await super().shutdown(sockets=sockets)
+
+
+def tune_gc() -> None:
+    """Keep CPython's full collections off the hot path of a long-running server.
+
+    The caches hold every live user's history: hundreds of thousands of
+    objects that a full (generation 2) collection walks each time, pausing the
+    event loop for tens to hundreds of milliseconds. Freezing what start-up
+    allocated and making full collections rarer took message-to-ack p99 from
+    657 ms to 11 ms at 5,000 connections and 1,000 messages/s, with the same
+    memory after the run (docs/benchmarks.md). Reference cycles are still
+    collected, only less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(700, 10, 10_000)
 
 
 def uvicorn_config(app: Starlette, settings: Settings, **overrides: Any) -> uvicorn.Config:

@@ -106,7 +106,7 @@ def status_fields(status: PersistenceStatus) -> dict[str, Any]:
         "pendingWrites": status.pending_documents,
         "pendingInFlight": status.pending_in_flight,
         "oldestPendingAgeSeconds": round(status.oldest_pending_age, 3),
-        "replayLagSeconds": round(status.oldest_pending_age, 3),
+        "replayLagSeconds": round(status.replay_lag, 3),
         "writesIssued": status.writes_issued,
         "writeFailures": status.write_failures,
         "modeSince": to_iso(status.mode_since),

@@ -46,6 +46,9 @@ class _Entry:
     seq: int
     first_at: float
     due_at: float
+    #: From when a wait counts as lag: at once for a write, ``touch_interval``
+    #: later for a touch (meant to wait), or when a write joins a touch.
+    lag_from: float = 0.0
     attempts: int = 0
 
 
@@ -160,6 +163,7 @@ class WriteBehind:
         if entry is not None:
             entry.write.absorb(write)  # type: ignore[arg-type]  # same key, same type
             if not write.touch:
+                entry.lag_from = min(entry.lag_from, now)
                 due = self._due(key, now, touch=False)
                 if due < entry.due_at:
                     entry.due_at = due
@@ -172,7 +176,12 @@ class WriteBehind:
             raise BacklogFull("Too many writes are waiting for Firestore; try again shortly.")
         seq = next(self._seq)
         entry = _Entry(
-            key=key, write=write, seq=seq, first_at=now, due_at=self._due(key, now, write.touch)
+            key=key,
+            write=write,
+            seq=seq,
+            first_at=now,
+            due_at=self._due(key, now, write.touch),
+            lag_from=now + (self._config.touch_interval if write.touch else 0.0),
         )
         self._queued[key] = entry
         self._empty.clear()
@@ -234,16 +243,21 @@ class WriteBehind:
 
     def status(self) -> PersistenceStatus:
         now = self._clock.monotonic()
-        oldest = min(
-            (entry.first_at for entry in (*self._queued.values(), *self._inflight.values())),
-            default=now,
-        )
+        oldest = now
+        lag_start = now
+        for entry in (*self._queued.values(), *self._inflight.values()):
+            oldest = min(oldest, entry.first_at)
+            # A touch is meant to wait ``touch_interval``: only the time past
+            # that counts as lag, or a steady stream of session activity would
+            # show as a 30 s backlog.
+            lag_start = min(lag_start, entry.lag_from)
         return PersistenceStatus(
             mode=self._mode if self._store.durable else Mode.MEMORY,
             backend=self._store.name,
             pending_documents=self.pending_count,
             pending_in_flight=len(self._inflight),
             oldest_pending_age=max(0.0, now - oldest),
+            replay_lag=max(0.0, now - lag_start),
             writes_issued=self._counters.writes_issued,
             write_failures=self._counters.write_failures,
             mode_since=self._mode_since,

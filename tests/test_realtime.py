@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -487,6 +488,30 @@ async def test_idle_connections_time_out_with_4408() -> None:
         assert await closed_code(client) == 4408
         session = await server.services.persistence.get_session(client.session_id)
         assert session is not None and session.status is SessionStatus.ENDED
+
+
+async def test_a_connection_that_never_starts_is_closed_even_if_it_pings() -> None:
+    async with (
+        live_server(make_app(ws_start_timeout=0.3, ws_idle_timeout=30)) as server,
+        connect(f"{server.ws_url}/ws") as ws,
+    ):
+        frames: list[dict[str, Any]] = []
+
+        async def read() -> None:
+            async for raw in ws:
+                frames.append(json.loads(raw))
+
+        reader = asyncio.create_task(read())
+        async with asyncio.timeout(10):
+            while not reader.done():
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(json.dumps({"type": "ping"}))
+                await asyncio.wait({reader}, timeout=0.1)  # pacing, under the rate limit
+        with pytest.raises(ConnectionClosed):
+            reader.result()
+        assert ws.close_code == 4408
+        assert any(f["type"] == "pong" for f in frames), "pings were answered"
+        assert frames[-1] == {**frames[-1], "type": "error", "code": "start_timeout"}
 
 
 async def test_heartbeats_keep_a_connection_alive() -> None:

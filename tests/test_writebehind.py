@@ -475,3 +475,33 @@ async def test_writes_failing_right_after_a_recovery_still_mean_an_outage(
         assert [key[1] for _, key in store.log] == ["a"]
     finally:
         await wb.close(1.0)
+
+
+async def test_a_deferred_touch_is_not_replay_lag_until_it_is_overdue(
+    wb: WriteBehind, clock: ManualClock
+) -> None:
+    touch = session("s1", "u1", lastActivity=1)
+    touch.touch = True
+    wb.submit(touch)
+    clock.advance(20)
+    status = wb.status()
+    assert status.oldest_pending_age == pytest.approx(20)
+    assert status.replay_lag == 0.0
+    clock.advance(15)
+    assert wb.status().replay_lag == pytest.approx(5)
+
+
+async def test_a_write_joining_a_deferred_touch_starts_its_lag_from_then(
+    wb: WriteBehind, store: FlakyStore, clock: ManualClock
+) -> None:
+    store.gate.clear()  # nothing completes: the entry stays pending
+    touch = session("s1", "u1", lastActivity=1)
+    touch.touch = True
+    wb.submit(touch)
+    clock.advance(20)
+    wb.submit(session("s1", "u1", status="ended"))
+    clock.advance(1)
+    status = wb.status()
+    assert status.oldest_pending_age == pytest.approx(21)
+    assert status.replay_lag == pytest.approx(1)
+    store.gate.set()
