@@ -17,7 +17,7 @@ from samvad.models import Mode
 from samvad.responder import EchoResponder
 from tests.support.faultproxy import FaultProxy
 from tests.support.metrics import Scrape, scrape
-from tests.support.server import live_server
+from tests.support.server import live_server, outage_settings
 
 HTTP = "samvad_http_request_duration_seconds_count"
 
@@ -174,17 +174,7 @@ async def test_store_writes_are_counted_and_timed_by_collection(
 async def test_an_outage_shows_as_memory_mode_failed_writes_and_a_growing_backlog(
     fault_proxy: FaultProxy, firestore_project: str
 ) -> None:
-    settings = Settings(
-        store="firestore",
-        emulator_host=fault_proxy.host_port,
-        project=firestore_project,
-        flush_linger=0.0,
-        firestore_deadline=0.5,
-        probe_interval=0.05,
-        probe_max_interval=0.2,
-        retry_max_backoff=0.2,
-        shutdown_flush_deadline=1.0,
-    )
+    settings = outage_settings(fault_proxy.host_port, firestore_project)
     async with (
         live_server(create_app(settings)) as server,
         httpx.AsyncClient(base_url=server.url, timeout=10) as http,
@@ -193,6 +183,7 @@ async def test_an_outage_shows_as_memory_mode_failed_writes_and_a_growing_backlo
         await http.post("/api/session/u1/state", json={"language": "en"})
         async with asyncio.timeout(30):
             await persistence.writes.flush()
+            await persistence.settle()  # no warm-up read left to meet the cut
         fault_proxy.cut()
         # The state is cached: no read, the write itself meets the outage.
         await http.post("/api/session/u1/state", json={"language": "hi"})

@@ -18,7 +18,7 @@ from samvad.logs import ContextFilter, JsonFormatter, bind_log_context, request_
 from samvad.models import Mode
 from tests.support.faultproxy import FaultProxy
 from tests.support.serve import start_serve
-from tests.support.server import live_server
+from tests.support.server import live_server, outage_settings
 
 ORIGIN = "https://app.example"
 
@@ -59,15 +59,7 @@ async def test_readyz_is_503_before_start_up_and_after_shutdown() -> None:
 async def test_memory_only_mode_is_still_ready(
     fault_proxy: FaultProxy, firestore_project: str
 ) -> None:
-    settings = Settings(
-        store="firestore",
-        emulator_host=fault_proxy.host_port,
-        project=firestore_project,
-        firestore_deadline=0.5,
-        probe_interval=0.05,
-        probe_max_interval=0.2,
-        shutdown_flush_deadline=1.0,
-    )
+    settings = outage_settings(fault_proxy.host_port, firestore_project)
     async with (
         live_server(create_app(settings)) as server,
         httpx.AsyncClient(base_url=server.url, timeout=10) as http,

@@ -10,6 +10,7 @@ from typing import Any
 
 import uvicorn
 
+from samvad.config import Settings
 from samvad.services import Services
 
 
@@ -70,3 +71,24 @@ async def live_server(app: Any, **config: Any) -> AsyncIterator[LiveServer]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 60)
+
+
+def outage_settings(emulator_host: str, project: str, **overrides: Any) -> Settings:
+    """Settings for a Firestore-backed app whose outages are noticed and ended fast.
+
+    Point ``emulator_host`` at a ``FaultProxy``: a 0.5 s deadline, probes every
+    50-200 ms, short backoffs and a 1 s shutdown flush keep outage tests quick.
+    """
+    options: dict[str, Any] = {
+        "store": "firestore",
+        "emulator_host": emulator_host,
+        "project": project,
+        "flush_linger": 0.0,
+        "firestore_deadline": 0.5,
+        "probe_interval": 0.05,
+        "probe_max_interval": 0.2,
+        "retry_max_backoff": 0.2,
+        "shutdown_flush_deadline": 1.0,
+    }
+    options.update(overrides)
+    return Settings(**options)
