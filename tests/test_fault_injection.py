@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from google.cloud.firestore import AsyncClient
@@ -15,10 +17,11 @@ from google.cloud.firestore import AsyncClient
 from samvad.config import Settings
 from samvad.documents import PROFILES, SESSIONS, STATES
 from samvad.firestore_client import make_client
-from samvad.models import Mode, Role
+from samvad.models import Message, Mode, Role
 from samvad.persistence import Persistence
-from samvad.stores.base import HistoryBounds
+from samvad.stores.base import HistoryBounds, StoreUnavailable
 from samvad.stores.firestore import FirestoreStore
+from samvad.writes import ProfileWrite
 from tests.support.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.firestore
@@ -197,3 +200,61 @@ async def test_shutdown_during_an_outage_flushes_once_firestore_returns_within_t
         assert await asyncio.wait_for(closing, 60) == 0
     stored = await doc(firestore_client, PROFILES, "erin")
     assert stored is not None and stored["historyLength"] == 1
+
+
+async def test_a_transaction_cut_before_its_commit_releases_its_locks_when_firestore_returns(
+    fault_proxy: FaultProxy, firestore_emulator: str, firestore_project: str
+) -> None:
+    """The server keeps the locks of a transaction whose commit never arrived
+    until it expires (about a minute on the emulator); until then every other
+    transaction on the document times out. Samvad rolls it back on recovery."""
+    cut_next_commit = True
+
+    class CutBeforeCommit(FirestoreStore):
+        async def _transact(self, body: Any) -> Any:
+            async def then_cut(transaction: Any) -> Any:
+                nonlocal cut_next_commit
+                result = await body(transaction)
+                if cut_next_commit:
+                    cut_next_commit = False
+                    fault_proxy.cut()  # the read is done and locked; the commit is lost
+                return result
+
+            return await super()._transact(then_cut)
+
+    write = ProfileWrite(
+        user_id="frank",
+        append=[Message(id="m1", role=Role.USER, content="hello", timestamp=datetime.now(UTC))],
+    )
+    cut_off = CutBeforeCommit(
+        lambda: make_client(project=firestore_project, emulator_host=fault_proxy.host_port),
+        deadline=1.0,
+    )
+    # Another instance, straight to the emulator, with a deadline far below
+    # the emulator's lock expiry.
+    other = FirestoreStore(
+        lambda: make_client(project=firestore_project, emulator_host=firestore_emulator),
+        deadline=2.0,
+    )
+    async with cut_off, other:
+        await other.write_profile(ProfileWrite(user_id="frank"), now=datetime.now(UTC))
+        # The write fails within its deadline (2 x 1 s), not after the
+        # library's own rollback retries (about 40 s); the guard is loose.
+        async with asyncio.timeout(15):
+            with pytest.raises(StoreUnavailable):
+                await cut_off.write_profile(write, now=datetime.now(UTC))
+        # A long outage: the prober recreates the client, which ends the
+        # library's own rollback attempts on the old channel.
+        await cut_off.reconnect()
+        fault_proxy.restore()
+        async with asyncio.timeout(30):
+            while True:  # what the prober does until Firestore answers
+                try:
+                    await cut_off.ping()
+                    break
+                except StoreUnavailable:
+                    await asyncio.sleep(0.1)
+        profile = await other.write_profile(
+            ProfileWrite(user_id="frank", preferences={"seen": True}), now=datetime.now(UTC)
+        )
+    assert profile.preferences == {"seen": True}

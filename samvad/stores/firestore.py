@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -56,6 +57,16 @@ _TRANSACTION_ATTEMPTS = 10
 # Errors that say something about the request itself; everything else is
 # taken as "Firestore is not reachable right now".
 _REJECTIONS = (gexc.InvalidArgument, gexc.OutOfRange)
+# Errors that say only that Firestore could not be reached.
+_UNREACHABLE = (
+    gexc.ServiceUnavailable,
+    gexc.DeadlineExceeded,
+    gexc.InternalServerError,
+    gexc.Unknown,
+    gexc.RetryError,
+    TimeoutError,
+    OSError,
+)
 
 
 class FirestoreStore(Store):
@@ -77,6 +88,10 @@ class FirestoreStore(Store):
         super().__init__(bounds=bounds or HistoryBounds())
         self._factory = client_factory
         self._client: firestore.AsyncClient | None = None
+        #: Ids of transactions an outage may have left holding locks.
+        self._orphans: deque[bytes] = deque(maxlen=10_000)
+        #: Transactions whose caller stopped waiting at the deadline.
+        self._detached: set[asyncio.Task[Any]] = set()
         self._deadline = deadline
         self._retry = AsyncRetry(
             predicate=if_transient_error,
@@ -95,7 +110,11 @@ class FirestoreStore(Store):
     async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
+            # Closing the channel fails what the detached transactions still
+            # wait for, so they end promptly.
             await close_client(client)
+        if self._detached:
+            await asyncio.wait(set(self._detached), timeout=self._deadline)
 
     async def reconnect(self) -> None:
         old, self._client = self._client, self._factory()
@@ -137,6 +156,8 @@ class FirestoreStore(Store):
             await self._doc(PROBE_COLLECTION, "probe").get(retry=None, timeout=self._deadline)
 
         await self._bounded(probe)
+        if self._orphans:
+            await self._release_orphans()
 
     async def get(self, collection: str, doc_id: str) -> Document | None:
         async def read() -> Document | None:
@@ -239,54 +260,121 @@ class FirestoreStore(Store):
             await self._bounded(plain)
             return
 
-        async def with_defaults() -> None:
-            @firestore.async_transactional
-            async def txn(transaction: Any) -> None:
-                snapshot = await ref.get(transaction=transaction, **self._kw())
-                stored = snapshot.to_dict() if snapshot.exists else {}
-                fields = {
-                    name: value for name, value in write.defaults.items() if name not in stored
-                }
-                fields.update(write.fields)
-                transaction.set(ref, fields, merge=_merge_paths(fields))
+        async def with_defaults(transaction: Any) -> None:
+            snapshot = await ref.get(transaction=transaction, **self._kw())
+            stored = snapshot.to_dict() if snapshot.exists else {}
+            fields = {name: value for name, value in write.defaults.items() if name not in stored}
+            fields.update(write.fields)
+            transaction.set(ref, fields, merge=_merge_paths(fields))
 
-            await txn(self.client.transaction(max_attempts=_TRANSACTION_ATTEMPTS))
-
-        await self._bounded(with_defaults, scale=2.0)
+        await self._transact(with_defaults)
 
     async def write_profile(self, write: ProfileWrite, *, now: datetime) -> Profile:
         ref = self._doc(PROFILES, write.user_id)
         cap, max_bytes = self.bounds.cap, self.bounds.max_bytes
 
-        async def run() -> Profile:
-            # A transaction makes concurrent appends from several server
-            # instances safe: a conflicting commit retries with a fresh read,
-            # and merging by message id keeps a retried commit idempotent.
-            @firestore.async_transactional
-            async def txn(transaction: Any) -> Profile:
-                snapshot = await ref.get(transaction=transaction, **self._kw())
-                current = (
-                    decode_profile(
-                        write.user_id, snapshot.to_dict() or {}, cap=cap, max_bytes=max_bytes
-                    )
-                    if snapshot.exists
-                    else empty_profile(write.user_id)
+        # A transaction makes concurrent appends from several server instances
+        # safe: a conflicting commit retries with a fresh read, and merging by
+        # message id keeps a retried commit idempotent.
+        async def append(transaction: Any) -> Profile:
+            snapshot = await ref.get(transaction=transaction, **self._kw())
+            current = (
+                decode_profile(
+                    write.user_id, snapshot.to_dict() or {}, cap=cap, max_bytes=max_bytes
                 )
-                profile = profile_with(
-                    current,
-                    messages=write.append,
-                    preferences=write.preferences,
-                    now=now,
-                    cap=cap,
-                    max_bytes=max_bytes,
-                )
-                transaction.set(ref, encode_profile(profile))
-                return profile
+                if snapshot.exists
+                else empty_profile(write.user_id)
+            )
+            profile = profile_with(
+                current,
+                messages=write.append,
+                preferences=write.preferences,
+                now=now,
+                cap=cap,
+                max_bytes=max_bytes,
+            )
+            transaction.set(ref, encode_profile(profile))
+            return profile
 
-            result: Profile = await txn(self.client.transaction(max_attempts=_TRANSACTION_ATTEMPTS))
+        return await self._transact(append)
+
+    async def _transact(self, body: Callable[[Any], Awaitable[_T]]) -> _T:
+        """Run ``body`` in a transaction within twice the deadline.
+
+        A transaction an outage cuts off between its reads and its commit keeps
+        its locks on the server until it expires (about a minute on the
+        emulator), and every later transaction on those documents waits for
+        them. Its id is kept and rolled back as soon as Firestore answers
+        again (:meth:`_release_orphans`).
+        """
+        if self._orphans:
+            await self._release_orphans()
+        begun: list[bytes] = []
+
+        @firestore.async_transactional
+        async def txn(transaction: Any) -> _T:
+            if transaction.id is not None:
+                begun.append(transaction.id)
+            return await body(transaction)
+
+        # The library's transaction wrapper answers any failure, cancellation
+        # included, by rolling back with the client's default retry, which
+        # goes on for about 40 s when Firestore is gone: cancelled by our
+        # deadline, the call would still take that long to return. So the
+        # transaction runs in its own task and the deadline only stops the
+        # waiting; the task finishes (or fails) on its own, and is kept
+        # until then.
+        async def attempt() -> _T:
+            result: _T = await txn(self.client.transaction(max_attempts=_TRANSACTION_ATTEMPTS))
             return result
 
-        return await self._bounded(run, scale=2.0)
+        task: asyncio.Task[_T] = asyncio.create_task(attempt(), name="samvad-firestore-transaction")
+        self._detached.add(task)
+        task.add_done_callback(self._detached_done)
+
+        async def run() -> _T:
+            return await asyncio.shield(task)
+
+        try:
+            return await self._bounded(run, scale=2.0)
+        except StoreUnavailable:
+            # Rolling back a transaction that committed, or that the library
+            # did roll back, fails harmlessly: keep every attempt's id.
+            self._orphans.extend(begun)
+            raise
+
+    def _detached_done(self, task: asyncio.Task[Any]) -> None:
+        self._detached.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller saw the outcome, or gave up on it
+
+    async def _release_orphans(self) -> None:
+        """Roll back transactions an outage left open (see :meth:`_transact`)."""
+        client = self.client
+        while self._orphans:
+            transaction_id = self._orphans[0]
+            try:
+                async with asyncio.timeout(self._deadline + 0.5):
+                    # The library exposes rollback only on a live transaction
+                    # object; this is the same RPC with the id we kept.
+                    await client._firestore_api.rollback(
+                        request={
+                            "database": client._database_string,
+                            "transaction": transaction_id,
+                        },
+                        metadata=client._rpc_metadata,
+                        retry=None,
+                        timeout=self._deadline,
+                    )
+            except _UNREACHABLE:
+                return  # still unreachable: try again on the next call
+            except Exception as exc:
+                if type(exc).__module__.startswith("grpc"):
+                    return
+                # Committed, rolled back or expired already (the emulator
+                # answers InvalidArgument "Invalid transaction"): nothing held.
+                logger.debug("rollback of an orphaned transaction: %s", type(exc).__name__)
+            self._orphans.popleft()
 
     async def erase(self, erase: Erase) -> ErasureCounts:
         if erase.scope is EraseScope.USER:
