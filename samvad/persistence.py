@@ -226,18 +226,36 @@ class Persistence:
         return doc
 
     def _overlay_profile(self, profile: Profile | None, writes: list[Write]) -> Profile | None:
-        s = self.settings
         for write in writes:
             if isinstance(write, ProfileWrite):
-                profile = profile_with(
-                    profile or empty_profile(write.user_id),
-                    messages=write.append,
-                    preferences=write.preferences,
-                    now=self._now(),
-                    cap=s.history_cap,
-                    max_bytes=s.history_max_bytes,
-                )
+                profile = self._profile_with(profile, write, self._now())
         return profile
+
+    def _profile_with(self, profile: Profile | None, write: ProfileWrite, now: datetime) -> Profile:
+        """``profile`` after ``write``: what the store will make of it."""
+        s = self.settings
+        return profile_with(
+            profile or empty_profile(write.user_id),
+            messages=write.append,
+            preferences=write.preferences,
+            now=now,
+            cap=s.history_cap,
+            max_bytes=s.history_max_bytes,
+        )
+
+    def _write_profile(self, write: ProfileWrite, now: datetime) -> None:
+        """Queue ``write`` and apply it to the cached view (or warm an uncached one)."""
+        self._submit(write)
+        cached = self.profiles.peek(write.user_id)
+        if cached is None:
+            self.profiles.discard(write.user_id)  # it may be cached as absent
+            self._warm(self.get_profile(write.user_id))
+            return
+        self.profiles.put(
+            write.user_id,
+            self._profile_with(cached.value, write, now),
+            complete=cached.complete,
+        )
 
     def _want_complete(self) -> bool:
         return self.writes.mode is Mode.FIRESTORE
@@ -329,7 +347,6 @@ class Persistence:
         message_id: str | None = None,
     ) -> Message:
         """Append a message to a user's history; returns it with its id and timestamp."""
-        s = self.settings
         now = self._now()
         cached = self.profiles.peek(user_id)
         if cached is not None and cached.value.history:
@@ -344,47 +361,17 @@ class Persistence:
             interrupted=interrupted,
             seq=seq,
         )
-        self._submit(ProfileWrite(user_id=user_id, append=[message], cap=s.history_cap))
-        if cached is None:
-            self.profiles.discard(user_id)  # it may be cached as absent
-            self._warm(self.get_profile(user_id))
-        else:
-            self.profiles.put(
-                user_id,
-                profile_with(
-                    cached.value,
-                    messages=[message],
-                    preferences=None,
-                    now=now,
-                    cap=s.history_cap,
-                    max_bytes=s.history_max_bytes,
-                ),
-                complete=cached.complete,
-            )
+        self._write_profile(
+            ProfileWrite(user_id=user_id, append=[message], cap=self.settings.history_cap), now
+        )
         return message
 
     def set_preferences(self, user_id: str, preferences: Mapping[str, Any]) -> None:
         """Merge ``preferences`` into a user's profile (each top-level key replaced whole)."""
-        s = self.settings
-        prefs = dict(preferences)
-        self._submit(ProfileWrite(user_id=user_id, preferences=prefs, cap=s.history_cap))
-        cached = self.profiles.peek(user_id)
-        if cached is None:
-            self.profiles.discard(user_id)  # it may be cached as absent
-            self._warm(self.get_profile(user_id))
-        else:
-            self.profiles.put(
-                user_id,
-                profile_with(
-                    cached.value,
-                    messages=[],
-                    preferences=prefs,
-                    now=self._now(),
-                    cap=s.history_cap,
-                    max_bytes=s.history_max_bytes,
-                ),
-                complete=cached.complete,
-            )
+        write = ProfileWrite(
+            user_id=user_id, preferences=dict(preferences), cap=self.settings.history_cap
+        )
+        self._write_profile(write, self._now())
 
     def _profile_flushed(self, committed: Profile) -> None:
         # The commit merged what other instances appended; adopt it, with what

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from samvad.errors import BacklogFull, Forbidden, SamvadError, Unauthorized
 from samvad.interruptions import Interruption
 from samvad.logs import bind_log_context
 from samvad.models import Message, Role
+from samvad.persistence import new_id
 from samvad.protocol import (
     MAX_HISTORY_LIMIT,
     Close,
@@ -83,10 +83,6 @@ REPLY_HISTORY = 20
 _REMEMBERED_SESSIONS = 100_000
 
 _ids = itertools.count(1)
-
-
-def _new_id() -> str:
-    return uuid.uuid4().hex
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +184,7 @@ class SessionChannel:
 
     def start_reply(self, user_message: Message) -> None:
         """Stream the responder's answer to ``user_message`` as a supervised task."""
-        reply = _Reply(id=_new_id(), in_reply_to=user_message.seq)
+        reply = _Reply(id=new_id(), in_reply_to=user_message.seq)
         self.reply = reply
         interruption, self.pending_interruption = self.pending_interruption, None
         self.broadcast(reply_start_frame(reply.id, in_reply_to=reply.in_reply_to))
@@ -519,7 +515,7 @@ class Connection:
         if hub.settings.auth != "off":
             await hub.authenticate(frame, self.ws.headers)
         persistence = hub.persistence
-        session_id = frame.session_id or _new_id()
+        session_id = frame.session_id or new_id()
         bind_log_context(user_id=frame.user_id, session_id=session_id)
         await persistence.save_session(
             session_id, user_id=frame.user_id, language=frame.language, metadata=frame.metadata

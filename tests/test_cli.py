@@ -15,6 +15,7 @@ import pytest
 
 from samvad.emulator import find_gcloud, free_port
 from samvad.errors import ConfigError
+from tests.support.firestore import emulator_missing
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,7 +75,7 @@ def test_serve_without_firestore_configured_runs_on_the_local_emulator_and_keeps
     tmp_path: Path,
 ) -> None:
     if find_gcloud() is None:
-        pytest.skip("the Firestore emulator is not installed")
+        emulator_missing("the Firestore emulator is not installed")
     data_dir = tmp_path / "data"
     port = free_port()
     url = f"http://127.0.0.1:{port}"

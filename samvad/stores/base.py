@@ -144,9 +144,5 @@ class Store(ABC):
         """Active sessions whose last activity is older than ``before``, oldest first."""
 
     @abstractmethod
-    async def count_sessions(self, *, user_id: str, status: SessionStatus | None = None) -> int:
-        """How many sessions a user has (of one status)."""
-
-    @abstractmethod
     async def counts(self) -> StoreCounts:
         """Aggregate counts for the stats endpoint, never by loading every document."""

@@ -228,9 +228,6 @@ class FirestoreStore(Store):
 
         return await self._bounded(run)
 
-    async def count_sessions(self, *, user_id: str, status: SessionStatus | None = None) -> int:
-        return await self._count(self._sessions_query(user_id, status))
-
     async def counts(self) -> StoreCounts:
         c = self.client
         active_users, active_sessions, profiles, interruptions = await asyncio.gather(

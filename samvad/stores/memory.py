@@ -141,9 +141,6 @@ class MemoryStore(Store):
         rows.sort(key=lambda row: (row[1]["lastActivity"], row[0]))
         return copy.deepcopy(rows[:limit])
 
-    async def count_sessions(self, *, user_id: str, status: SessionStatus | None = None) -> int:
-        return len(self._user_sessions(user_id, status))
-
     async def counts(self) -> StoreCounts:
         return StoreCounts(
             active_users=sum(1 for d in self._docs(STATES).values() if d.get("isActive") is True),
