@@ -44,7 +44,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import emit
-from samvad.app import create_app
 from samvad.cache import ViewCache
 from samvad.config import Settings
 from samvad.documents import PROFILES, SESSIONS, STATES, Document
@@ -52,6 +51,7 @@ from samvad.firestore_client import make_client
 from samvad.models import Profile
 from samvad.stores.base import HistoryBounds, Store
 from samvad.stores.firestore import FirestoreStore
+from samvad.web.app import create_app
 from samvad.writes import FieldsWrite, ProfileWrite
 from tests.support.server import live_server
 

@@ -31,7 +31,7 @@ from samvad.client import SamvadClient  # noqa: E402
 
 SERVER = """
 import uvicorn
-from samvad.app import create_app
+from samvad.web.app import create_app
 from samvad.config import Settings
 settings = Settings(
     store="memory",

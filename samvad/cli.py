@@ -76,9 +76,9 @@ def _embedded_emulator(settings: Settings, stack: ExitStack) -> Settings:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from samvad.app import create_app
     from samvad.logs import configure_logging
     from samvad.server import run
+    from samvad.web.app import create_app
 
     overrides: dict[str, Any] = {}
     for name in ("host", "port", "store", "log_format"):

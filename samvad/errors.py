@@ -2,7 +2,7 @@
 
 Each class carries the HTTP status and the WebSocket close code that stand for
 it; they are turned into responses in exactly one place per transport
-(``samvad.http_errors`` for REST, the WebSocket glue for frames).
+(``samvad.web.http_errors`` for REST, the WebSocket glue for frames).
 """
 
 from __future__ import annotations

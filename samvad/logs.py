@@ -2,7 +2,7 @@
 
 Log records carry ids (user, session, request), never conversation content.
 The ids of the request or connection being served live in context variables
-(set by ``samvad.middleware``, the REST handlers and the WebSocket glue);
+(set by ``samvad.web.middleware``, the REST handlers and the WebSocket glue);
 :class:`ContextFilter` copies them onto every record, so JSON lines carry
 ``request_id``, ``user_id`` and ``session_id`` without each call passing them.
 """

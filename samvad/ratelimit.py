@@ -8,7 +8,7 @@ a minute is full again, so evicting it loses nothing; only when more than
 ``max_keys`` keys are busy within one minute does an evicted key start afresh.
 
 The WebSocket message rate is limited per connection by the sans-I/O protocol
-(:class:`samvad.protocol.TokenBucket`, ``SAMVAD_WS_RATE_*``), not here.
+(:class:`samvad.web.protocol.TokenBucket`, ``SAMVAD_WS_RATE_*``), not here.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from samvad.app import create_app
 from samvad.client import SamvadClient, ServerError
 from samvad.config import Settings
+from samvad.web.app import create_app
 from tests.support.server import live_server
 
 

@@ -12,11 +12,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from samvad.app import create_app
 from samvad.clock import ManualClock
 from samvad.config import Settings
 from samvad.errors import RateLimited, Unauthorized
 from samvad.ratelimit import RateLimiter, RateLimits
+from samvad.web.app import create_app
 from tests.support.metrics import scrape
 from tests.support.server import live_server
 

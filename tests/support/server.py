@@ -11,7 +11,7 @@ from typing import Any
 import uvicorn
 
 from samvad.config import Settings
-from samvad.services import Services
+from samvad.web.services import Services
 
 
 @dataclass

@@ -5,11 +5,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from samvad.app import build_store, create_app
 from samvad.config import Settings
 from samvad.errors import ConfigError
 from samvad.stores.firestore import FirestoreStore
 from samvad.stores.memory import MemoryStore
+from samvad.web.app import build_store, create_app
 from tests.support.server import live_server
 
 

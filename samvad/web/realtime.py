@@ -1,4 +1,4 @@
-"""The WebSocket endpoint (``/ws``): thin asyncio glue around :mod:`samvad.protocol`.
+"""The WebSocket endpoint (``/ws``): thin asyncio glue around :mod:`samvad.web.protocol`.
 
 Per connection, one reader task turns frames into calls and one writer task
 drains a bounded send queue to the socket, so a client that reads slowly only
@@ -24,14 +24,15 @@ from typing import Any
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from samvad.auth import Principal, authenticate_start
 from samvad.clock import to_iso
 from samvad.errors import BacklogFull, Forbidden, SamvadError, Unauthorized
 from samvad.interruptions import Interruption
 from samvad.logs import bind_log_context
 from samvad.models import Message, Role
 from samvad.persistence import new_id
-from samvad.protocol import (
+from samvad.responder import ReplyContext, Responder, load_responder
+from samvad.web.auth import Principal, authenticate_start
+from samvad.web.protocol import (
     MAX_HISTORY_LIMIT,
     Close,
     CloseCode,
@@ -63,8 +64,7 @@ from samvad.protocol import (
     started_frame,
     state_frame,
 )
-from samvad.responder import ReplyContext, Responder, load_responder
-from samvad.services import Services, services
+from samvad.web.services import Services, services
 
 logger = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from starlette.routing import Route, WebSocketRoute
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from samvad.app import create_app
 from samvad.config import Settings
+from samvad.web.app import create_app
 from tests.support.auth_emulator import (
     AuthEmulator,
     GoogleKeys,
@@ -44,7 +44,7 @@ from tests.support.server import LiveServer, live_server
 
 KEY = "matrix-service-key-0123456789"
 WRONG_KEY = "wrong-service-key-0123456789"
-DEPLOY_DOC = Path(__file__).resolve().parent.parent / "docs" / "deploy.md"
+DEPLOY_DOC = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
 
 #: Credential kinds, in the order of the documented table.
 CREDENTIALS = (

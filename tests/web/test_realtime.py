@@ -1,6 +1,6 @@
 """The WebSocket endpoint end to end: a live uvicorn server, real ``websockets`` clients.
 
-These run on the memory store; tests/test_realtime_firestore.py runs the
+These run on the memory store; tests/web/test_realtime_firestore.py runs the
 same paths against the Firestore emulator.
 """
 
@@ -20,12 +20,12 @@ from starlette.applications import Starlette
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from samvad.app import create_app
 from samvad.client import SamvadClient, ServerError
 from samvad.config import Settings
 from samvad.errors import Unauthorized
 from samvad.models import Role, SessionStatus
 from samvad.responder import EchoResponder, ReplyContext
+from samvad.web.app import create_app
 from tests.support.server import LiveServer, live_server
 
 
@@ -725,7 +725,7 @@ async def test_a_bug_handling_a_frame_closes_that_connection_with_1011_only(
         await victim.set_state({"x": 1})
         assert (await victim.wait_for("error"))["code"] == "internal_error"
         assert await closed_code(victim) == 1011
-        assert any(r.exc_info for r in caplog.records if r.name == "samvad.realtime")
+        assert any(r.exc_info for r in caplog.records if r.name == "samvad.web.realtime")
         await bystander.set_state({"y": 2})
         assert (await bystander.wait_for("state"))["state"]["y"] == 2
         await bystander.close()

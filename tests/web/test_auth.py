@@ -1,4 +1,4 @@
-"""``samvad.auth`` without the Auth emulator: principals, API keys, header
+"""``samvad.web.auth`` without the Auth emulator: principals, API keys, header
 parsing, and ID token verification with crafted tokens.
 
 Emulator-shaped (unsigned) tokens are verified offline while
@@ -19,8 +19,11 @@ import httpx
 import pytest
 from firebase_admin import _token_gen
 
-from samvad.app import create_app
-from samvad.auth import (
+from samvad.clock import Clock, ManualClock, SystemClock
+from samvad.config import Settings
+from samvad.errors import AuthUnavailable, ConfigError, Forbidden, Unauthorized
+from samvad.web.app import create_app
+from samvad.web.auth import (
     ANONYMOUS,
     CLOCK_SKEW_SECONDS,
     SERVICE,
@@ -30,9 +33,6 @@ from samvad.auth import (
     authenticate,
     authenticate_start,
 )
-from samvad.clock import Clock, ManualClock, SystemClock
-from samvad.config import Settings
-from samvad.errors import AuthUnavailable, ConfigError, Forbidden, Unauthorized
 from tests.support.auth_emulator import GoogleKeys, id_token_claims, unsigned_token
 from tests.support.server import live_server
 

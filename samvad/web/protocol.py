@@ -4,7 +4,7 @@ Everything here is plain synchronous code: parsing and validating client
 frames into typed frames, the connection state machine, the rate limiter
 (a token bucket on an injected clock), the frame size check, sequence
 numbers, what a barge-in means for the stored text, the resume decision and
-the server frames. ``samvad.realtime`` is the thin asyncio glue that moves
+the server frames. ``samvad.web.realtime`` is the thin asyncio glue that moves
 bytes between a socket and this module. The wire format is documented in
 ``docs/protocol.md``.
 """
@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum, StrEnum
 from typing import Any
 
-from samvad import wire
 from samvad.clock import to_iso
 from samvad.errors import FrameRejected, InvalidField
 from samvad.interruptions import Interruption
 from samvad.models import Message, UserState
 from samvad.validation import check_id, check_object, check_session_id
+from samvad.web import wire
 
 PROTOCOL_VERSION = 1
 

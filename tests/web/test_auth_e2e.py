@@ -15,9 +15,9 @@ import httpx
 import pytest
 from google.cloud.firestore import AsyncClient
 
-from samvad.app import create_app
 from samvad.client import SamvadClient, ServerError
 from samvad.config import Settings
+from samvad.web.app import create_app
 from tests.support.auth_emulator import AuthEmulator
 from tests.support.serve import start_serve
 from tests.support.server import live_server

@@ -18,12 +18,12 @@ from google.cloud.firestore import AsyncClient
 from google.cloud.firestore_v1.base_query import FieldFilter
 from starlette.routing import Route
 
-from samvad.app import create_app
 from samvad.clock import Clock, ManualClock
 from samvad.config import Settings
 from samvad.interruptions import Interruption
-from samvad.openapi import document
-from samvad.wire import jsonable
+from samvad.web.app import create_app
+from samvad.web.openapi import document
+from samvad.web.wire import jsonable
 from tests.support.server import LiveServer, live_server
 
 T0 = datetime(2025, 1, 10, 17, 0, tzinfo=UTC)

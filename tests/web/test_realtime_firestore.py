@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from google.cloud.firestore import AsyncClient
 
-from samvad.app import create_app
 from samvad.client import SamvadClient
 from samvad.config import Settings
 from samvad.models import Mode
 from samvad.responder import EchoResponder
+from samvad.web.app import create_app
 from tests.support.server import LiveServer, live_server, outage_settings
 
 pytestmark = pytest.mark.firestore

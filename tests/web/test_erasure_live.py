@@ -8,9 +8,9 @@ from typing import Any
 import httpx
 from starlette.applications import Starlette
 
-from samvad.app import create_app
 from samvad.client import SamvadClient
 from samvad.config import Settings
+from samvad.web.app import create_app
 from tests.support.server import LiveServer, live_server
 
 

@@ -19,11 +19,11 @@ import pytest
 import pytest_asyncio
 from google.cloud.firestore import AsyncClient
 
-from samvad.app import create_app
 from samvad.config import Settings
 from samvad.errors import BadRequest
 from samvad.interruptions import Interruption
-from samvad.requests_json import parse_object
+from samvad.web.app import create_app
+from samvad.web.requests_json import parse_object
 from tests.support.firestore import close_client, make_emulator_client
 from tests.support.server import LiveServer, live_server
 

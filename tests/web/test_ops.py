@@ -11,11 +11,11 @@ from typing import Any
 import httpx
 import pytest
 
-from samvad.app import create_app
 from samvad.client import SamvadClient
 from samvad.config import Settings
 from samvad.logs import ContextFilter, JsonFormatter, bind_log_context, request_id_var
 from samvad.models import Mode
+from samvad.web.app import create_app
 from tests.support.faultproxy import FaultProxy
 from tests.support.serve import start_serve
 from tests.support.server import live_server, outage_settings

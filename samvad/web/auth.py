@@ -39,7 +39,7 @@ from google.auth.credentials import AnonymousCredentials
 from samvad.clock import Clock
 from samvad.config import Settings
 from samvad.errors import AuthUnavailable, ConfigError, Forbidden, Unauthorized
-from samvad.services import TokenVerifier
+from samvad.web.services import TokenVerifier
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import pytest
 from samvad.clock import ManualClock
 from samvad.errors import FrameRejected
 from samvad.models import Message, Role
-from samvad.protocol import (
+from samvad.web.protocol import (
     Close,
     CloseCode,
     ConnectionState,
@@ -35,7 +35,7 @@ from samvad.protocol import (
     plan_resume,
     resume_frame,
 )
-from samvad.wire import message_json
+from samvad.web.wire import message_json
 
 T0 = datetime(2025, 1, 10, 17, 0, 0, tzinfo=UTC)
 

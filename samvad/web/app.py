@@ -17,22 +17,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from samvad import __version__, api, realtime
-from samvad.auth import FirebaseTokenVerifier
+from samvad import __version__
 from samvad.clock import Clock, SystemClock
 from samvad.config import Settings
 from samvad.firestore_client import client_from_settings
-from samvad.http_errors import EXCEPTION_HANDLERS
 from samvad.interruptions import InterruptionStack
-from samvad.metrics import CONTENT_TYPE, Metrics
-from samvad.middleware import RequestContextMiddleware
 from samvad.persistence import Persistence
 from samvad.ratelimit import RateLimits
-from samvad.services import Services, services
 from samvad.stores.base import HistoryBounds, Store
 from samvad.stores.firestore import FirestoreStore
 from samvad.stores.memory import MemoryStore
-from samvad.wire import status_fields
+from samvad.web import realtime, rest
+from samvad.web.auth import FirebaseTokenVerifier
+from samvad.web.http_errors import EXCEPTION_HANDLERS
+from samvad.web.metrics import CONTENT_TYPE, Metrics
+from samvad.web.middleware import RequestContextMiddleware
+from samvad.web.services import Services, services
+from samvad.web.wire import status_fields
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
-        *api.routes(),
+        *rest.routes(),
         *realtime.routes(),
     ]
     return Starlette(

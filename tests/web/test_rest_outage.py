@@ -12,8 +12,8 @@ import pytest
 from google.cloud.firestore import AsyncClient
 from google.cloud.firestore_v1.base_query import FieldFilter
 
-from samvad.app import create_app
 from samvad.models import Mode
+from samvad.web.app import create_app
 from tests.support.faultproxy import FaultProxy
 from tests.support.server import LiveServer, live_server, outage_settings
 

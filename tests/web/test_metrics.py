@@ -10,11 +10,11 @@ from collections.abc import Awaitable, Callable
 import httpx
 import pytest
 
-from samvad.app import create_app
 from samvad.client import SamvadClient
 from samvad.config import Settings
 from samvad.models import Mode
 from samvad.responder import EchoResponder
+from samvad.web.app import create_app
 from tests.support.faultproxy import FaultProxy
 from tests.support.metrics import Scrape, scrape
 from tests.support.server import live_server, outage_settings

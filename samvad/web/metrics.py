@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 from samvad.models import Mode
 
 if TYPE_CHECKING:
-    from samvad.services import Services
+    from samvad.web.services import Services
 
 #: ``Content-Type`` of :meth:`Metrics.render`.
 CONTENT_TYPE = CONTENT_TYPE_LATEST

@@ -5,7 +5,7 @@ A pure ASGI middleware (no per-request objects beyond a closure; another
 engineer benchmarks the REST hot path): it takes the client's ``X-Request-ID``
 when it is a sane id or makes one, echoes it on the response, exposes it to log
 records (``samvad.logs``) for the duration of the request, and records the
-request's latency by route *template* in :class:`samvad.metrics.Metrics`.
+request's latency by route *template* in :class:`samvad.web.metrics.Metrics`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from samvad.logs import request_id_var, session_id_var, user_id_var
-from samvad.metrics import UNMATCHED_ROUTE, Metrics
+from samvad.web.metrics import UNMATCHED_ROUTE, Metrics
 
 logger = logging.getLogger("samvad.access")
 

@@ -7,9 +7,9 @@ reference, ``/openapi.json`` the machine-readable description.
 
 Every handler validates the whole request before its first write, so a
 rejected request changes nothing stored; errors are raised as
-:class:`samvad.errors.SamvadError` and rendered by ``samvad.http_errors``.
+:class:`samvad.errors.SamvadError` and rendered by ``samvad.web.http_errors``.
 
-With authentication on (``SAMVAD_AUTH=firebase``, see ``samvad.auth``) every
+With authentication on (``SAMVAD_AUTH=firebase``, see ``samvad.web.auth``) every
 handler identifies its caller before it reads anything: a user may only touch
 their own state, profile, history and sessions (a session belongs to its
 ``userId``), the service key may act for anyone, and only the service key may
@@ -28,8 +28,6 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Scope
 
-from samvad import openapi
-from samvad.auth import Principal, authenticate
 from samvad.clock import to_iso
 from samvad.documents import INTERRUPTIONS, STATE_SERVER_FIELDS
 from samvad.errors import (
@@ -45,11 +43,13 @@ from samvad.lifecycle import effective_status, idle_cutoff, list_user_sessions
 from samvad.logs import bind_log_context
 from samvad.models import Role, SessionStatus
 from samvad.ratelimit import RateLimiter
-from samvad.requests_json import read_json_object
-from samvad.services import Services, services
 from samvad.stores.base import SessionCursor
 from samvad.validation import check_id, check_object, check_session_id
-from samvad.wire import (
+from samvad.web import openapi
+from samvad.web.auth import Principal, authenticate
+from samvad.web.requests_json import read_json_object
+from samvad.web.services import Services, services
+from samvad.web.wire import (
     jsonable,
     message_json,
     profile_json,

@@ -12,10 +12,10 @@ from starlette.requests import HTTPConnection
 
 from samvad.config import Settings
 from samvad.interruptions import InterruptionStack
-from samvad.metrics import Metrics
 from samvad.persistence import Persistence
 from samvad.ratelimit import RateLimits
 from samvad.responder import Responder
+from samvad.web.metrics import Metrics
 
 #: Verifies a client's ID token and returns the user id it was issued for;
 #: raises :class:`samvad.errors.Unauthorized` when the token is not valid.
@@ -30,13 +30,13 @@ class Services:
     persistence: Persistence
     interruptions: InterruptionStack
     started_at: datetime
-    #: Live WebSocket connections (``samvad.realtime.Hub``), set by the lifespan.
+    #: Live WebSocket connections (``samvad.web.realtime.Hub``), set by the lifespan.
     hub: Any = None
     #: Writes the assistant's replies on the WebSocket; None means the one
     #: ``settings.ws_responder`` names, built by the hub on first use.
     responder: Responder | None = None
     #: Checks Firebase ID tokens (REST ``Authorization`` and the ``start`` frame's
-    #: ``token``) when ``settings.auth`` is not ``off``; see ``samvad.auth``.
+    #: ``token``) when ``settings.auth`` is not ``off``; see ``samvad.web.auth``.
     verify_token: TokenVerifier | None = None
     #: Per-user limits of refresh and session deletion; None: unlimited.
     limits: RateLimits | None = None
