@@ -1,11 +1,27 @@
-"""The persistence service: what the REST API and the WebSocket layer call.
+"""The persistence service: what the layers above call to read and write data.
 
-Reads come from the in-memory cache; a miss reads the store once and lays the
-writes that have not reached it yet on top (the *overlay*), so what a caller
-sees never goes back in time, whether or not Firestore is reachable. Writes
-update the cached view and the write-behind queue and return at once: no
-method here waits on a Firestore write, and no Firestore error reaches a
-caller. See ``docs/persistence.md`` for the guarantees.
+It owns the view caches (user states, profiles, sessions) and drives the
+write-behind queue (:mod:`samvad.writebehind`), which it calls and which never
+calls back. Guarantees (``docs/persistence.md`` has the whole story):
+
+* **Memory first** — a write updates the cached view and the queue and returns
+  at once: no method here waits on a Firestore write, and no Firestore error
+  reaches a caller (the one refusal is :class:`~samvad.errors.BacklogFull`,
+  before anything is changed).
+* **Never back in time** — a cache miss reads the store once and lays the
+  writes that have not reached it yet on top (the *overlay*), so a caller
+  sees its own writes whether or not Firestore is reachable. A view built
+  without the store (memory-only mode) is marked incomplete and read again
+  once the store is back.
+* **Erasure is final** — after :meth:`Persistence.erase_user` or
+  :meth:`Persistence.erase_session` returns, no read serves the erased data,
+  from the cache, the store or a write that was pending or in flight.
+* **Instances converge** — a profile's cached view adopts what each of this
+  instance's profile writes committed (other instances' appends merged in)
+  plus what this instance queued since. The adoption happens at the next
+  profile operation here, the first moment anyone can observe the view, and
+  every change to the profile cache takes the commits first, so it is the
+  same as adopting at commit time.
 """
 
 from __future__ import annotations
@@ -14,9 +30,10 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
@@ -52,29 +69,23 @@ from samvad.models import (
     StoreCounts,
     UserState,
 )
-from samvad.stores.base import (
-    HistoryBounds,
-    SessionCursor,
-    Store,
-    StoreRejected,
-    StoreUnavailable,
-)
-from samvad.writebehind import FlushObserver, WriteBehind, WriteBehindConfig
+from samvad.stores.base import HistoryBounds, SessionCursor, Store
+from samvad.writebehind import FlushObserver, Read, WriteBehind, WriteBehindConfig
 from samvad.writes import (
     Barrier,
     Erase,
     EraseScope,
     FieldsWrite,
-    Key,
     ProfileWrite,
     Write,
     session_barrier,
     user_barrier,
 )
 
+__all__ = ["CacheStats", "Persistence", "SessionErasure", "UserErasure", "new_id"]
+
 logger = logging.getLogger(__name__)
 
-_STORE_ERRORS = (StoreUnavailable, StoreRejected)
 _MAX_SESSIONS_LISTED = 100
 
 
@@ -99,12 +110,22 @@ class SessionErasure:
     session: bool
 
 
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """One view cache's figures (for metrics)."""
+
+    hits: int
+    misses: int
+    entries: int
+
+
 class Persistence:
     """Cache + store + write-behind, behind one API.
 
     Construction does no I/O; :meth:`start` (or ``async with``) probes the store
     and starts the write-behind; :meth:`close` flushes within the configured
-    deadline. The store is owned by the caller.
+    deadline. The store is owned by the caller. ``on_flush`` observes every
+    store write (metrics); see :data:`samvad.writebehind.FlushObserver`.
     """
 
     def __init__(
@@ -137,7 +158,6 @@ class Persistence:
                 probe_max_interval=s.probe_max_interval,
             ),
             clock=self.clock,
-            on_profile_flushed=self._profile_flushed,
             on_flush=on_flush,
         )
         timer = self.clock.monotonic
@@ -173,10 +193,37 @@ class Persistence:
 
     @property
     def mode(self) -> Mode:
+        """Where writes go right now (``memory`` during an outage)."""
         return self.writes.mode
 
     def status(self) -> PersistenceStatus:
+        """What the write-behind is doing (mode, pending writes, lag, counters)."""
         return self.writes.status()
+
+    def pending_interruptions(self) -> int:
+        """Interruption records waiting to be written to the store."""
+        return len(self._pending_fields(INTERRUPTIONS))
+
+    def _pending_fields(self, collection: str, user_id: str | None = None) -> list[Write]:
+        """The live unconfirmed writes to ``collection`` (of one user), oldest first."""
+        return self.writes.pending_writes_where(
+            lambda w: (
+                isinstance(w, FieldsWrite)
+                and w.collection == collection
+                and (user_id is None or w.user_id == user_id)
+            )
+        )
+
+    def cache_stats(self) -> dict[str, CacheStats]:
+        """Hits, misses and entries of the ``states``, ``profiles`` and ``sessions`` caches."""
+        return {
+            name: CacheStats(hits=cache.hits, misses=cache.misses, entries=len(cache))
+            for name, cache in (
+                ("states", self.states),
+                ("profiles", self.profiles),
+                ("sessions", self.sessions),
+            )
+        }
 
     def _now(self) -> datetime:
         return truncate_ms(self.clock.now())
@@ -186,37 +233,15 @@ class Persistence:
 
     # -- loading with the overlay ------------------------------------------
 
-    async def _load_doc(
+    def _read_doc(
         self, collection: str, doc_id: str, barriers: tuple[Barrier, ...]
-    ) -> tuple[Document | None, list[Write], bool]:
-        """The stored document, the unconfirmed writes to lay over it, and whether
-        the store was actually read (``complete``)."""
-        key: Key = (collection, doc_id)
-        wb = self.writes
-        doc: Document | None = None
-        complete = True
-        before: list[Write] = []
-        for _attempt in range(3):
-            epoch = wb.erase_epoch
-            # Writes pending before the read may be confirmed while it runs and
-            # then vanish from the queue: keep them, re-applying is harmless.
-            before = wb.pending_writes(key)
-            doc, complete = None, True
-            if not wb.erased(barriers):
-                if wb.mode is Mode.MEMORY:
-                    complete = False
-                else:
-                    try:
-                        doc = await self.store.get(collection, doc_id)
-                    except _STORE_ERRORS as exc:
-                        wb.report_unavailable(exc)
-                        complete = False
-            if wb.erase_epoch == epoch:
-                break
-            # An erase came in during the read: read again behind it.
-        if wb.erased(barriers):
-            doc, before = None, []
-        return doc, before + wb.pending_writes(key), complete
+    ) -> Awaitable[Read[Document | None]]:
+        """The stored document and the unconfirmed writes to lay over it."""
+        return self.writes.read(
+            partial(self.store.get, collection, doc_id),
+            barriers=barriers,
+            pending=partial(self.writes.pending_writes, (collection, doc_id)),
+        )
 
     @staticmethod
     def _overlay_fields(doc: Document | None, writes: list[Write]) -> Document | None:
@@ -245,6 +270,7 @@ class Persistence:
 
     def _write_profile(self, write: ProfileWrite, now: datetime) -> None:
         """Queue ``write`` and apply it to the cached view (or warm an uncached one)."""
+        self._adopt_committed()  # before the write joins the pending ones
         self._submit(write)
         cached = self.profiles.peek(write.user_id)
         if cached is None:
@@ -266,9 +292,9 @@ class Persistence:
         """A user's state, or None when they have none."""
 
         async def load() -> tuple[UserState | None, bool]:
-            doc, writes, complete = await self._load_doc(STATES, user_id, (user_barrier(user_id),))
-            doc = self._overlay_fields(doc, writes)
-            return (decode_state(user_id, doc) if doc is not None else None), complete
+            read = await self._read_doc(STATES, user_id, (user_barrier(user_id),))
+            doc = self._overlay_fields(read.value, read.writes)
+            return (decode_state(user_id, doc) if doc is not None else None), read.complete
 
         return await self.states.get(user_id, load, want_complete=self._want_complete())
 
@@ -316,16 +342,20 @@ class Persistence:
         s = self.settings
 
         async def load() -> tuple[Profile | None, bool]:
-            doc, writes, complete = await self._load_doc(
-                PROFILES, user_id, (user_barrier(user_id),)
-            )
+            read = await self._read_doc(PROFILES, user_id, (user_barrier(user_id),))
+            doc = read.value
             profile = (
                 decode_profile(user_id, doc, cap=s.history_cap, max_bytes=s.history_max_bytes)
                 if doc is not None
                 else None
             )
-            return self._overlay_profile(profile, writes), complete
+            # Commits that came in during the read: this user's is dropped (its
+            # write is in the overlay), the others' adopted, before the cache
+            # takes this view in the same step.
+            self._adopt_committed()
+            return self._overlay_profile(profile, read.writes), read.complete
 
+        self._adopt_committed()
         return await self.profiles.get(user_id, load, want_complete=self._want_complete())
 
     async def recent_history(self, user_id: str, limit: int) -> tuple[Message, ...]:
@@ -348,6 +378,7 @@ class Persistence:
     ) -> Message:
         """Append a message to a user's history; returns it with its id and timestamp."""
         now = self._now()
+        self._adopt_committed()
         cached = self.profiles.peek(user_id)
         if cached is not None and cached.value.history:
             # Never older than the message before it, whatever the wall clock does.
@@ -373,30 +404,35 @@ class Persistence:
         )
         self._write_profile(write, self._now())
 
-    def _profile_flushed(self, committed: Profile) -> None:
-        # The commit merged what other instances appended; adopt it, with what
-        # this instance queued since, so instances converge at flush speed.
-        user_id = committed.user_id
-        if self.writes.erased((user_barrier(user_id),)):
-            return
-        cached = self.profiles.peek(user_id)
-        if cached is None:
-            return
-        view = self._overlay_profile(committed, self.writes.pending_writes((PROFILES, user_id)))
-        if view is not None:
-            self.profiles.put(user_id, view, complete=cached.complete)
+    def _adopt_committed(self) -> None:
+        """Adopt the profiles this instance's writes committed into the cached views.
+
+        A commit merged what other instances appended: the view becomes it plus
+        what this instance queued since, so instances converge at flush speed.
+        Called before every change to the profile cache (see the module
+        docstring); an uncached profile is left to its next load.
+        """
+        for committed in self.writes.take_committed_profiles():
+            user_id = committed.user_id
+            cached = self.profiles.peek(user_id)
+            if cached is None:
+                continue
+            view = self._overlay_profile(committed, self.writes.pending_writes((PROFILES, user_id)))
+            if view is not None:
+                self.profiles.put(user_id, view, complete=cached.complete)
 
     # -- sessions ----------------------------------------------------------
 
     async def get_session(self, session_id: str) -> Session | None:
         async def load() -> tuple[Session | None, bool]:
-            barriers: tuple[Barrier, ...] = (session_barrier(session_id),)
-            doc, writes, complete = await self._load_doc(SESSIONS, session_id, barriers)
+            read = await self._read_doc(SESSIONS, session_id, (session_barrier(session_id),))
+            doc = read.value
             owner = doc.get("userId") if doc is not None else None
             if isinstance(owner, str) and self.writes.erased((user_barrier(owner),)):
+                # Its user's erase is pending: the stored session is gone.
                 doc = None
-            doc = self._overlay_fields(doc, writes)
-            return (decode_session(session_id, doc) if doc is not None else None), complete
+            doc = self._overlay_fields(doc, read.writes)
+            return (decode_session(session_id, doc) if doc is not None else None), read.complete
 
         return await self.sessions.get(session_id, load, want_complete=self._want_complete())
 
@@ -461,7 +497,7 @@ class Persistence:
         if existing is None:
             return None
         now = self._now()
-        session = _replace_session(
+        session = dataclasses.replace(
             existing,
             status=SessionStatus.ENDED,
             ended_at=existing.ended_at or now,
@@ -477,7 +513,7 @@ class Persistence:
         if existing is None:
             return None
         now = self._now()
-        session = _replace_session(existing, last_activity=now, expire_at=self._expiry(now))
+        session = dataclasses.replace(existing, last_activity=now, expire_at=self._expiry(now))
         self._write_session(session, touch=True)
         return session
 
@@ -486,7 +522,7 @@ class Persistence:
         existing = await self.get_session(session_id)
         if existing is None or existing.status is not SessionStatus.ACTIVE:
             return existing
-        session = _replace_session(existing, status=SessionStatus.ABANDONED)
+        session = dataclasses.replace(existing, status=SessionStatus.ABANDONED)
         self._write_session(session)
         return session
 
@@ -501,47 +537,24 @@ class Persistence:
         """A user's sessions, most recent activity first, with a cursor for the next page."""
         limit = max(1, min(limit, _MAX_SESSIONS_LISTED))
         wb = self.writes
-        user = (user_barrier(user_id),)
-
-        def pending() -> list[Write]:
-            return wb.pending_writes_where(
-                lambda w: (
-                    isinstance(w, FieldsWrite) and w.collection == SESSIONS and w.user_id == user_id
-                )
-            )
-
+        read = await wb.read(
+            partial(
+                self.store.list_sessions, user_id=user_id, status=status, limit=limit, cursor=cursor
+            ),
+            barriers=(user_barrier(user_id),),
+            pending=partial(self._pending_fields, SESSIONS, user_id),
+        )
         rows: dict[str, Document] = {}
-        before: list[Write] = []
         next_cursor: SessionCursor | None = None
-        from_store = False
-        for _attempt in range(3):
-            epoch = wb.erase_epoch
-            # Writes pending before the query may be confirmed while it runs
-            # and vanish from the queue: keep them (re-applying is harmless).
-            before = pending()
-            rows, next_cursor, from_store = {}, None, False
-            if wb.erased(user) or wb.mode is not Mode.FIRESTORE:
-                break
-            try:
-                stored, next_cursor = await self.store.list_sessions(
-                    user_id=user_id, status=status, limit=limit, cursor=cursor
-                )
-            except _STORE_ERRORS as exc:
-                wb.report_unavailable(exc)
-                break
-            rows, from_store = dict(stored), True
-            if wb.erase_epoch == epoch:
-                break
-            # An erase came in during the query: query again behind it.
-        if wb.erased(user):
-            # Only what was written after the erase counts.
-            rows, before, from_store, next_cursor = {}, [], False, None
-        if not from_store:
-            # Memory-only: what this instance knows of the user's sessions.
+        if read.value is not None:
+            stored, next_cursor = read.value
+            rows = dict(stored)
+        else:
+            # Memory-only (or erased): what this instance knows of the user's sessions.
             for session_id, session in self.sessions.items():
                 if session.user_id == user_id:
                     rows[session_id] = encode_session(session)
-        for write in [*before, *pending()]:
+        for write in read.writes:
             assert isinstance(write, FieldsWrite)
             rows[write.doc_id] = write.apply_to(rows.get(write.doc_id))
         sessions = [
@@ -557,7 +570,7 @@ class Persistence:
             position = (cursor.last_activity, cursor.session_id)
             sessions = [s for s in sessions if (s.last_activity, s.id) < position]
         page = sessions[:limit]
-        if not from_store:
+        if not read.stored:
             next_cursor = None
             if len(sessions) > limit:
                 last = page[-1]
@@ -576,28 +589,21 @@ class Persistence:
     async def sweep_idle_sessions(self, *, limit: int = 500) -> int:
         """Mark active sessions idle longer than ``session_idle_timeout`` abandoned."""
         cutoff = self._now() - timedelta(seconds=self.settings.session_idle_timeout)
-        ids: set[str] = {
-            session_id
-            for session_id, session in self.sessions.items()
-            if session.status is SessionStatus.ACTIVE
-            and session.last_activity is not None
-            and session.last_activity < cutoff
-        }
-        if self.writes.mode is Mode.FIRESTORE:
-            try:
-                rows = await self.store.idle_sessions(before=cutoff, limit=limit)
-                ids.update(session_id for session_id, _ in rows)
-            except _STORE_ERRORS as exc:
-                self.writes.report_unavailable(exc)
-        marked = 0
-        for session_id in sorted(ids):
-            session = await self.get_session(session_id)
-            if (
+
+        def idle(session: Session | None) -> bool:
+            return (
                 session is not None
                 and session.status is SessionStatus.ACTIVE
                 and session.last_activity is not None
                 and session.last_activity < cutoff
-            ):
+            )
+
+        ids = {session_id for session_id, session in self.sessions.items() if idle(session)}
+        read = await self.writes.read(partial(self.store.idle_sessions, before=cutoff, limit=limit))
+        ids.update(session_id for session_id, _ in read.value or ())
+        marked = 0
+        for session_id in sorted(ids):
+            if idle(await self.get_session(session_id)):
                 await self.mark_abandoned(session_id)
                 marked += 1
         if marked:
@@ -639,23 +645,21 @@ class Persistence:
         state = await self.get_state(user_id)
         profile = await self.get_profile(user_id)
         session_ids = {sid for sid, s in self.sessions.items() if s.user_id == user_id}
-        for write in self.writes.pending_writes_where(
-            lambda w: isinstance(w, FieldsWrite) and w.collection == SESSIONS
-        ):
-            if isinstance(write, FieldsWrite) and write.user_id == user_id:
-                session_ids.add(write.doc_id)
-        if self.writes.mode is Mode.FIRESTORE and not self.writes.erased((user_barrier(user_id),)):
+        session_ids.update(w.key[1] for w in self._pending_fields(SESSIONS, user_id))
+
+        async def stored_session_ids() -> set[str]:
+            ids: set[str] = set()
             cursor: SessionCursor | None = None
-            try:
-                while True:
-                    rows, cursor = await self.store.list_sessions(
-                        user_id=user_id, status=None, limit=_MAX_SESSIONS_LISTED, cursor=cursor
-                    )
-                    session_ids.update(session_id for session_id, _ in rows)
-                    if cursor is None:
-                        break
-            except _STORE_ERRORS as exc:
-                self.writes.report_unavailable(exc)
+            while True:
+                rows, cursor = await self.store.list_sessions(
+                    user_id=user_id, status=None, limit=_MAX_SESSIONS_LISTED, cursor=cursor
+                )
+                ids.update(session_id for session_id, _ in rows)
+                if cursor is None:
+                    return ids
+
+        read = await self.writes.read(stored_session_ids, barriers=(user_barrier(user_id),))
+        session_ids.update(read.value or ())
         self._submit(Erase(EraseScope.USER, user_id))
         self.states.discard(user_id)
         self.profiles.discard(user_id)
@@ -679,11 +683,9 @@ class Persistence:
 
     async def counts(self) -> tuple[StoreCounts, bool]:
         """Aggregate counts and whether they come from the store (else from memory)."""
-        if self.writes.mode is Mode.FIRESTORE:
-            try:
-                return await self.store.counts(), True
-            except _STORE_ERRORS as exc:
-                self.writes.report_unavailable(exc)
+        read = await self.writes.read(self.store.counts)
+        if read.value is not None:
+            return read.value, True
         active_users = sum(1 for _, state in self.states.items() if state.is_active)
         active_sessions = sum(1 for _, session in self.sessions.items() if session.is_active)
         return (
@@ -695,7 +697,3 @@ class Persistence:
             ),
             False,
         )
-
-
-def _replace_session(session: Session, **changes: Any) -> Session:
-    return dataclasses.replace(session, **changes)

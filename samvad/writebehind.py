@@ -8,13 +8,23 @@ flushes writes to the store:
 * **Order** — a document's writes are applied in the order they were made,
   never two at once; documents are flushed in order of their oldest pending
   write, and after an outage replay resumes in that order.
-* **Barriers** — an erase drops the writes it covers and holds back later
-  writes of the same user or session until it is done (see ``samvad.writes``).
+* **Barriers** — an erase drops the writes it covers (queued ones at once; one
+  in flight is void and not retried if it fails), waits for covered writes in
+  flight, and holds back later writes of the same user or session until it is
+  done. The bookkeeping is :class:`samvad.barriers.Barriers`.
 * **Outage** — a store that cannot be reached switches the queue to memory-only
   mode: nothing is dispatched, writes keep accumulating (bounded by
   ``max_pending``), a prober pings the store with backoff, and the first
   successful ping replays everything. No store error ever reaches a caller.
 * **Shutdown** — :meth:`close` flushes what is pending within a deadline.
+* **Reads** — :meth:`WriteBehind.read` reads the store consistently with the
+  queue: never behind a pending erase, again if an erase comes in during the
+  read, and with the writes to lay over the result (those pending before the
+  read included, though they may be confirmed while it runs).
+* **Commits** — the profile each profile write committed (other instances'
+  appends merged in) is kept for the layer above to take
+  (:meth:`WriteBehind.take_committed_profiles`) unless an erase covers it.
+  The queue calls nothing above it; ``on_flush`` only observes (metrics).
 """
 
 from __future__ import annotations
@@ -24,19 +34,30 @@ import heapq
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
+from samvad.barriers import Barriers
 from samvad.clock import Clock, SystemClock
 from samvad.errors import BacklogFull
 from samvad.models import Mode, PersistenceStatus, Profile
 from samvad.stores.base import Store, StoreRejected, StoreUnavailable
 from samvad.writes import Barrier, Erase, FieldsWrite, Key, ProfileWrite, Write
 
+__all__ = ["FlushObserver", "Read", "WriteBehind", "WriteBehindConfig"]
+
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 FlushObserver = Callable[[str, float, bool], None]
-"""Called after every store write with (collection or operation, seconds, succeeded)."""
+"""Called after every store write with (collection or operation, seconds, succeeded).
+
+An observability hook (metrics): it must not act on the persistence layer."""
+
+#: Store reads tried when erases keep coming in during them.
+_READ_ATTEMPTS = 3
 
 
 @dataclass(slots=True)
@@ -50,6 +71,26 @@ class _Entry:
     #: later for a touch (meant to wait), or when a write joins a touch.
     lag_from: float = 0.0
     attempts: int = 0
+    #: For an erase in flight: the mark :meth:`Barriers.erase_started` gave it.
+    erase_mark: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Read(Generic[T]):
+    """What :meth:`WriteBehind.read` found: the store's answer (None when it was
+    not read or an erase covers it) and the unconfirmed writes to lay over it."""
+
+    value: T | None
+    writes: list[Write]
+    #: The store answered, and its answer counts.
+    stored: bool
+    #: An erase is pending: what the store holds is gone, only ``writes`` count.
+    erased: bool
+
+    @property
+    def complete(self) -> bool:
+        """A view built from this read does not wait on the store any more."""
+        return self.stored or self.erased
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +124,11 @@ class WriteBehind:
         *,
         config: WriteBehindConfig | None = None,
         clock: Clock | None = None,
-        on_profile_flushed: Callable[[Profile], None] | None = None,
         on_flush: FlushObserver | None = None,
     ) -> None:
         self._store = store
         self._config = config or WriteBehindConfig()
         self._clock = clock or SystemClock()
-        self._on_profile_flushed = on_profile_flushed
         self._on_flush = on_flush
 
         self._queued: dict[Key, _Entry] = {}
@@ -99,15 +138,10 @@ class WriteBehind:
         self._last_flush: dict[Key, float] = {}
         self._last_prune = self._clock.monotonic()
         self._seq = itertools.count()
-        # Erases queued or in flight, per barrier, and the newest one's sequence
-        # number: a write older than it is covered by it.
-        self._erases: Counter[Barrier] = Counter()
-        self._erase_seq: dict[Barrier, int] = {}
-        # Non-erase writes in flight per barrier: an erase waits for them.
-        self._inflight_barriers: Counter[Barrier] = Counter()
-        #: Incremented on every erase submitted; readers use it to detect a
-        #: race between their read and an erase.
-        self.erase_epoch = 0
+        self._barriers = Barriers()
+        # The newest committed profile per document not yet taken, with the
+        # barriers its write sat behind (an erase drops it).
+        self._committed: dict[Key, tuple[Profile, tuple[Barrier, ...]]] = {}
 
         self._mode = Mode.FIRESTORE
         self._mode_since = self._clock.now()
@@ -129,27 +163,23 @@ class WriteBehind:
 
     @property
     def mode(self) -> Mode:
+        """``memory`` while the store is unreachable (nothing is dispatched)."""
         return self._mode
 
-    @property
-    def store(self) -> Store:
-        return self._store
-
-    async def start(self, *, probe: bool = True) -> None:
-        """Start the dispatcher; with ``probe``, find out first whether the store answers."""
+    async def start(self) -> None:
+        """Start the dispatcher, after finding out whether the store answers."""
         if self._runner is not None:
             raise RuntimeError("The write-behind queue is already started.")
         self._runner = asyncio.create_task(self._run(), name="samvad-write-behind")
-        if probe:
-            try:
-                await self._store.ping()
-            except (StoreUnavailable, StoreRejected) as exc:
-                self.report_unavailable(exc)
+        try:
+            await self._store.ping()
+        except (StoreUnavailable, StoreRejected) as exc:
+            self.report_unavailable(exc)
+        else:
+            if self._store.durable:
+                logger.info("Firestore mode: writes go to the %s store", self._store.name)
             else:
-                if self._store.durable:
-                    logger.info("Firestore mode: writes go to the %s store", self._store.name)
-                else:
-                    logger.warning("Memory-only store: data is lost when the process ends")
+                logger.warning("Memory-only store: data is lost when the process ends")
 
     def submit(self, write: Write) -> None:
         """Queue ``write``; returns at once. Raises :class:`BacklogFull` at the bound."""
@@ -159,6 +189,8 @@ class WriteBehind:
         key = write.key
         if isinstance(write, Erase):
             self._submit_erase(write)
+        elif self.pending_count >= self._config.max_pending and key not in self._queued:
+            raise BacklogFull("Too many writes are waiting for Firestore; try again shortly.")
         entry = self._queued.get(key)
         if entry is not None:
             entry.write.absorb(write)  # type: ignore[arg-type]  # same key, same type
@@ -170,10 +202,6 @@ class WriteBehind:
                     heapq.heappush(self._heap, (due, entry.seq, key))
                     self._wake.set()
             return
-        if isinstance(write, Erase):
-            self._erases[write.barrier] += 1
-        elif self.pending_count >= self._config.max_pending:
-            raise BacklogFull("Too many writes are waiting for Firestore; try again shortly.")
         seq = next(self._seq)
         entry = _Entry(
             key=key,
@@ -196,7 +224,7 @@ class WriteBehind:
         """
         writes: list[Write] = []
         inflight = self._inflight.get(key)
-        if inflight is not None and not self._voided(inflight):
+        if inflight is not None and not self._covered(inflight):
             writes.append(inflight.write)
         queued = self._queued.get(key)
         if queued is not None:
@@ -205,21 +233,70 @@ class WriteBehind:
 
     def pending_writes_where(self, predicate: Callable[[Write], bool]) -> list[Write]:
         """Every live unconfirmed write that ``predicate`` accepts, oldest first."""
-        entries = [e for e in self._inflight.values() if not self._voided(e)]
+        entries = [e for e in self._inflight.values() if not self._covered(e)]
         entries.extend(self._queued.values())
         entries.sort(key=lambda entry: entry.seq)
         return [entry.write for entry in entries if predicate(entry.write)]
 
-    def _voided(self, entry: _Entry) -> bool:
-        """True when an erase submitted after ``entry`` covers it."""
-        write = entry.write
-        return not isinstance(write, Erase) and any(
-            self._erase_seq.get(barrier, -1) > entry.seq for barrier in write.barriers
-        )
+    def _covered(self, entry: _Entry) -> bool:
+        """True when an erase submitted after ``entry`` covers it (an erase covers none)."""
+        return self._barriers.covers(entry.write.barriers, entry.seq)
 
     def erased(self, barriers: tuple[Barrier, ...]) -> bool:
         """True while an erase covering any of ``barriers`` has not completed."""
-        return any(self._erases[barrier] > 0 for barrier in barriers)
+        return self._barriers.raised(barriers)
+
+    def take_committed_profiles(self) -> tuple[Profile, ...]:
+        """The profiles committed since the last call, the newest per user.
+
+        What a profile write's transaction committed includes what other
+        instances appended; a profile an erase submitted since covers is left
+        out. Taking them empties the list.
+        """
+        if not self._committed:
+            return ()
+        profiles = tuple(profile for profile, _ in self._committed.values())
+        self._committed.clear()
+        return profiles
+
+    async def read(
+        self,
+        fetch: Callable[[], Awaitable[T]],
+        *,
+        barriers: tuple[Barrier, ...] = (),
+        pending: Callable[[], list[Write]] = list,
+    ) -> Read[T]:
+        """Read the store with ``fetch``, consistently with the queue.
+
+        Not in memory-only mode, nor behind a pending erase of ``barriers``; a
+        store error switches to memory-only mode and is never raised; an erase
+        submitted during the read makes it read again behind the erase.
+        ``pending`` lists the unconfirmed writes to lay over the answer; those
+        listed before the read are kept (they may be confirmed, and leave the
+        queue, while it runs: laying a write over its own result is harmless).
+        """
+        value: T | None = None
+        stored = False
+        before: list[Write] = []
+        for _attempt in range(_READ_ATTEMPTS):
+            epoch = self._barriers.epoch
+            before = pending()
+            value, stored = None, False
+            if self._mode is Mode.MEMORY or self._barriers.raised(barriers):
+                break
+            try:
+                value = await fetch()
+            except (StoreUnavailable, StoreRejected) as exc:
+                self.report_unavailable(exc)
+                break
+            stored = True
+            if self._barriers.epoch == epoch:
+                break
+            # An erase came in during the read: read again behind it.
+        if self._barriers.raised(barriers):
+            # Only what was written after the erase counts.
+            return Read(value=None, writes=pending(), stored=False, erased=True)
+        return Read(value=value, writes=[*before, *pending()], stored=stored, erased=False)
 
     @property
     def pending_count(self) -> int:
@@ -331,15 +408,18 @@ class WriteBehind:
         return due
 
     def _submit_erase(self, erase: Erase) -> None:
-        """Drop the queued writes ``erase`` covers and mark the point in the order
-        before which every write it covers is void (also those in flight)."""
+        """Drop the queued writes and commits ``erase`` covers and mark the point
+        in the order before which every write it covers is void (also those in
+        flight)."""
         barrier = erase.barrier
         for key, entry in list(self._queued.items()):
             if barrier in entry.write.barriers:
                 del self._queued[key]
                 self._parked.discard(key)
-        self._erase_seq[barrier] = next(self._seq)
-        self.erase_epoch += 1
+        for key, (_, barriers) in list(self._committed.items()):
+            if barrier in barriers:
+                del self._committed[key]
+        self._barriers.erase_submitted(barrier, next(self._seq))
 
     def _reschedule_all(self) -> None:
         """Make every queued write due now, in submission order."""
@@ -356,8 +436,8 @@ class WriteBehind:
             return True
         write = entry.write
         if isinstance(write, Erase):
-            return self._inflight_barriers[write.barrier] > 0
-        return any(self._erases[barrier] > 0 for barrier in write.barriers)
+            return self._barriers.erase_must_wait(write.barrier)
+        return self._barriers.raised(write.barriers)
 
     def _dispatch_ready(self) -> float | None:
         """Launch due writes; return seconds until the next one is due (None: nothing)."""
@@ -381,10 +461,13 @@ class WriteBehind:
         return None
 
     def _launch(self, entry: _Entry) -> None:
+        write = entry.write
+        if isinstance(write, Erase):
+            entry.erase_mark = self._barriers.erase_started(write.barrier)
+        else:
+            self._barriers.writes_started(write.barriers)
         del self._queued[entry.key]
         self._inflight[entry.key] = entry
-        if not isinstance(entry.write, Erase):
-            self._inflight_barriers.update(entry.write.barriers)
         task = asyncio.create_task(self._flush_one(entry), name="samvad-flush")
         self._flushes.add(task)
         task.add_done_callback(self._flushes.discard)
@@ -443,11 +526,8 @@ class WriteBehind:
             if self._mode is Mode.FIRESTORE:
                 self._ok_since_recovery += 1
             self._done(entry)
-            if isinstance(result, Profile) and self._on_profile_flushed is not None:
-                try:
-                    self._on_profile_flushed(result)
-                except Exception:
-                    logger.exception("profile-flushed callback failed")
+            if isinstance(result, Profile) and not self._barriers.raised(write.barriers):
+                self._committed[write.key] = (result, write.barriers)
         finally:
             self._after_flush()
 
@@ -471,13 +551,7 @@ class WriteBehind:
 
     def _release(self, entry: _Entry) -> None:
         del self._inflight[entry.key]
-        write = entry.write
-        if isinstance(write, Erase):
-            return
-        self._inflight_barriers.subtract(write.barriers)
-        for barrier in write.barriers:
-            if self._inflight_barriers[barrier] <= 0:
-                del self._inflight_barriers[barrier]
+        self._barriers.writes_ended(entry.write.barriers)
 
     def _done(self, entry: _Entry) -> None:
         self._release(entry)
@@ -499,11 +573,7 @@ class WriteBehind:
             self._last_flush = {k: t for k, t in self._last_flush.items() if t > horizon}
         write = entry.write
         if isinstance(write, Erase):
-            barrier = write.barrier
-            self._erases[barrier] -= 1
-            if self._erases[barrier] <= 0:
-                del self._erases[barrier]
-                self._erase_seq.pop(barrier, None)
+            self._barriers.erase_done(write.barrier, entry.erase_mark)
 
     def _requeue(
         self,
@@ -515,7 +585,7 @@ class WriteBehind:
     ) -> None:
         self._release(entry)
         key, write = entry.key, entry.write
-        if self._voided(entry):
+        if self._covered(entry):
             # Erased while in flight: the erase waited for this write, which
             # failed; the write is simply gone, as the erase asked.
             return

@@ -4,7 +4,8 @@ A write is keyed by the document it changes, so a burst of changes to one
 document coalesces into one write (:meth:`absorb`). Writes name the *barriers*
 they sit behind: an :class:`Erase` of a user or a session raises a barrier,
 and no write behind it reaches the store until the erase is done. That is
-what stops a late flush from bringing erased data back.
+what stops a late flush from bringing erased data back (the bookkeeping is
+:mod:`samvad.barriers`).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class Erase:
     @property
     def barriers(self) -> tuple[Barrier, ...]:
         # An erase waits for nothing queued: it drops what it covers. It does
-        # wait for covered writes already in flight (see WriteBehind).
+        # wait for covered writes already in flight (Barriers.erase_must_wait).
         return ()
 
     @property

@@ -12,11 +12,12 @@ from samvad.clock import ManualClock
 from samvad.config import Settings
 from samvad.documents import PROFILES, SESSIONS, STATES
 from samvad.errors import Conflict
+from samvad.history import new_message_id
 from samvad.interruptions import Interruption
-from samvad.models import Mode, Role, SessionStatus
-from samvad.persistence import Persistence
+from samvad.models import Message, Mode, Role, SessionStatus
+from samvad.persistence import CacheStats, Persistence
 from samvad.stores.base import HistoryBounds, SessionCursor
-from samvad.writes import FieldsWrite
+from samvad.writes import FieldsWrite, ProfileWrite
 from tests.support.stores import FlakyStore, settle
 
 T0 = datetime(2025, 1, 10, 17, 0, tzinfo=UTC)
@@ -438,3 +439,78 @@ async def test_an_erased_user_reads_as_absent_and_a_new_write_is_served(
     p.save_state("u1", {"b": 2})
     state = await p.get_state("u1")
     assert state is not None and state.data == {"b": 2}
+
+
+async def another_instance_appends(store: FlakyStore, clock: ManualClock, content: str) -> None:
+    """Another server instance's profile write, straight to the shared store."""
+    at = clock.now()
+    message = Message(id=new_message_id(at), role=Role.USER, content=content, timestamp=at)
+    await store.write_profile(ProfileWrite(user_id="u1", append=[message]), now=at)
+
+
+async def test_a_flush_brings_what_other_instances_appended_into_the_cached_view(
+    p: Persistence, store: FlakyStore, clock: ManualClock
+) -> None:
+    p.append_message("u1", role=Role.USER, content="mine 1")
+    await asyncio.wait_for(p.writes.flush(), 5)
+    await p.settle()
+    clock.advance(1)
+    await another_instance_appends(store, clock, "theirs")
+    clock.advance(1)
+    p.append_message("u1", role=Role.USER, content="mine 2")
+    await asyncio.wait_for(p.writes.flush(), 5)
+    clock.advance(1)
+    p.append_message("u1", role=Role.USER, content="mine 3")  # queued after the commit
+    reads = store.reads
+    profile = await p.get_profile("u1")
+    assert profile is not None
+    assert [m.content for m in profile.history] == ["mine 1", "theirs", "mine 2", "mine 3"]
+    assert store.reads == reads, "adopted from the commit, not read again"
+
+
+async def test_a_commit_older_than_a_later_load_is_not_adopted(
+    p: Persistence, store: FlakyStore, clock: ManualClock
+) -> None:
+    p.append_message("u1", role=Role.USER, content="mine")
+    await asyncio.wait_for(p.writes.flush(), 5)  # committed while cached
+    p.profiles.clear()  # evicted before anyone looked
+    clock.advance(1)
+    await another_instance_appends(store, clock, "theirs")
+    profile = await p.get_profile("u1")
+    assert profile is not None
+    assert [m.content for m in profile.history] == ["mine", "theirs"]
+    clock.advance(1)
+    store.gate.clear()  # the next write stays pending
+    p.append_message("u1", role=Role.USER, content="later")
+    profile = await p.get_profile("u1")
+    assert profile is not None
+    assert [m.content for m in profile.history] == ["mine", "theirs", "later"]
+    store.gate.set()
+
+
+async def test_pending_interruptions_counts_records_not_yet_in_the_store(
+    store: FlakyStore, clock: ManualClock
+) -> None:
+    record = Interruption(
+        session_id="s1", user_id="u1", at=T0, reason="barge-in", heard="Hel", cut="lo"
+    )
+    async with Persistence(store, settings=settings(persist_interruptions=True), clock=clock) as p:
+        store.gate.clear()
+        p.record_interruption(record)
+        p.record_interruption(record)
+        p.save_state("u1", {"a": 1})
+        assert p.pending_interruptions() == 2
+        store.gate.set()
+        await asyncio.wait_for(p.writes.flush(), 5)
+        assert p.pending_interruptions() == 0
+
+
+async def test_cache_stats_count_hits_misses_and_entries(p: Persistence) -> None:
+    assert await p.get_state("u1") is None
+    assert await p.get_state("u1") is None
+    p.save_state("u2", {"a": 1})
+    await p.settle()
+    stats = p.cache_stats()
+    assert stats["states"] == CacheStats(hits=1, misses=2, entries=1)
+    assert stats["profiles"] == CacheStats(hits=0, misses=0, entries=0)
+    assert set(stats) == {"states", "profiles", "sessions"}

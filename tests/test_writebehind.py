@@ -505,3 +505,158 @@ async def test_a_write_joining_a_deferred_touch_starts_its_lag_from_then(
     assert status.oldest_pending_age == pytest.approx(21)
     assert status.replay_lag == pytest.approx(1)
     store.gate.set()
+
+
+async def test_a_retried_erase_absorbing_a_later_one_lowers_the_barrier(
+    wb: WriteBehind, store: FlakyStore, clock: ManualClock
+) -> None:
+    store.gate.clear()
+    wb.submit(Erase(EraseScope.USER, "u1"))
+    await settle()
+    assert wb.status().pending_in_flight == 1
+    wb.submit(Erase(EraseScope.USER, "u1"))  # queued beside the one in flight
+    store.rejecting.add(("erase:user", "u1"))
+    store.gate.set()
+    await settle()
+    assert wb.pending_count == 1, "the failed erase took the queued one in"
+    store.rejecting.clear()
+    clock.advance(1)
+    wb.wake()
+    await settle()
+    assert not wb.erased((("user", "u1"),)), "one retry satisfies both erases"
+    wb.submit(state("u1", after=True))
+    await asyncio.wait_for(wb.flush(), 5)
+    assert await store.get(STATES, "u1") == {"after": True}
+
+
+async def test_read_returns_the_stored_value_with_the_writes_to_lay_over_it(
+    wb: WriteBehind, store: FlakyStore
+) -> None:
+    await store.write_fields(state("u1", stored=1))
+    store.gate.clear()
+    wb.submit(state("u1", pending=2))
+    read = await wb.read(
+        lambda: store.get(STATES, "u1"),
+        barriers=(("user", "u1"),),
+        pending=lambda: wb.pending_writes((STATES, "u1")),
+    )
+    assert read.value == {"stored": 1}
+    assert read.stored and not read.erased and read.complete
+    assert [w.key for w in read.writes] == [(STATES, "u1"), (STATES, "u1")]
+    store.gate.set()
+
+
+async def test_read_keeps_a_write_confirmed_while_it_runs(
+    wb: WriteBehind, store: FlakyStore
+) -> None:
+    store.gate.clear()
+    wb.submit(state("u1", v=1))
+    await settle()
+    answer = asyncio.Event()
+
+    async def slow_get() -> object:
+        await answer.wait()
+        return None  # the snapshot predates the write's commit
+
+    reading = asyncio.create_task(
+        wb.read(slow_get, pending=lambda: wb.pending_writes((STATES, "u1")))
+    )
+    await settle()
+    store.gate.set()
+    await asyncio.wait_for(wb.flush(), 5)
+    answer.set()
+    read = await reading
+    assert [w.key for w in read.writes] == [(STATES, "u1")]
+
+
+async def test_read_reads_again_behind_an_erase_that_came_in_during_it(
+    wb: WriteBehind, store: FlakyStore
+) -> None:
+    store.gate.clear()  # the erase stays pending
+    answers: list[asyncio.Event] = []
+
+    async def fetch() -> int:
+        answer = asyncio.Event()
+        answers.append(answer)
+        await answer.wait()
+        return len(answers)
+
+    reading = asyncio.create_task(wb.read(fetch))
+    await settle()
+    wb.submit(Erase(EraseScope.USER, "someone"))
+    answers[0].set()
+    await settle()
+    assert len(answers) == 2, "the first answer may predate the erase: read again"
+    answers[1].set()
+    read = await reading
+    assert read.value == 2 and read.stored
+    store.gate.set()
+
+
+async def test_read_behind_a_pending_erase_does_not_touch_the_store(
+    wb: WriteBehind, store: FlakyStore
+) -> None:
+    wb.submit(state("u1", old=1))
+    store.gate.clear()
+    await settle()  # the old write is in flight
+    wb.submit(Erase(EraseScope.USER, "u1"))
+    wb.submit(state("u1", new=2))
+    calls = 0
+
+    async def fetch() -> None:
+        nonlocal calls
+        calls += 1
+
+    read = await wb.read(
+        fetch, barriers=(("user", "u1"),), pending=lambda: wb.pending_writes((STATES, "u1"))
+    )
+    assert calls == 0
+    assert read.erased and read.complete and not read.stored and read.value is None
+    assert [w.fields for w in read.writes if isinstance(w, FieldsWrite)] == [{"new": 2}]
+    store.gate.set()
+
+
+async def test_read_in_memory_mode_or_on_a_store_error_never_raises(
+    wb: WriteBehind, store: FlakyStore
+) -> None:
+    store.down = True
+    read = await wb.read(lambda: store.get(STATES, "u1"))
+    assert wb.mode is Mode.MEMORY
+    assert not read.stored and not read.complete and read.value is None
+    reads = store.reads
+    store.down = False
+    read = await wb.read(lambda: store.get(STATES, "u1"))
+    assert not read.stored and store.reads == reads, "memory mode does not wait on the store"
+    await asyncio.wait_for(wb.flush(), 5)
+
+
+async def test_a_committed_profile_is_kept_for_the_layer_above_to_take(
+    wb: WriteBehind, store: FlakyStore
+) -> None:
+    await store.write_profile(message("u1", 0), now=T0)  # another instance's message
+    wb.submit(message("u1", 1))
+    await asyncio.wait_for(wb.flush(), 5)
+    committed = wb.take_committed_profiles()
+    assert [[m.id for m in p.history] for p in committed] == [["u1-000", "u1-001"]]
+    assert wb.take_committed_profiles() == (), "taking them empties the list"
+
+
+async def test_an_erase_drops_a_commit_not_yet_taken(wb: WriteBehind, store: FlakyStore) -> None:
+    wb.submit(message("u1", 1))
+    wb.submit(message("u2", 1))
+    await asyncio.wait_for(wb.flush(), 5)
+    wb.submit(Erase(EraseScope.USER, "u1"))
+    assert [p.user_id for p in wb.take_committed_profiles()] == ["u2"]
+
+
+async def test_a_profile_committed_while_its_user_is_being_erased_is_not_kept(
+    wb: WriteBehind, store: FlakyStore
+) -> None:
+    store.gate.clear()
+    wb.submit(message("u1", 1))
+    await settle()  # in flight
+    wb.submit(Erase(EraseScope.USER, "u1"))
+    wb.take_committed_profiles()
+    store.gate.set()
+    await asyncio.wait_for(wb.flush(), 5)
+    assert wb.take_committed_profiles() == ()

@@ -29,7 +29,7 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Scope
 
 from samvad.clock import to_iso
-from samvad.documents import INTERRUPTIONS, STATE_SERVER_FIELDS
+from samvad.documents import STATE_SERVER_FIELDS
 from samvad.errors import (
     BacklogFull,
     BadRequest,
@@ -57,7 +57,6 @@ from samvad.web.wire import (
     state_json,
     status_fields,
 )
-from samvad.writes import FieldsWrite
 
 PREFIX = "/api/session"
 DEVICE_HEADER = "x-device-id"
@@ -376,11 +375,7 @@ async def stats(request: Request) -> JSONResponse:
     elif svc.settings.persist_interruptions:
         # Every interruption is also logged to the store: the log (plus what
         # waits to be written) is the whole truth, the stack would count twice.
-        pending = len(
-            persistence.writes.pending_writes_where(
-                lambda w: isinstance(w, FieldsWrite) and w.collection == INTERRUPTIONS
-            )
-        )
+        pending = persistence.pending_interruptions()
         persisted, total = counts.total_interruptions, counts.total_interruptions + pending
     else:
         # The log is off: what it holds (from earlier runs) and the live stack
