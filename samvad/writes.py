@@ -18,6 +18,18 @@ from typing import Any
 from samvad.documents import PROFILES, Document
 from samvad.models import Message
 
+__all__ = [
+    "Barrier",
+    "Erase",
+    "EraseScope",
+    "FieldsWrite",
+    "Key",
+    "ProfileWrite",
+    "Write",
+    "session_barrier",
+    "user_barrier",
+]
+
 Key = tuple[str, str]
 """(collection or operation, document id)."""
 

@@ -514,3 +514,45 @@ async def test_cache_stats_count_hits_misses_and_entries(p: Persistence) -> None
     assert stats["states"] == CacheStats(hits=1, misses=2, entries=1)
     assert stats["profiles"] == CacheStats(hits=0, misses=0, entries=0)
     assert set(stats) == {"states", "profiles", "sessions"}
+
+
+class ReadGatedStore(FlakyStore):
+    """Document reads wait for ``read_gate`` before taking their snapshot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read_gate = asyncio.Event()
+        self.read_gate.set()
+
+    async def get(self, collection: str, doc_id: str) -> dict[str, object] | None:
+        await self.read_gate.wait()
+        return await super().get(collection, doc_id)
+
+
+async def test_a_commit_landing_during_a_load_does_not_undo_what_the_load_read(
+    clock: ManualClock,
+) -> None:
+    store = ReadGatedStore()
+    async with Persistence(store, settings=settings(), clock=clock) as p:
+        p.append_message("u1", role=Role.USER, content="mine 1")
+        await asyncio.wait_for(p.writes.flush(), 5)
+        await p.settle()
+        clock.advance(1)
+        store.gate.clear()
+        p.append_message("u1", role=Role.USER, content="mine 2")
+        await settle()  # in flight
+        p.profiles.clear()
+        store.read_gate.clear()
+        loading = asyncio.create_task(p.get_profile("u1"))
+        await settle()
+        store.gate.set()  # "mine 2" commits while the load waits...
+        await settle()
+        clock.advance(1)
+        await another_instance_appends(store, clock, "theirs")
+        store.read_gate.set()  # ...and the load reads after both
+        await loading
+        clock.advance(1)
+        p.append_message("u1", role=Role.USER, content="later")
+        profile = await p.get_profile("u1")
+        assert profile is not None
+        assert [m.content for m in profile.history] == ["mine 1", "mine 2", "theirs", "later"]
