@@ -13,9 +13,10 @@ calls back. Guarantees (``docs/persistence.md`` has the whole story):
   sees its own writes whether or not Firestore is reachable. A view built
   without the store (memory-only mode) is marked incomplete and read again
   once the store is back.
-* **Erasure is final** — after :meth:`Persistence.erase_user` or
-  :meth:`Persistence.erase_session` returns, no read serves the erased data,
-  from the cache, the store or a write that was pending or in flight.
+* **Erasure is final** — once :meth:`Persistence.erase_user` or
+  :meth:`Persistence.erase_session` returns, no read on this instance serves
+  the erased data, whether from the cache, the store, or a write that was
+  pending or in flight; only writes made after the erase are served.
 * **Instances converge** — a profile's cached view adopts what each of this
   instance's profile writes committed (other instances' appends merged in)
   plus what this instance queued since. The adoption happens at the next

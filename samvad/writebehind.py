@@ -18,9 +18,9 @@ flushes writes to the store:
   successful ping replays everything. No store error ever reaches a caller.
 * **Shutdown** — :meth:`close` flushes what is pending within a deadline.
 * **Reads** — :meth:`WriteBehind.read` reads the store consistently with the
-  queue: never behind a pending erase, again if an erase comes in during the
-  read, and with the writes to lay over the result (those pending before the
-  read included, though they may be confirmed while it runs).
+  queue: not while an erase of what it reads is pending, again if an erase
+  comes in during the read, and with the writes to lay over the answer (those
+  pending before the read included, though they may be confirmed meanwhile).
 * **Commits** — the profile each profile write committed (other instances'
   appends merged in) is kept for the layer above to take
   (:meth:`WriteBehind.take_committed_profiles`) unless an erase covers it.
