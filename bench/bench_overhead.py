@@ -441,6 +441,9 @@ def summarize(
         "load1": [r["load1"] for pair in zip(a, b, strict=True) for r in pair],
         "runs": runs,
     }
+    fit = writes_fit(a)
+    if fit is not None:
+        out["samvad_writes_fit"] = fit
     if throughput:
         tp = [round(x[throughput] / y[throughput], 2) for x, y in zip(a, b, strict=True)]
         out[throughput] = {
@@ -450,6 +453,36 @@ def summarize(
         out["throughput_ratio"] = tp
         out["throughput_ratio_median"] = statistics.median(tp)
     return out
+
+
+def writes_fit(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """CPU per request against store writes per request, fitted over the windows.
+
+    The write-behind coalesces the writes of one document within its flush
+    interval, so the faster the server, the fewer writes per request, and a
+    write of a full history is not cheap: CPU per request = request path +
+    writes per request x CPU per write. With windows at different write
+    ratios, a least-squares line separates the two (an indication: three
+    noisy points); None when the ratios are too close to tell.
+    """
+    points = [
+        (r["store_writes_per_request"], r["cpu_us_per_request"])
+        for r in runs
+        if r.get("store_writes_per_request") is not None and r.get("cpu_us_per_request")
+    ]
+    if len(points) < 2:
+        return None
+    xs = [x for x, _ in points]
+    if max(xs) - min(xs) < 0.2:
+        return None
+    mx = statistics.fmean(xs)
+    my = statistics.fmean(y for _, y in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+    return {
+        "us_per_store_write": round(slope, 1),
+        "us_per_request_without_writes": round(my - slope * mx, 1),
+        "points": points,
+    }
 
 
 # -- profiles ------------------------------------------------------------------------
