@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/bench_overhead.py --json bench/results/overhead.json
 
-(about 2.5 minutes; ``--profile DIR`` instead records py-spy profiles of the
-Samvad server, see below). Two servers run side by side, each in its own
+(6 minutes at a load average of 15 on two cores, 2 of them filling histories;
+less on a quieter machine. ``--profile DIR`` instead records py-spy profiles
+of the Samvad server, see below.) Two servers run side by side, each in its own
 process, both exactly as ``samvad serve`` runs an app (``SamvadServer``:
 uvicorn with uvloop and httptools, the same options, the same
 garbage-collector tuning at start-up) with logging at WARNING:
