@@ -27,14 +27,17 @@ interleaved), a window of ``--window`` seconds each after a warm-up:
   users new to each window (histories of 0 or 1 message; every append
   gets a write of its own);
 * ``post_history_full``: the same over 100 users whose histories were first
-  filled to the 100-message cap (every append trims one; each user gets many
-  appends per flush interval, so the write-behind coalesces them);
+  filled to the 100-message cap (every append trims one). How many appends
+  of one user a flush takes together depends on the throughput reached, so
+  the report gives Samvad's store writes per request (from its
+  ``samvad_store_writes_total``) and, when the windows differ enough, a line
+  fitted through them that separates the CPU per write from the rest;
 * ``ws_message``: 1,000 WebSocket connections, each sending a ``message``,
   reading Samvad's ``ack``, ``reply.start``, one ``reply.chunk`` and
   ``reply.end`` (the user's message and the reply appended to the user's
   history and written behind), then the next (B: one JSON frame echoed).
-  With 1,000 users each gets a message or two per flush interval at any
-  rate this machine reaches, so nearly every exchange has its own write;
+  With 1,000 users each sends at most about one message per flush interval
+  at the rates this machine reaches, so most exchanges get a write of their own;
 * ``ws_idle_memory``: RSS growth per idle WebSocket connection (A: after
   ``start``/``started``; B: after one echo), 1,000 more connections per
   repetition, held open.
