@@ -20,6 +20,7 @@ from samvad.errors import ConfigError
 StoreMode = Literal["auto", "firestore", "memory"]
 LogFormat = Literal["text", "json"]
 AuthMode = Literal["off", "firebase"]
+DemoMode = Literal["auto", "on", "off"]
 
 _T = TypeVar("_T")
 
@@ -97,10 +98,18 @@ class Settings:
     #: Service API keys; kept out of ``repr`` so that logging settings never shows them.
     api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     cors_origins: tuple[str, ...] = ()
+    #: Browser origins allowed to open ``/ws`` besides ``cors_origins`` and the server's own.
+    ws_origins: tuple[str, ...] = ()
     refresh_rate_per_minute: int = 5
     delete_rate_per_minute: int = 30
     #: One log line per HTTP request (method, route, status, duration, ids).
     access_log: bool = False
+
+    # The demo page (``/demo``)
+    #: ``auto``: served in local mode only (auth off, or no Firestore); ``on``/``off`` force it.
+    demo: DemoMode = "auto"
+    #: The Firebase Web API key the demo page signs in with (a public identifier, not a secret).
+    demo_firebase_api_key: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -188,6 +197,7 @@ class Settings:
             auth_emulator_host=env.optional("FIREBASE_AUTH_EMULATOR_HOST"),
             api_keys=env.secrets("SAMVAD_API_KEYS", min_length=MIN_API_KEY_LENGTH),
             cors_origins=env.items("SAMVAD_CORS_ORIGINS"),
+            ws_origins=env.items("SAMVAD_WS_ORIGINS"),
             refresh_rate_per_minute=env.integer(
                 "SAMVAD_REFRESH_RATE_PER_MINUTE", d.refresh_rate_per_minute, lo=1
             ),
@@ -195,6 +205,8 @@ class Settings:
                 "SAMVAD_DELETE_RATE_PER_MINUTE", d.delete_rate_per_minute, lo=1
             ),
             access_log=env.flag("SAMVAD_ACCESS_LOG", d.access_log),
+            demo=cast(DemoMode, env.choice("SAMVAD_DEMO", d.demo, ("auto", "on", "off"))),
+            demo_firebase_api_key=env.optional("SAMVAD_DEMO_FIREBASE_API_KEY"),
         )._checked()
 
     def replace(self, **changes: object) -> Settings:
@@ -213,6 +225,20 @@ class Settings:
                 "set SAMVAD_AUTH_PROJECT (or GOOGLE_CLOUD_PROJECT)"
             )
         return self
+
+    @property
+    def demo_enabled(self) -> bool:
+        """Whether ``/demo`` is served.
+
+        ``auto`` means local mode: auth off, or no production Firestore (the
+        memory store, or an emulator — the embedded one included).
+        """
+        if self.demo != "auto":
+            return self.demo == "on"
+        uses_firestore = self.store == "firestore" or (
+            self.store == "auto" and self.firestore_configured
+        )
+        return self.auth == "off" or not uses_firestore or self.emulator_host is not None
 
     @property
     def firestore_configured(self) -> bool:

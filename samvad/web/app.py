@@ -31,7 +31,7 @@ from samvad.web import realtime, rest
 from samvad.web.auth import FirebaseTokenVerifier
 from samvad.web.http_errors import EXCEPTION_HANDLERS
 from samvad.web.metrics import CONTENT_TYPE, Metrics
-from samvad.web.middleware import RequestContextMiddleware
+from samvad.web.middleware import RequestContextMiddleware, WebSocketOriginMiddleware
 from samvad.web.services import Services, services
 from samvad.web.wire import status_fields
 
@@ -203,4 +203,10 @@ def _middleware(settings: Settings, metrics: Metrics) -> list[Middleware]:
                 max_age=600,
             )
         )
+    stack.append(
+        Middleware(
+            WebSocketOriginMiddleware,
+            allowed_origins=(*settings.cors_origins, *settings.ws_origins),
+        )
+    )
     return stack
