@@ -27,7 +27,7 @@ from samvad.ratelimit import RateLimits
 from samvad.stores.base import HistoryBounds, Store
 from samvad.stores.firestore import FirestoreStore
 from samvad.stores.memory import MemoryStore
-from samvad.web import realtime, rest
+from samvad.web import demo, realtime, rest
 from samvad.web.auth import FirebaseTokenVerifier
 from samvad.web.http_errors import EXCEPTION_HANDLERS
 from samvad.web.metrics import CONTENT_TYPE, Metrics
@@ -163,6 +163,7 @@ def create_app(
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *rest.routes(),
         *realtime.routes(),
+        *demo.routes(settings),
     ]
     return Starlette(
         routes=routes,
