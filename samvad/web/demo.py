@@ -27,7 +27,8 @@ EMULATOR_API_KEY = "demo-api-key"
 _GOOGLE_AUTH_ORIGINS = "https://identitytoolkit.googleapis.com https://securetoken.googleapis.com"
 
 
-def _firebase_config(settings: Settings) -> dict[str, Any] | None:
+def firebase_config(settings: Settings) -> dict[str, Any] | None:
+    """What the page needs to sign in anonymously (None with auth off)."""
     if settings.auth != "firebase":
         return None
     emulator = settings.auth_emulator_host
@@ -80,7 +81,7 @@ def routes(settings: Settings) -> list[BaseRoute]:
     async def config(request: Request) -> JSONResponse:
         """``GET /demo/config.json``: how the page signs in."""
         return JSONResponse(
-            {"auth": settings.auth, "firebase": _firebase_config(settings)},
+            {"auth": settings.auth, "firebase": firebase_config(settings)},
             headers={"Cache-Control": "no-store"},
         )
 

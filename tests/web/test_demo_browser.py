@@ -29,14 +29,16 @@ from google.cloud.firestore import AsyncClient
 from playwright.async_api import Browser, Page, async_playwright
 
 from samvad.config import Settings
-from samvad.models import Mode
+from samvad.errors import ConfigError
 from samvad.responder import EchoResponder
 from samvad.web.app import create_app
+from samvad.web.demo import firebase_config as demo_firebase_config
 from tests.support.auth_emulator import AuthEmulator
 from tests.support.firestore import emulator_missing
 from tests.support.metrics import scrape
 from tests.support.server import LiveServer, live_server
 
+REPO = Path(__file__).resolve().parents[2]
 #: Seconds any one thing may take to show up on the page.
 WAIT_MS = 15_000
 
@@ -143,7 +145,6 @@ async def screenshot(page: Page, name: str) -> None:
     """Save a screenshot for the docs when ``SAMVAD_DEMO_SCREENSHOTS`` names a directory."""
     target = os.environ.get("SAMVAD_DEMO_SCREENSHOTS")
     if target:
-        Path(target).mkdir(parents=True, exist_ok=True)
         await page.screenshot(path=str(Path(target) / name))
 
 
@@ -155,6 +156,92 @@ def _valve(server: LiveServer) -> Valve:
     valve = Valve()
     server.services.responder = EchoResponder(sleep=valve.sleep)
     return valve
+
+
+@pytest.mark.parametrize(
+    ("environ", "served"),
+    [
+        ({}, True),  # local: auth off, memory
+        ({"SAMVAD_AUTH": "firebase", "GOOGLE_CLOUD_PROJECT": "p"}, False),  # production
+        ({"SAMVAD_AUTH": "firebase", "GOOGLE_CLOUD_PROJECT": "p", "SAMVAD_DEMO": "on"}, True),
+        (
+            {
+                "SAMVAD_AUTH": "firebase",
+                "GOOGLE_CLOUD_PROJECT": "p",
+                "FIRESTORE_EMULATOR_HOST": "127.0.0.1:1",
+            },
+            True,  # the local emulator (the embedded store too)
+        ),
+        ({"SAMVAD_STORE": "memory", "SAMVAD_AUTH": "firebase", "SAMVAD_AUTH_PROJECT": "p"}, True),
+        ({"SAMVAD_DEMO": "off"}, False),
+    ],
+)
+def test_the_demo_is_served_in_local_mode_unless_configured(
+    environ: dict[str, str], served: bool
+) -> None:
+    assert Settings.from_env(environ).demo_enabled is served
+
+
+def test_demo_and_origin_settings_are_read_from_the_environment() -> None:
+    settings = Settings.from_env(
+        {
+            "SAMVAD_WS_ORIGINS": "https://a.example, https://b.example",
+            "SAMVAD_DEMO_FIREBASE_API_KEY": "AIza-public-web-key",
+        }
+    )
+    assert settings.ws_origins == ("https://a.example", "https://b.example")
+    assert settings.demo_firebase_api_key == "AIza-public-web-key"
+    with pytest.raises(ConfigError, match="SAMVAD_DEMO"):
+        Settings.from_env({"SAMVAD_DEMO": "sometimes"})
+
+
+async def test_the_page_and_its_files_are_served_with_a_strict_policy() -> None:
+    async with (
+        live_server(create_app(_settings())) as server,
+        httpx.AsyncClient(base_url=server.url) as http,
+    ):
+        page = await http.get("/demo")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        policy = page.headers["content-security-policy"]
+        assert "script-src 'self'" in policy and "default-src 'none'" in policy
+        assert "frame-ancestors 'none'" in policy
+        assert (await http.get("/demo/", follow_redirects=False)).status_code == 308
+        module = await http.get("/demo/static/samvad.js")
+        assert module.status_code == 200
+        assert "javascript" in module.headers["content-type"]
+        # The client the package serves is the one in clients/js.
+        assert module.text == (REPO / "clients" / "js" / "samvad.js").read_text()
+        assert module.headers["x-content-type-options"] == "nosniff"
+        assert (await http.get("/demo/config.json")).json() == {"auth": "off", "firebase": None}
+        for escape in ("/demo/static/../demo.py", "/demo/static/%2e%2e/demo.py", "/demo/nope"):
+            assert (await http.get(escape)).status_code == 404, escape
+
+
+async def test_the_page_is_not_served_when_off() -> None:
+    async with (
+        live_server(create_app(_settings(demo="off"))) as server,
+        httpx.AsyncClient(base_url=server.url) as http,
+    ):
+        for path in ("/demo", "/demo/config.json", "/demo/static/samvad.js"):
+            assert (await http.get(path)).status_code == 404, path
+
+
+def test_with_auth_the_page_signs_in_on_the_auth_emulator_or_google() -> None:
+    emulated = Settings(auth="firebase", auth_project="p", auth_emulator_host="127.0.0.1:9099")
+    assert demo_firebase_config(emulated) == {
+        "projectId": "p",
+        "apiKey": "demo-api-key",
+        "authEmulatorHost": "127.0.0.1:9099",
+    }
+    real = Settings(auth="firebase", auth_project="p", demo_firebase_api_key="AIza-key")
+    assert demo_firebase_config(real) == {
+        "projectId": "p",
+        "apiKey": "AIza-key",
+        "authEmulatorHost": None,
+    }
+    # No key: the page says so instead of signing in against Google with a made-up key.
+    assert demo_firebase_config(real.replace(demo_firebase_api_key=None))["apiKey"] is None
 
 
 async def test_a_chat_exchange_streams_the_reply(page: Page) -> None:
@@ -191,18 +278,17 @@ async def test_a_barge_in_stores_only_what_was_heard(
 ) -> None:
     user = _user()
     settings = _settings(
-        store="firestore", emulator_host=firestore_emulator, project=firestore_project,
+        store="firestore",
+        emulator_host=firestore_emulator,
+        project=firestore_project,
         flush_linger=0.0,
     )
     async with live_server(create_app(settings)) as server:
         valve = _valve(server)
-        # A loaded machine may answer the first Firestore probe late: start from
-        # Firestore mode, which the page then shows.
-        async with asyncio.timeout(60):
-            while server.services.persistence.status().mode is not Mode.FIRESTORE:
-                await asyncio.sleep(0.1)
         await open_demo(page, server.url, user)
-        await page.wait_for_selector('#persistence[data-mode="firestore"]', timeout=WAIT_MS)
+        # A loaded machine may answer the first Firestore probe late (memory mode
+        # until then); the page polls /healthz and shows the mode once it changed.
+        await page.wait_for_selector('#persistence[data-mode="firestore"]', timeout=60_000)
         await page.evaluate("window.samvadDemo.enableVoice({simulated: true})")
         valve.hold(passes=8)
         await send(page, "Tell me everything about home loans please")
@@ -325,7 +411,9 @@ async def test_anonymous_sign_in_and_a_reload_shows_the_history(
 PAGE_OPENING_A_SOCKET = """<!doctype html><title>pending</title><script>
 const ws = new WebSocket(%r);
 ws.onopen = () => { document.title = "open"; ws.close(); };
-ws.onclose = (event) => { if (document.title !== "open") document.title = "refused " + event.code; };
+ws.onclose = (event) => {
+  if (document.title !== "open") document.title = "refused " + event.code;
+};
 </script>"""
 
 
