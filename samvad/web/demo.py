@@ -1,4 +1,4 @@
-"""The demo page (``/demo``): chat and voice in the browser, with no build step.
+"""The demo page (``/demo/``): chat and voice in the browser, with no build step.
 
 Static files from the package (``samvad/web/static``): the page, its script and
 style, and the JavaScript client (``clients/js/samvad.js``, linked into the
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
@@ -68,15 +68,12 @@ def routes(settings: Settings) -> list[BaseRoute]:
         return []
 
     async def page(request: Request) -> Response:
-        """``GET /demo``: the demo page."""
+        """``GET /demo/``: the demo page (``/demo`` redirects here)."""
         return FileResponse(
             STATIC / "index.html",
             media_type="text/html; charset=utf-8",
             headers=_security_headers(settings, request),
         )
-
-    async def slash(request: Request) -> Response:
-        return RedirectResponse("/demo", status_code=308)
 
     async def config(request: Request) -> JSONResponse:
         """``GET /demo/config.json``: how the page signs in."""
@@ -98,9 +95,15 @@ def routes(settings: Settings) -> list[BaseRoute]:
 
         await static(scope, receive, send_with_headers)
 
+    # One mounted sub-application: static, public files, outside the REST API
+    # (its OpenAPI document and security matrix cover the API routes).
     return [
-        Route("/demo", page, methods=["GET"]),
-        Route("/demo/", slash, methods=["GET"]),
-        Route("/demo/config.json", config, methods=["GET"]),
-        Mount("/demo/static", app=assets),
+        Mount(
+            "/demo",
+            routes=[
+                Route("/", page, methods=["GET"]),
+                Route("/config.json", config, methods=["GET"]),
+                Mount("/static", app=assets),
+            ],
+        )
     ]

@@ -107,7 +107,7 @@ def _settings(**overrides: Any) -> Settings:
 async def open_demo(page: Page, base_url: str, user: str | None = None) -> None:
     """Load the demo and wait until its session has started."""
     query = f"?user={user}" if user else ""
-    await page.goto(f"{base_url}/demo{query}")
+    await page.goto(f"{base_url}/demo/{query}")
     await page.evaluate("window.samvadDemo.ready")
     await page.wait_for_selector('#connection[data-status="open"]', timeout=WAIT_MS)
 
@@ -200,13 +200,13 @@ async def test_the_page_and_its_files_are_served_with_a_strict_policy() -> None:
         live_server(create_app(_settings())) as server,
         httpx.AsyncClient(base_url=server.url) as http,
     ):
-        page = await http.get("/demo")
+        page = await http.get("/demo", follow_redirects=True)
         assert page.status_code == 200
+        assert page.url.path == "/demo/"
         assert page.headers["content-type"].startswith("text/html")
         policy = page.headers["content-security-policy"]
         assert "script-src 'self'" in policy and "default-src 'none'" in policy
         assert "frame-ancestors 'none'" in policy
-        assert (await http.get("/demo/", follow_redirects=False)).status_code == 308
         module = await http.get("/demo/static/samvad.js")
         assert module.status_code == 200
         assert "javascript" in module.headers["content-type"]
@@ -223,7 +223,7 @@ async def test_the_page_is_not_served_when_off() -> None:
         live_server(create_app(_settings(demo="off"))) as server,
         httpx.AsyncClient(base_url=server.url) as http,
     ):
-        for path in ("/demo", "/demo/config.json", "/demo/static/samvad.js"):
+        for path in ("/demo", "/demo/", "/demo/config.json", "/demo/static/samvad.js"):
             assert (await http.get(path)).status_code == 404, path
 
 
