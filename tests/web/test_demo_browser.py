@@ -249,7 +249,8 @@ async def test_a_chat_exchange_streams_the_reply(page: Page) -> None:
     async with live_server(create_app(_settings())) as server:
         valve = _valve(server)
         await open_demo(page, server.url, user)
-        assert await page.text_content("#persistence") == "persistence: memory"
+        badge = await page.wait_for_selector('#persistence[data-mode="memory"]', timeout=WAIT_MS)
+        assert badge is not None and await badge.text_content() == "persistence: memory"
         valve.hold(passes=3)
         await send(page, "What documents do I need?")
         partial = await wait_for_reply_text(page, 1)
