@@ -1,8 +1,9 @@
-"""Request context for every HTTP request and WebSocket: a request id, log
-context and metrics.
+"""Pure ASGI middleware: the request context of every HTTP request and
+WebSocket (a request id, log context and metrics), and the ``Origin`` check of
+WebSocket handshakes (:class:`WebSocketOriginMiddleware`).
 
-A pure ASGI middleware (no per-request objects beyond a closure; another
-engineer benchmarks the REST hot path): it takes the client's ``X-Request-ID``
+The request context (no per-request objects beyond a closure; another
+engineer benchmarks the REST hot path) takes the client's ``X-Request-ID``
 when it is a sane id or makes one, echoes it on the response, exposes it to log
 records (``samvad.logs``) for the duration of the request, and records the
 request's latency by route *template* in :class:`samvad.web.metrics.Metrics`.
