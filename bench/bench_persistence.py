@@ -4,10 +4,11 @@
 
 1. cached state read: ``await persistence.get_state(user)`` on a cache hit;
 2. append one message: ``persistence.append_message(...)`` (memory + queue);
-3. a service-level conversation turn, what the WebSocket layer does for one
-   exchange minus the frames: the user's message appended, the session
-   touched, the assistant's reply appended, the user's state updated, and an
-   interruption pushed and read back;
+3. a service-level conversation turn through the use-case layer
+   (``samvad.service``), the calls the WebSocket glue makes for one exchange
+   minus the frames: the user's message recorded, the session touched, the
+   assistant's reply recorded, the user's state updated, and an interruption
+   pushed and read back;
 4. Firestore writes issued while one user appends 100 messages at 10 messages/s
    (real time, 10 s), against 100 for one write per message. With ``--emulator``
    the store is the real Firestore emulator (started here unless
@@ -42,6 +43,8 @@ from samvad.firestore_client import make_client
 from samvad.interruptions import Interruption, InterruptionStack
 from samvad.models import Role
 from samvad.persistence import Persistence
+from samvad.principal import ANONYMOUS
+from samvad.service import SessionService
 from samvad.stores.base import HistoryBounds, Store
 from samvad.stores.firestore import FirestoreStore
 from samvad.stores.memory import MemoryStore
@@ -92,7 +95,7 @@ async def hot_path(p: Persistence, iterations: int, gc_mode: str) -> dict[str, o
     users = [f"user-{i}" for i in range(USERS)]
     sessions = [f"session-{i}" for i in range(USERS)]
     await warm(p, users, sessions)
-    stack = InterruptionStack()
+    service = SessionService(p, InterruptionStack())
     at = datetime.now(UTC)
     reads: list[int] = []
     appends: list[int] = []
@@ -116,13 +119,15 @@ async def hot_path(p: Persistence, iterations: int, gc_mode: str) -> dict[str, o
             user, session = users[i % USERS], sessions[i % USERS]
             seq += 2
             start = clock()
-            p.append_message(user, role=Role.USER, content=QUESTION, session_id=session, seq=seq)
-            await p.touch_session(session)
-            message = p.append_message(
-                user, role=Role.ASSISTANT, content=ANSWER, session_id=session, seq=seq + 1
+            service.record_message(user, session, role=Role.USER, content=QUESTION, seq=seq)
+            await service.touch_session(session)
+            message = service.record_message(
+                user, session, role=Role.ASSISTANT, content=ANSWER, seq=seq + 1
             )
-            p.save_state(user, {"conversationContext": {"topic": "loans", "turn": seq}})
-            stack.push(
+            await service.save_state(
+                ANONYMOUS, user, {"conversationContext": {"topic": "loans", "turn": seq}}
+            )
+            service.push_interruption(
                 Interruption(
                     session_id=session,
                     user_id=user,
@@ -133,7 +138,7 @@ async def hot_path(p: Persistence, iterations: int, gc_mode: str) -> dict[str, o
                     message_id=message.id,
                 )
             )
-            stack.recent(session)
+            service.interruptions.recent(session)
             turns.append(clock() - start)
     finally:
         restore_gc()

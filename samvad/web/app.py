@@ -22,8 +22,10 @@ from samvad.clock import Clock, SystemClock
 from samvad.config import Settings
 from samvad.firestore_client import client_from_settings
 from samvad.interruptions import InterruptionStack
+from samvad.models import Role
 from samvad.persistence import Persistence
 from samvad.ratelimit import RateLimits
+from samvad.service import SessionService
 from samvad.stores.base import HistoryBounds, Store
 from samvad.stores.firestore import FirestoreStore
 from samvad.stores.memory import MemoryStore
@@ -118,16 +120,27 @@ def create_app(
                     store, settings=settings, clock=clock, on_flush=metrics.observe_flush
                 )
                 await persistence.start()
+                interruptions = InterruptionStack()
+                limits = RateLimits.from_settings(settings, clock.monotonic)
+                service = SessionService(
+                    persistence,
+                    interruptions,
+                    settings=settings,
+                    limits=limits,
+                    observer=_MetricsObserver(metrics),
+                )
                 svc = Services(
                     settings=settings,
                     persistence=persistence,
-                    interruptions=InterruptionStack(),
+                    interruptions=interruptions,
                     started_at=clock.now(),
+                    service=service,
                     verify_token=verifier.verify if verifier is not None else None,
-                    limits=RateLimits.from_settings(settings, clock.monotonic),
+                    limits=limits,
                     metrics=metrics,
                 )
                 svc.hub = realtime.Hub(svc)
+                service.bind_live(svc.hub)
                 app.state.services = svc
                 metrics.bind(svc)
                 sweeper = asyncio.create_task(
@@ -171,6 +184,22 @@ def create_app(
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )
+
+
+class _MetricsObserver:
+    """What the use cases count, as Prometheus metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def message_stored(self, role: Role, transport: str) -> None:
+        self._metrics.messages.labels(role.value, transport).inc()
+
+    def interruption_pushed(self) -> None:
+        self._metrics.interruptions.inc()
+
+    def rate_limited(self, limit: str) -> None:
+        self._metrics.rate_limited.labels(limit).inc()
 
 
 def _open_verifier(settings: Settings, clock: Clock) -> FirebaseTokenVerifier | None:

@@ -21,13 +21,11 @@ logged. Missing or invalid credentials are :class:`~samvad.errors.Unauthorized`
 from __future__ import annotations
 
 import asyncio
-import enum
 import hashlib
 import hmac
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import firebase_admin
@@ -38,8 +36,20 @@ from google.auth.credentials import AnonymousCredentials
 
 from samvad.clock import Clock
 from samvad.config import Settings
-from samvad.errors import AuthUnavailable, ConfigError, Forbidden, Unauthorized
+from samvad.errors import AuthUnavailable, ConfigError, Unauthorized
+from samvad.principal import ANONYMOUS, SERVICE, Principal, PrincipalKind
 from samvad.web.services import TokenVerifier
+
+__all__ = [
+    "ANONYMOUS",
+    "SERVICE",
+    "FirebaseTokenVerifier",
+    "Principal",
+    "PrincipalKind",
+    "api_key_matches",
+    "authenticate",
+    "authenticate_start",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,53 +63,6 @@ CLOCK_SKEW_SECONDS = 10
 TOKEN_CACHE_SIZE = 10_000
 
 _INVALID_TOKEN = "The ID token is not valid."
-
-
-class PrincipalKind(enum.Enum):
-    """The kinds of caller."""
-
-    USER = "user"
-    SERVICE = "service"
-    #: Authentication is off: anyone may act for any user.
-    ANONYMOUS = "anonymous"
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """An authenticated caller: a user (with their ``uid``) or the service."""
-
-    kind: PrincipalKind
-    uid: str | None = None
-
-    @classmethod
-    def user(cls, uid: str) -> Principal:
-        """The end user ``uid`` (a verified Firebase ID token)."""
-        return cls(PrincipalKind.USER, uid)
-
-    @property
-    def is_user(self) -> bool:
-        """True for an end user, who may only touch their own data."""
-        return self.kind is PrincipalKind.USER
-
-    def may_act_for(self, user_id: str | None) -> bool:
-        """Whether this caller may read or change ``user_id``'s data."""
-        return self.kind is not PrincipalKind.USER or self.uid == user_id
-
-    def require_user(self, user_id: str | None) -> None:
-        """Raise :class:`Forbidden` unless this caller may act for ``user_id``."""
-        if not self.may_act_for(user_id):
-            raise Forbidden("These credentials do not give access to another user's data.")
-
-    def require_service(self) -> None:
-        """Raise :class:`Forbidden` for end users (service-only endpoints)."""
-        if self.kind is PrincipalKind.USER:
-            raise Forbidden("Only a service API key may use this endpoint.")
-
-
-#: The trusted server-to-server caller (a valid API key).
-SERVICE = Principal(PrincipalKind.SERVICE)
-#: Every caller while authentication is off.
-ANONYMOUS = Principal(PrincipalKind.ANONYMOUS)
 
 
 def _digest(value: str) -> bytes:

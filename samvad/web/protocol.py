@@ -47,6 +47,7 @@ class CloseCode(IntEnum):
     UNAUTHORIZED = 4401  # missing or invalid token
     FORBIDDEN = 4403  # the token is for another user
     IDLE_TIMEOUT = 4408  # no frame for ``ws_idle_timeout`` s, or no start in ``ws_start_timeout`` s
+    SESSION_ERASED = 4410  # the session (or its user) was erased: deleted or refreshed
 
 
 class ErrorCode(StrEnum):

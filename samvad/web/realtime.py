@@ -25,13 +25,15 @@ from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from samvad.clock import to_iso
-from samvad.errors import BacklogFull, Forbidden, SamvadError, Unauthorized
+from samvad.errors import BacklogFull, Forbidden, NotFound, SamvadError, Unauthorized
 from samvad.interruptions import Interruption
 from samvad.logs import bind_log_context
-from samvad.models import Message, Role
+from samvad.models import Message, Role, UserState
 from samvad.persistence import new_id
-from samvad.responder import ReplyContext, Responder, load_responder
-from samvad.web.auth import Principal, authenticate_start
+from samvad.principal import ANONYMOUS, Principal
+from samvad.responder import Responder, load_responder
+from samvad.service import ensure_owner
+from samvad.web.auth import authenticate_start
 from samvad.web.protocol import (
     MAX_HISTORY_LIMIT,
     Close,
@@ -140,18 +142,17 @@ class SessionChannel:
     def append(self, role: Role, content: str, *, interrupted: bool = False) -> Message:
         """Store a message with the session's next sequence number (may raise BacklogFull)."""
         seq = self.last_seq + 1
-        message = self.hub.persistence.append_message(
+        message = self.hub.service.record_message(
             self.user_id,
+            self.session_id,
             role=role,
             content=content,
-            session_id=self.session_id,
             interrupted=interrupted,
             seq=seq,
         )
         self.last_seq = seq
-        self.hub.remember_seq(self.session_id, seq)
+        self.hub.remember_seq(self.session_id, self.user_id, seq)
         self.recent.append(message)
-        self.hub.count_message(role)
         return message
 
     def _append_reply(self, reply: _Reply, content: str, *, interrupted: bool) -> Message | None:
@@ -198,19 +199,8 @@ class SessionChannel:
         self, reply: _Reply, user_message: Message, interruption: Interruption | None
     ) -> None:
         hub = self.hub
-        persistence = hub.persistence
-        state = await persistence.get_state(self.user_id)
-        history = await persistence.recent_history(self.user_id, REPLY_HISTORY)
-        session = persistence.sessions.peek(self.session_id)
-        context = ReplyContext(
-            user_id=self.user_id,
-            session_id=self.session_id,
-            message=user_message.content,
-            history=history,
-            state=dict(state.data) if state is not None else {},
-            language=session.value.language if session is not None else None,
-            interruption=interruption,
-            interruptions=hub.interruptions.recent(self.session_id),
+        context = await hub.service.reply_context(
+            self.user_id, self.session_id, message=user_message.content, interruption=interruption
         )
         complete = True
         stream = hub.responder.reply(context)
@@ -330,28 +320,22 @@ class SessionChannel:
         return False
 
     def _push(self, reason: str, *, heard: str, cut: str, message: Message | None) -> None:
-        hub = self.hub
         interruption = Interruption(
             session_id=self.session_id,
             user_id=self.user_id,
-            at=hub.clock.now(),
+            at=self.hub.clock.now(),
             reason=reason,
             heard=heard,
             cut=cut,
             message_id=message.id if message is not None else None,
         )
-        hub.interruptions.push(interruption)
-        hub.count_interruption()
         self.pending_interruption = interruption
-        try:
-            hub.persistence.record_interruption(interruption)
-        except BacklogFull:
-            logger.warning("write backlog full: interruption of %s not persisted", self.session_id)
+        self.hub.service.push_interruption(interruption)
 
     # -- end -----------------------------------------------------------------------
 
-    async def end(self) -> None:
-        """End the session for every device attached to it (``end`` frame)."""
+    def end(self) -> None:
+        """End the session for every device attached to it (``end`` frame, REST ``end``)."""
         self.ended = True
         self.interrupt(reason="session_end", push_context=False)
         for connection in list(self.connections):
@@ -359,10 +343,24 @@ class SessionChannel:
                 connection.proto.ended()
             connection.send(ended_frame(self.session_id))
             connection.close(CloseCode.NORMAL, "session ended")
-        self.hub.interruptions.forget_context(self.session_id)
-        with contextlib.suppress(BacklogFull):
-            await self.hub.persistence.end_session(self.session_id)
-        logger.info("session %s ended by its user %s", self.session_id, self.user_id)
+
+    def erase(self) -> None:
+        """The session's data was erased: cut the reply without storing or
+        sending it, forget what a resume would replay, close every device."""
+        self.ended = True  # nothing left to mark ended when the devices detach
+        if self.orphan_timer is not None:
+            self.orphan_timer.cancel()
+            self.orphan_timer = None
+        reply = self.reply
+        if reply is not None:
+            reply.finished = True
+            self.reply = None
+            if reply.task is not None:
+                reply.task.cancel()
+        self.pending_interruption = None
+        self.forget_messages()
+        for connection in list(self.connections):
+            connection.close(CloseCode.SESSION_ERASED, "session erased")
 
 
 class Connection:
@@ -382,6 +380,8 @@ class Connection:
         )
         self.queue: asyncio.Queue[str | _CloseRequest] = asyncio.Queue(maxsize=s.ws_send_queue)
         self.user_id: str | None = None
+        #: Who started the session on this connection (set by ``start``).
+        self.principal: Principal = ANONYMOUS
         self.channel: SessionChannel | None = None
         self.closing: _CloseRequest | None = None
         self.finished = asyncio.Event()
@@ -500,9 +500,12 @@ class Connection:
         elif isinstance(received, Interrupt):
             self._on_interrupt(received)
         elif isinstance(received, StateUpdate):
-            self._on_state(received)
+            await self._on_state(received)
         elif isinstance(received, End):
-            await self._session().end()
+            channel = self._session()
+            with contextlib.suppress(BacklogFull, NotFound):
+                await self.hub.service.end_session(self.principal, channel.session_id)
+            logger.info("session %s ended by its user %s", channel.session_id, channel.user_id)
 
     def _session(self) -> SessionChannel:
         channel = self.channel
@@ -512,30 +515,36 @@ class Connection:
 
     async def _on_start(self, frame: Start) -> None:
         hub = self.hub
-        if hub.settings.auth != "off":
-            await hub.authenticate(frame, self.ws.headers)
-        persistence = hub.persistence
+        principal = await hub.authenticate(frame, self.ws.headers)
         session_id = frame.session_id or new_id()
         bind_log_context(user_id=frame.user_id, session_id=session_id)
-        await persistence.save_session(
-            session_id, user_id=frame.user_id, language=frame.language, metadata=frame.metadata
+        snapshot = await hub.service.start(
+            principal,
+            user_id=frame.user_id,
+            session_id=session_id,
+            language=frame.language,
+            metadata=frame.metadata,
         )
-        state = await persistence.get_state(frame.user_id)
-        profile = await persistence.get_profile(frame.user_id)
         if self.closing is not None or hub.closing:
             return
-        history = profile.history if profile is not None else ()
         # From here on nothing awaits: the snapshot below and the frames that
         # follow it reach this connection in order.
-        channel = hub.attach(self, session_id=session_id, user_id=frame.user_id, history=history)
+        channel = hub.attach(
+            self,
+            session_id=session_id,
+            user_id=frame.user_id,
+            session_history=snapshot.session_history,
+        )
+        self.principal = principal
         self.proto.started()
         limit = min(frame.history_limit, MAX_HISTORY_LIMIT)
+        history = snapshot.history
         self.send(
             started_frame(
                 session_id=session_id,
                 user_id=frame.user_id,
-                mode=persistence.mode.value,
-                state=state,
+                mode=hub.persistence.mode.value,
+                state=snapshot.state,
                 history=history[-limit:] if limit else (),
                 last_seq=channel.last_seq,
                 resumed=frame.resume_from is not None,
@@ -544,7 +553,7 @@ class Connection:
         )
         if frame.resume_from is not None:
             plan = plan_resume(
-                itertools.chain(history, channel.recent),
+                itertools.chain(snapshot.session_history, channel.recent),
                 session_id=session_id,
                 last_seen=frame.resume_from,
                 current=channel.last_seq,
@@ -568,8 +577,7 @@ class Connection:
         self.send(ack_frame(message, frame.client_id))
         self.hub.notify_user(channel.user_id, message_frame(message), skip=self)
         channel.start_reply(message)
-        with contextlib.suppress(BacklogFull):
-            await self.hub.persistence.touch_session(channel.session_id)
+        await self.hub.service.touch_session(channel.session_id)
 
     def _on_interrupt(self, frame: Interrupt) -> None:
         done = self._session().interrupt(
@@ -581,10 +589,10 @@ class Connection:
         if not done:
             self.send(error_frame(ErrorCode.NOTHING_TO_INTERRUPT, "No reply is being streamed."))
 
-    def _on_state(self, frame: StateUpdate) -> None:
+    async def _on_state(self, frame: StateUpdate) -> None:
         channel = self._session()
-        state = self.hub.persistence.save_state(channel.user_id, frame.state)
-        self.hub.notify_user(channel.user_id, state_frame(state))
+        # Every device of the user hears of it (LiveSessions.state_changed).
+        await self.hub.service.save_state(self.principal, channel.user_id, frame.state)
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -644,6 +652,7 @@ class Hub:
 
     def __init__(self, services: Services) -> None:
         self._services = services
+        self.service = services.service
         self.settings = services.settings
         self.persistence = services.persistence
         self.interruptions = services.interruptions
@@ -675,7 +684,8 @@ class Hub:
         self._connections: dict[Connection, None] = {}
         self._by_user: dict[str, dict[Connection, None]] = {}
         self._channels: dict[str, SessionChannel] = {}
-        self._seqs: OrderedDict[str, int] = OrderedDict()
+        # The latest sequence number of recent sessions, and whose they were.
+        self._seqs: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         s = self.settings
         self.limits = {
@@ -713,12 +723,20 @@ class Hub:
         *,
         session_id: str,
         user_id: str,
-        history: Iterable[Message],
+        session_history: Iterable[Message],
     ) -> SessionChannel:
-        """Join ``connection`` to its session's channel (created on first use)."""
+        """Join ``connection`` to its session's channel (created on first use).
+
+        A live channel of another user is refused with :class:`Conflict`
+        (:func:`samvad.service.ensure_owner`), whatever the stored document says.
+        """
         channel = self._channels.get(session_id)
-        if channel is None:
-            seq = max(self._seqs.get(session_id, 0), last_seq(history, session_id))
+        if channel is not None:
+            ensure_owner(channel.user_id, user_id, session_id)
+        else:
+            remembered = self._seqs.get(session_id)
+            seq = remembered[1] if remembered is not None and remembered[0] == user_id else 0
+            seq = max(seq, last_seq(session_history, session_id))
             channel = SessionChannel(self, session_id=session_id, user_id=user_id, seq=seq)
             self._channels[session_id] = channel
         if channel.orphan_timer is not None:
@@ -747,8 +765,7 @@ class Hub:
             return
         if not channel.ended:
             # Closed without ``end``: the session ends, and a resume re-activates it.
-            with contextlib.suppress(BacklogFull):
-                await self.persistence.end_session(channel.session_id)
+            await self.service.session_left(channel.session_id)
         if channel.reply is not None and not channel.connections and channel.orphan_timer is None:
             if self.orphan_grace > 0:
                 loop = asyncio.get_running_loop()
@@ -767,14 +784,40 @@ class Hub:
         if self._channels.get(channel.session_id) is channel:
             del self._channels[channel.session_id]
 
-    def forget_user(self, user_id: str) -> None:
-        """A user's data was erased: drop the messages live sessions keep for resume."""
-        for channel in self._channels.values():
-            if channel.user_id == user_id:
-                channel.forget_messages()
+    # -- the live side of the use cases (samvad.service.LiveSessions) ------------------
 
-    def remember_seq(self, session_id: str, seq: int) -> None:
-        self._seqs[session_id] = seq
+    def owner(self, session_id: str) -> str | None:
+        """The user of the live channel of ``session_id``, if there is one."""
+        channel = self._channels.get(session_id)
+        return channel.user_id if channel is not None else None
+
+    def end(self, session_id: str) -> None:
+        """End the live channel of ``session_id`` (REST ``end`` and the ``end`` frame)."""
+        channel = self._channels.get(session_id)
+        if channel is not None:
+            channel.end()
+
+    def erase_session(self, session_id: str) -> None:
+        """Close and forget the live side of an erased session."""
+        self._seqs.pop(session_id, None)
+        channel = self._channels.pop(session_id, None)
+        if channel is not None:
+            channel.erase()
+            logger.info("live session %s erased", session_id)
+
+    def erase_user(self, user_id: str) -> None:
+        """Close and forget the live sessions of an erased user."""
+        for session_id in [s for s, c in self._channels.items() if c.user_id == user_id]:
+            self.erase_session(session_id)
+        for session_id in [s for s, (owner, _) in self._seqs.items() if owner == user_id]:
+            del self._seqs[session_id]
+
+    def state_changed(self, state: UserState) -> None:
+        """Send the user's new state to every connection of theirs."""
+        self.notify_user(state.user_id, state_frame(state))
+
+    def remember_seq(self, session_id: str, user_id: str, seq: int) -> None:
+        self._seqs[session_id] = (user_id, seq)
         self._seqs.move_to_end(session_id)
         if len(self._seqs) > _REMEMBERED_SESSIONS:
             self._seqs.popitem(last=False)
@@ -805,17 +848,14 @@ class Hub:
             connection.send_text(text)
 
     async def authenticate(self, frame: Start, headers: Mapping[str, str]) -> Principal:
-        """Check the start frame's token or the upgrade's API key (``settings.auth`` is on).
+        """Who sent ``frame``: its token, or the upgrade's API key (anyone with auth off).
 
-        Raises :class:`Unauthorized` for missing or invalid credentials and
-        :class:`Forbidden` when they belong to another user than ``userId``.
+        Raises :class:`Unauthorized` for missing or invalid credentials; whether
+        they may act for ``userId`` is the use case's rule (``Forbidden``).
         """
-        principal = await authenticate_start(
+        return await authenticate_start(
             self.settings, self._services.verify_token, token=frame.token, headers=headers
         )
-        if not principal.may_act_for(frame.user_id):
-            raise Forbidden("The token was issued for another user.")
-        return principal
 
     # -- metrics ---------------------------------------------------------------------
 
@@ -833,16 +873,6 @@ class Hub:
             return
         if code == ErrorCode.RATE_LIMITED and self.metrics is not None:
             self.metrics.rate_limited.labels("websocket").inc()
-
-    def count_message(self, role: Role) -> None:
-        """One message stored on a WebSocket session."""
-        if self.metrics is not None:
-            self.metrics.messages.labels(role.value, "websocket").inc()
-
-    def count_interruption(self) -> None:
-        """One interruption context pushed (a barge-in)."""
-        if self.metrics is not None:
-            self.metrics.interruptions.inc()
 
     # -- tasks -----------------------------------------------------------------------
 

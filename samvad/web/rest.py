@@ -18,8 +18,6 @@ read the global stats.
 
 from __future__ import annotations
 
-import contextlib
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,26 +27,20 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Scope
 
 from samvad.clock import to_iso
-from samvad.documents import STATE_SERVER_FIELDS
 from samvad.errors import (
-    BacklogFull,
     BadRequest,
-    Conflict,
     InvalidField,
-    NotFound,
-    PayloadTooLarge,
-    RateLimited,
 )
-from samvad.lifecycle import effective_status, idle_cutoff, list_user_sessions
 from samvad.logs import bind_log_context
 from samvad.models import Role, SessionStatus
-from samvad.ratelimit import RateLimiter
+from samvad.principal import Principal
+from samvad.service import SessionService
 from samvad.stores.base import SessionCursor
 from samvad.validation import check_id, check_object, check_session_id
 from samvad.web import openapi
-from samvad.web.auth import Principal, authenticate
+from samvad.web.auth import authenticate
 from samvad.web.requests_json import read_json_object
-from samvad.web.services import Services, services
+from samvad.web.services import services
 from samvad.web.wire import (
     jsonable,
     message_json,
@@ -91,28 +83,8 @@ async def _caller(request: Request) -> Principal:
     return await authenticate(svc.settings, svc.verify_token, request.headers)
 
 
-def _acts_for(principal: Principal, user_id: str) -> str:
-    """``user_id``, once ``principal`` is known to act for it (else :class:`Forbidden`)."""
-    principal.require_user(user_id)
-    bind_log_context(user_id=user_id)
-    return user_id
-
-
-async def _path_user(request: Request) -> str:
-    """The path's ``userId``, checked against the caller's credentials."""
-    principal = await _caller(request)
-    return _acts_for(principal, _user_id(request))
-
-
-def _rate_limit(svc: Services, limiter: RateLimiter | None, key: str) -> None:
-    if limiter is None:
-        return
-    try:
-        limiter.hit(key)
-    except RateLimited:
-        if svc.metrics is not None:
-            svc.metrics.rate_limited.labels(limiter.name).inc()
-        raise
+def _use_cases(request: Request) -> SessionService:
+    return services(request).service
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -147,52 +119,40 @@ def _language(value: Any) -> str | None:
     return value
 
 
-def _check_merged_size(limit: int, field: str, merged: Mapping[str, Any]) -> None:
-    """Refuse a merge that would grow a stored object past ``limit`` bytes of JSON."""
-    size = len(json.dumps(jsonable(merged), ensure_ascii=False, separators=(",", ":")).encode())
-    if size > limit:
-        raise PayloadTooLarge(f"{field} would grow to {size} bytes; at most {limit} are kept")
-
-
 # -- the original's endpoints --------------------------------------------------------
 
 
 async def save_state(request: Request) -> JSONResponse:
     """``POST /api/session/{userId}/state``: merge the body into the user's state."""
-    svc = services(request)
-    user_id = await _path_user(request)
+    principal = await _caller(request)
+    user_id = _user_id(request)
+    principal.require_user(user_id)
     body = check_object(await _body(request), "state")
-    data = {k: v for k, v in body.items() if k not in STATE_SERVER_FIELDS}
-    current = await svc.persistence.get_state(user_id)
-    merged = {**(current.data if current else {}), **data}
-    _check_merged_size(svc.settings.max_merged_object_bytes, "state", merged)
-    svc.persistence.save_state(user_id, data)
+    await _use_cases(request).save_state(principal, user_id, body)
     return ok(message="User state saved successfully", userId=user_id)
 
 
 async def get_state(request: Request) -> JSONResponse:
     """``GET /api/session/{userId}/state``."""
-    user_id = await _path_user(request)
-    state = await services(request).persistence.get_state(user_id)
-    if state is None:
-        raise NotFound("User state not found")
+    principal = await _caller(request)
+    user_id = _user_id(request)
+    state = await _use_cases(request).get_state(principal, user_id)
     return ok(userId=user_id, state=state_json(state))
 
 
 async def get_profile(request: Request) -> JSONResponse:
     """``GET /api/session/{userId}/profile``: the profile with its bounded history."""
-    user_id = await _path_user(request)
-    profile = await services(request).persistence.get_profile(user_id)
-    if profile is None:
-        raise NotFound("User profile not found")
+    principal = await _caller(request)
+    user_id = _user_id(request)
+    profile = await _use_cases(request).get_profile(principal, user_id)
     return ok(userId=user_id, profile=profile_json(profile))
 
 
 async def append_history(request: Request) -> JSONResponse:
     """``POST /api/session/{userId}/history``: append one message."""
-    svc = services(request)
-    persistence = svc.persistence
-    user_id = await _path_user(request)
+    principal = await _caller(request)
+    user_id = _user_id(request)
+    principal.require_user(user_id)
     body = await _body(request)
     role_raw = _required(body, "role")
     if not isinstance(role_raw, str):
@@ -208,19 +168,11 @@ async def append_history(request: Request) -> JSONResponse:
     if not content:
         raise InvalidField("content", "must not be empty")
     session_id = body.get("sessionId")
-    session = None
     if session_id is not None:
         session_id = check_session_id(session_id)
-        session = await persistence.get_session(session_id)
-        if session is not None and session.user_id and session.user_id != user_id:
-            raise Conflict(f"session {session_id} belongs to another user")
-    message = persistence.append_message(user_id, role=role, content=content, session_id=session_id)
-    if svc.metrics is not None:
-        svc.metrics.messages.labels(role.value, "rest").inc()
-    if session is not None and session_id is not None:
-        # Activity only; the message is in, so a full backlog must not fail the request.
-        with contextlib.suppress(BacklogFull):
-            await persistence.touch_session(session_id)
+    message = await _use_cases(request).append_message(
+        principal, user_id, role=role, content=content, session_id=session_id
+    )
     return ok(
         message="Message appended to history",
         userId=user_id,
@@ -231,26 +183,20 @@ async def append_history(request: Request) -> JSONResponse:
 
 async def create_session(request: Request) -> JSONResponse:
     """``POST /api/session/create``: create a session, or update and re-activate it."""
-    svc = services(request)
-    persistence = svc.persistence
     principal = await _caller(request)
     body = await _body(request)
     session_id = check_session_id(_required(body, "sessionId"))
-    user_id = _acts_for(principal, check_id(_required(body, "userId"), "userId"))
-    bind_log_context(session_id=session_id)
+    user_id = check_id(_required(body, "userId"), "userId")
+    principal.require_user(user_id)
+    bind_log_context(user_id=user_id, session_id=session_id)
     language = _language(body.get("language"))
     raw_metadata = body.get("metadata")
     metadata = check_object(raw_metadata, "metadata") if raw_metadata is not None else {}
     device = request.headers.get(DEVICE_HEADER)
     if device is not None:
         metadata["deviceId"] = check_id(device, "X-Device-ID")
-    existing = await persistence.get_session(session_id)
-    if existing is not None and existing.user_id and existing.user_id != user_id:
-        raise Conflict(f"session {session_id} belongs to another user")
-    merged = {**(existing.metadata if existing else {}), **metadata}
-    _check_merged_size(svc.settings.max_merged_object_bytes, "metadata", merged)
-    session = await persistence.save_session(
-        session_id, user_id=user_id, language=language, metadata=metadata
+    session = await _use_cases(request).create_session(
+        principal, session_id=session_id, user_id=user_id, language=language, metadata=metadata
     )
     return ok(
         message="Session created/updated successfully",
@@ -262,45 +208,25 @@ async def create_session(request: Request) -> JSONResponse:
 
 async def get_session(request: Request) -> JSONResponse:
     """``GET /api/session/{sessionId}``."""
-    persistence = services(request).persistence
     principal = await _caller(request)
     session_id = _session_id(request)
-    session = await persistence.get_session(session_id)
-    if session is None:
-        raise NotFound("Session not found")
-    _acts_for(principal, session.user_id)
-    status = effective_status(session, idle_cutoff(persistence))
+    session, status = await _use_cases(request).get_session(principal, session_id)
     return ok(session=session_json(session, status))
 
 
 async def end_session(request: Request) -> JSONResponse:
-    """``PUT /api/session/{sessionId}/end``."""
-    svc = services(request)
+    """``PUT /api/session/{sessionId}/end``: ends the live side too, as ``end`` does."""
     principal = await _caller(request)
     session_id = _session_id(request)
-    if principal.is_user:
-        owned = await svc.persistence.get_session(session_id)
-        if owned is None:
-            raise NotFound("Session not found")
-        _acts_for(principal, owned.user_id)
-    session = await svc.persistence.end_session(session_id)
-    if session is None:
-        raise NotFound("Session not found")
-    # The interruption context only serves the next reply of a live session.
-    svc.interruptions.forget_context(session_id)
+    await _use_cases(request).end_session(principal, session_id)
     return ok(message="Session ended successfully", sessionId=session_id)
 
 
 async def active_sessions(request: Request) -> JSONResponse:
     """``GET /api/session/user/{userId}/active``: active sessions, newest first."""
-    persistence = services(request).persistence
-    user_id = await _path_user(request)
-    cutoff = idle_cutoff(persistence)
-    sessions = [
-        s
-        for s in await persistence.active_sessions(user_id)
-        if effective_status(s, cutoff) is SessionStatus.ACTIVE
-    ]
+    principal = await _caller(request)
+    user_id = _user_id(request)
+    sessions = await _use_cases(request).active_sessions(principal, user_id)
     return ok(
         userId=user_id,
         count=len(sessions),
@@ -309,16 +235,11 @@ async def active_sessions(request: Request) -> JSONResponse:
 
 
 async def refresh_user(request: Request) -> JSONResponse:
-    """``POST /api/session/refresh``: erase everything of a user, pending writes included."""
-    svc = services(request)
+    """``POST /api/session/refresh``: erase everything of a user, live sessions included."""
     principal = await _caller(request)
     body = await _body(request)
-    user_id = _acts_for(principal, check_id(_required(body, "userId"), "userId"))
-    _rate_limit(svc, svc.limits.refresh if svc.limits else None, user_id)
-    erased = await svc.persistence.erase_user(user_id)
-    interruptions = svc.interruptions.clear_user(user_id)
-    if svc.hub is not None:
-        svc.hub.forget_user(user_id)
+    user_id = check_id(_required(body, "userId"), "userId")
+    erased = await _use_cases(request).refresh_user(principal, user_id)
     return ok(
         message="User data cleared successfully",
         userId=user_id,
@@ -326,36 +247,20 @@ async def refresh_user(request: Request) -> JSONResponse:
             "userState": erased.user_state,
             "userProfile": erased.user_profile,
             "sessions": erased.sessions,
-            "interruptions": interruptions,
+            "interruptions": erased.interruptions,
         },
     )
 
 
 async def delete_session(request: Request) -> JSONResponse:
-    """``DELETE /api/session/{sessionId}``: the session and its interruptions."""
-    svc = services(request)
+    """``DELETE /api/session/{sessionId}``: the session, its interruptions and live channel."""
     principal = await _caller(request)
     session_id = _session_id(request)
-    session = await svc.persistence.get_session(session_id)
-    if session is None and svc.interruptions.count(session_id) == 0:
-        raise NotFound("Session not found")
-    if session is not None:
-        owner: str | None = session.user_id
-    else:
-        # Only interruptions are left of the session: they name its user.
-        recent = svc.interruptions.recent(session_id)
-        owner = recent[-1].user_id if recent else None
-    if owner is not None:
-        _acts_for(principal, owner)
-    elif principal.is_user:
-        raise NotFound("Session not found")
-    _rate_limit(svc, svc.limits.delete if svc.limits else None, owner or session_id)
-    erased = await svc.persistence.erase_session(session_id)
-    interruptions = svc.interruptions.clear_session(session_id)
+    erased = await _use_cases(request).delete_session(principal, session_id)
     return ok(
         message="Session cleared successfully",
         sessionId=session_id,
-        cleared={"session": erased.session, "interruptions": interruptions},
+        cleared={"session": erased.session, "interruptions": erased.interruptions},
     )
 
 
@@ -364,33 +269,17 @@ async def stats(request: Request) -> JSONResponse:
 
     Global figures: with authentication on, for the service key only.
     """
-    svc = services(request)
-    (await _caller(request)).require_service()
-    persistence = svc.persistence
-    counts, from_store = await persistence.counts()
-    live = svc.interruptions.total
-    if not from_store:
-        # Memory figures: this process's caches and interruption stack.
-        persisted, total = 0, live
-    elif svc.settings.persist_interruptions:
-        # Every interruption is also logged to the store: the log (plus what
-        # waits to be written) is the whole truth, the stack would count twice.
-        pending = persistence.pending_interruptions()
-        persisted, total = counts.total_interruptions, counts.total_interruptions + pending
-    else:
-        # The log is off: what it holds (from earlier runs) and the live stack
-        # are disjoint, so the sum counts each interruption once.
-        persisted, total = counts.total_interruptions, counts.total_interruptions + live
+    figures = await _use_cases(request).stats(await _caller(request))
     return ok(
         stats={
-            "activeUsers": counts.active_users,
-            "activeSessions": counts.active_sessions,
-            "totalProfiles": counts.total_profiles,
-            "totalInterruptions": total,
-            "persistedInterruptions": persisted,
-            "liveInterruptions": live,
-            "source": persistence.store.name if from_store else "memory",
-            **status_fields(persistence.status()),
+            "activeUsers": figures.active_users,
+            "activeSessions": figures.active_sessions,
+            "totalProfiles": figures.total_profiles,
+            "totalInterruptions": figures.total_interruptions,
+            "persistedInterruptions": figures.persisted_interruptions,
+            "liveInterruptions": figures.live_interruptions,
+            "source": figures.source,
+            **status_fields(figures.persistence),
         }
     )
 
@@ -400,8 +289,9 @@ async def stats(request: Request) -> JSONResponse:
 
 async def list_sessions(request: Request) -> JSONResponse:
     """``GET /api/session/user/{userId}/sessions?status=&limit=&cursor=``."""
-    persistence = services(request).persistence
-    user_id = await _path_user(request)
+    principal = await _caller(request)
+    user_id = _user_id(request)
+    principal.require_user(user_id)
     status: SessionStatus | None = None
     raw_status = request.query_params.get("status")
     if raw_status is not None:
@@ -421,46 +311,42 @@ async def list_sessions(request: Request) -> JSONResponse:
             check_id(cursor.session_id, "cursor")
         except InvalidField:
             raise BadRequest("cursor is not a cursor this server issued") from None
-    sessions, next_cursor = await list_user_sessions(
-        persistence, user_id, status=status, limit=limit, cursor=cursor
+    sessions, next_cursor = await _use_cases(request).list_sessions(
+        principal, user_id, status=status, limit=limit, cursor=cursor
     )
-    cutoff = idle_cutoff(persistence)
     return ok(
         userId=user_id,
         count=len(sessions),
-        sessions=[session_json(s, effective_status(s, cutoff)) for s in sessions],
+        sessions=[session_json(s, effective) for s, effective in sessions],
         nextCursor=next_cursor,
     )
 
 
 async def recent_history(request: Request) -> JSONResponse:
     """``GET /api/session/{userId}/history?limit=N``: the last N messages, oldest first."""
-    svc = services(request)
-    user_id = await _path_user(request)
-    cap = svc.settings.history_cap
+    principal = await _caller(request)
+    user_id = _user_id(request)
+    principal.require_user(user_id)
+    cap = services(request).settings.history_cap
     limit = _int_query(request, "limit", default=min(DEFAULT_HISTORY_LIMIT, cap), lo=1, hi=cap)
-    profile = await svc.persistence.get_profile(user_id)
-    history = profile.history if profile is not None else ()
-    messages = history[-limit:]
+    messages, length = await _use_cases(request).recent_history(principal, user_id, limit)
     return ok(
         userId=user_id,
         count=len(messages),
-        historyLength=len(history),
+        historyLength=length,
         messages=[message_json(m) for m in messages],
     )
 
 
 async def set_preferences(request: Request) -> JSONResponse:
     """``PUT /api/session/{userId}/preferences``: merge preferences key by key."""
-    svc = services(request)
-    user_id = await _path_user(request)
+    principal = await _caller(request)
+    user_id = _user_id(request)
+    principal.require_user(user_id)
     prefs = check_object(await _body(request), "preferences")
     if not prefs:
         raise InvalidField("preferences", "must hold at least one key")
-    profile = await svc.persistence.get_profile(user_id)
-    merged = {**(profile.preferences if profile else {}), **prefs}
-    _check_merged_size(svc.settings.max_merged_object_bytes, "preferences", merged)
-    svc.persistence.set_preferences(user_id, prefs)
+    merged = await _use_cases(request).set_preferences(principal, user_id, prefs)
     return ok(
         message="Preferences saved successfully", userId=user_id, preferences=jsonable(merged)
     )

@@ -15,6 +15,7 @@ from samvad.interruptions import InterruptionStack
 from samvad.persistence import Persistence
 from samvad.ratelimit import RateLimits
 from samvad.responder import Responder
+from samvad.service import SessionService
 from samvad.web.metrics import Metrics
 
 #: Verifies a client's ID token and returns the user id it was issued for;
@@ -30,6 +31,8 @@ class Services:
     persistence: Persistence
     interruptions: InterruptionStack
     started_at: datetime
+    #: The use cases both doors call (``samvad.service``).
+    service: SessionService
     #: Live WebSocket connections (``samvad.web.realtime.Hub``), set by the lifespan.
     hub: Any = None
     #: Writes the assistant's replies on the WebSocket; None means the one
