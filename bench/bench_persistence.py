@@ -4,11 +4,12 @@
 
 1. cached state read: ``await persistence.get_state(user)`` on a cache hit;
 2. append one message: ``persistence.append_message(...)`` (memory + queue);
-3. a service-level conversation turn through the use-case layer
-   (``samvad.service``), the calls the WebSocket glue makes for one exchange
-   minus the frames: the user's message recorded, the session touched, the
-   assistant's reply recorded, the user's state updated, and an interruption
-   pushed and read back;
+3. one conversation turn as the WebSocket glue drives it, minus the sockets
+   and the frame encoding: the conversation engine (``samvad.conversation``)
+   takes the user's message (stored, acknowledged, reply started), the session
+   is touched, the one-chunk reply streams and is stored, the user's state is
+   updated through the use-case layer, and a late barge-in pushes an
+   interruption that is read back;
 4. Firestore writes issued while one user appends 100 messages at 10 messages/s
    (real time, 10 s), against 100 for one write per message. With ``--emulator``
    the store is the real Firestore emulator (started here unless
@@ -31,16 +32,17 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import emit, percentiles
 from samvad.config import Settings
+from samvad.conversation import Device, Disconnect, Engine, Event, Reply
 from samvad.firestore_client import make_client
-from samvad.interruptions import Interruption, InterruptionStack
+from samvad.interruptions import InterruptionStack
 from samvad.models import Role
 from samvad.persistence import Persistence
 from samvad.principal import ANONYMOUS
@@ -91,12 +93,39 @@ async def warm(p: Persistence, users: list[str], sessions: list[str]) -> None:
     await asyncio.wait_for(p.writes.flush(), 120)
 
 
+class _Quiet:
+    """The engine's fan-out and reply runner, doing nothing: no sockets here."""
+
+    def __init__(self) -> None:
+        self.reply: Reply | None = None
+
+    def send(self, devices: Sequence[Device], event: Event) -> None:
+        return None
+
+    def disconnect(self, devices: Sequence[Device], why: Disconnect) -> None:
+        return None
+
+    def start(self, reply: Reply) -> None:
+        self.reply = reply
+
+    def cancel(self, reply: Reply) -> None:
+        return None
+
+
 async def hot_path(p: Persistence, iterations: int, gc_mode: str) -> dict[str, object]:
     users = [f"user-{i}" for i in range(USERS)]
     sessions = [f"session-{i}" for i in range(USERS)]
     await warm(p, users, sessions)
     service = SessionService(p, InterruptionStack())
-    at = datetime.now(UTC)
+    quiet = _Quiet()
+    engine = Engine(service, quiet, quiet, resume_window=200)
+    service.bind_live(engine)
+    devices = [f"device-{i}" for i in range(USERS)]
+    for user, session, device in zip(users, sessions, devices, strict=True):
+        snapshot = await service.start(ANONYMOUS, user_id=user, session_id=session)
+        engine.join(
+            device, session_id=session, user_id=user, session_history=snapshot.session_history
+        )
     reads: list[int] = []
     appends: list[int] = []
     turns: list[int] = []
@@ -113,31 +142,20 @@ async def hot_path(p: Persistence, iterations: int, gc_mode: str) -> dict[str, o
             start = clock()
             p.append_message(user, role=Role.USER, content=QUESTION)
             appends.append(clock() - start)
-        seq = 1000
         turn_iterations = max(1, iterations // 4)
         for i in range(turn_iterations):
-            user, session = users[i % USERS], sessions[i % USERS]
-            seq += 2
+            user, session, device = users[i % USERS], sessions[i % USERS], devices[i % USERS]
             start = clock()
-            service.record_message(user, session, role=Role.USER, content=QUESTION, seq=seq)
+            engine.user_message(device, QUESTION)
             await service.touch_session(session)
-            message = service.record_message(
-                user, session, role=Role.ASSISTANT, content=ANSWER, seq=seq + 1
-            )
+            reply = quiet.reply
+            assert reply is not None
+            engine.reply_chunk(reply, ANSWER)
+            engine.reply_done(reply, complete=True)
             await service.save_state(
-                ANONYMOUS, user, {"conversationContext": {"topic": "loans", "turn": seq}}
+                ANONYMOUS, user, {"conversationContext": {"topic": "loans", "turn": i}}
             )
-            service.push_interruption(
-                Interruption(
-                    session_id=session,
-                    user_id=user,
-                    at=at,
-                    reason="barge_in",
-                    heard="You said",
-                    cut=" the rest",
-                    message_id=message.id,
-                )
-            )
+            engine.interrupt(device, reason="barge_in", heard_chars=8, reply_id=reply.id)
             service.interruptions.recent(session)
             turns.append(clock() - start)
     finally:

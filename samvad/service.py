@@ -54,6 +54,7 @@ from samvad.lifecycle import effective_status, idle_cutoff, list_user_sessions
 from samvad.logs import bind_log_context
 from samvad.models import (
     Message,
+    Mode,
     PersistenceStatus,
     Profile,
     Role,
@@ -611,6 +612,11 @@ class SessionService:
     def status(self) -> PersistenceStatus:
         """The persistence mode and backlog."""
         return self.persistence.status()
+
+    @property
+    def mode(self) -> Mode:
+        """Whether writes reach the store (``firestore``) or wait in memory."""
+        return self.persistence.mode
 
     async def stats(self, principal: Principal) -> Stats:
         """Global counts (for the service key only, with authentication on)."""

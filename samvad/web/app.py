@@ -140,7 +140,7 @@ def create_app(
                     metrics=metrics,
                 )
                 svc.hub = realtime.Hub(svc)
-                service.bind_live(svc.hub)
+                service.bind_live(svc.hub.engine)
                 app.state.services = svc
                 metrics.bind(svc)
                 sweeper = asyncio.create_task(

@@ -12,12 +12,17 @@ bytes between a socket and this module. The wire format is documented in
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum, StrEnum
 from typing import Any
 
 from samvad.clock import to_iso
+from samvad.conversation import ResumeFailure as ResumeFailure
+from samvad.conversation import ResumePlan
+from samvad.conversation import heard_part as heard_part
+from samvad.conversation import last_seq as last_seq
+from samvad.conversation import plan_resume as plan_resume
 from samvad.errors import FrameRejected, InvalidField
 from samvad.interruptions import Interruption
 from samvad.models import Message, UserState
@@ -471,79 +476,9 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any]], ClientFrame]] = {
 # -- sequence numbers, barge-in and resume -------------------------------------------
 
 
-def last_seq(messages: Iterable[Message], session_id: str) -> int:
-    """The highest sequence number of ``session_id`` among ``messages`` (0 if none)."""
-    return max(
-        (m.seq for m in messages if m.session_id == session_id and m.seq is not None), default=0
-    )
-
-
-def heard_part(sent: str, *, heard_chars: int | None, heard_text: str | None) -> str:
-    """What the user heard of a reply of which ``sent`` was sent.
-
-    The client may say how many characters were played, or which text; by
-    default the user heard everything that was sent. The result is always a
-    prefix of ``sent``: a client cannot make the server store text it never sent.
-    """
-    if heard_chars is not None:
-        return sent[:heard_chars]
-    if heard_text is not None:
-        common = 0
-        for ours, theirs in zip(sent, heard_text, strict=False):
-            if ours != theirs:
-                break
-            common += 1
-        return sent[:common]
-    return sent
-
-
-class ResumeFailure(StrEnum):
-    """Why a resume could not recover what the client missed."""
-
-    HISTORY_TRIMMED = "history_trimmed"
-    UNKNOWN_SEQ = "unknown_seq"
-    TOO_MANY_MISSED = "too_many_missed"
-
-
-@dataclass(frozen=True, slots=True)
-class ResumePlan:
-    """What to tell a resuming client: the missed messages, or why they are gone."""
-
-    recovered: bool
-    messages: tuple[Message, ...] = ()
-    reason: ResumeFailure | None = None
-
-
-def plan_resume(
-    candidates: Iterable[Message],
-    *,
-    session_id: str,
-    last_seen: int,
-    current: int,
-    window: int,
-) -> ResumePlan:
-    """Decide what a client that saw up to ``last_seen`` gets replayed.
-
-    ``candidates`` are the messages the server still holds (history and the
-    replay buffer, duplicates allowed); ``current`` is the session's latest
-    sequence number. Every message from ``last_seen + 1`` to ``current`` must
-    be there, or the answer is an explicit "not recovered".
-    """
-    if last_seen > current:
-        return ResumePlan(recovered=False, reason=ResumeFailure.UNKNOWN_SEQ)
-    missed = current - last_seen
-    if missed == 0:
-        return ResumePlan(recovered=True)
-    if missed > window:
-        return ResumePlan(recovered=False, reason=ResumeFailure.TOO_MANY_MISSED)
-    by_seq: dict[int, Message] = {}
-    for message in candidates:
-        seq = message.seq
-        if message.session_id == session_id and seq is not None and last_seen < seq <= current:
-            by_seq.setdefault(seq, message)
-    if len(by_seq) != missed:
-        return ResumePlan(recovered=False, reason=ResumeFailure.HISTORY_TRIMMED)
-    return ResumePlan(recovered=True, messages=tuple(by_seq[s] for s in sorted(by_seq)))
+# ``last_seq``, ``heard_part``, ``plan_resume`` and their types are rules of the
+# conversation (``samvad.conversation``); imported here for the frames and for
+# the code that knew them from this module.
 
 
 # -- server frames -----------------------------------------------------------------

@@ -1,13 +1,20 @@
-"""The WebSocket endpoint (``/ws``): thin asyncio glue around :mod:`samvad.web.protocol`.
+"""The WebSocket endpoint (``/ws``): asyncio glue around two sans-I/O cores.
 
-Per connection, one reader task turns frames into calls and one writer task
-drains a bounded send queue to the socket, so a client that reads slowly only
-fills its own queue (and is then closed with 1013) while everyone else goes on.
-Per session, a :class:`SessionChannel` numbers messages, runs the streamed
-reply as a supervised task and fans frames out to every device attached to
-the session. Nothing here awaits a Firestore write: messages, sessions and
-state go through :class:`samvad.persistence.Persistence`, whose writes return
-at once. The protocol is documented in ``docs/protocol.md``.
+:mod:`samvad.web.protocol` parses and checks frames and keeps each
+connection's state; :mod:`samvad.conversation` runs the conversations
+(sequence numbers, replies, barge-in, resume, who hears what); the use cases
+(:mod:`samvad.service`) hold the rules and reach the store. This module only
+moves frames and runs tasks:
+
+- per connection, one reader task turns frames into calls and one writer task
+  drains a bounded send queue to the socket, so a client that reads slowly only
+  fills its own queue (and is then closed with 1013) while everyone else goes on;
+- the :class:`Hub` delivers the engine's events as frames (``FanOut``), runs
+  each reply's responder as a supervised task (``ReplyRunner``), and schedules
+  the engine's orphan deadlines on the event loop.
+
+Nothing here awaits a Firestore write. The protocol is documented in
+``docs/protocol.md``.
 """
 
 from __future__ import annotations
@@ -16,23 +23,34 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from samvad.clock import to_iso
+from samvad.conversation import (
+    Acked,
+    Conversation,
+    Device,
+    Disconnect,
+    Engine,
+    Event,
+    MessageStored,
+    Reply,
+    ReplyChunk,
+    ReplyEnded,
+    ReplyInterrupted,
+    ReplyStarted,
+    StateChanged,
+)
 from samvad.errors import BacklogFull, Forbidden, NotFound, SamvadError, Unauthorized
-from samvad.interruptions import Interruption
 from samvad.logs import bind_log_context
-from samvad.models import Message, Role, UserState
 from samvad.persistence import new_id
 from samvad.principal import ANONYMOUS, Principal
 from samvad.responder import Responder, load_responder
-from samvad.service import ensure_owner
 from samvad.web.auth import authenticate_start
 from samvad.web.protocol import (
     MAX_HISTORY_LIMIT,
@@ -53,11 +71,8 @@ from samvad.web.protocol import (
     encode,
     ended_frame,
     error_frame,
-    heard_part,
     interrupted_frame,
-    last_seq,
     message_frame,
-    plan_resume,
     pong_frame,
     reply_chunk_frame,
     reply_end_frame,
@@ -74,15 +89,6 @@ logger = logging.getLogger(__name__)
 CLOSE_TIMEOUT = 5.0
 #: Seconds ``close_all`` waits for connection handlers at shutdown.
 SHUTDOWN_DEADLINE = 10.0
-#: Seconds a reply goes on streaming (into the replay buffer, for a resume)
-#: after the last device of its session disconnected; then it is cut.
-ORPHAN_REPLY_GRACE = 30.0
-#: Longest reply kept (characters); a responder going on beyond it is cut.
-MAX_REPLY_CHARS = 16_384
-#: History messages handed to the responder with each user message.
-REPLY_HISTORY = 20
-#: Sessions whose latest sequence number is remembered after their last connection left.
-_REMEMBERED_SESSIONS = 100_000
 
 _ids = itertools.count(1)
 
@@ -93,274 +99,31 @@ class _CloseRequest:
     reason: str
 
 
-@dataclass(slots=True, eq=False)
-class _Reply:
-    """One streamed assistant reply (mutable: it grows chunk by chunk)."""
-
-    id: str
-    in_reply_to: int | None
-    chunks: list[str] = field(default_factory=list)
-    size: int = 0
-    task: asyncio.Task[None] | None = None
-    finished: bool = False
-    message: Message | None = None
-
-    @property
-    def text(self) -> str:
-        return "".join(self.chunks)
-
-
-class SessionChannel:
-    """One session's live side: its connections, sequence numbers and reply.
-
-    Every method that changes what clients see runs without awaiting, so a
-    frame broadcast here reaches every device of the session in one order.
-    """
-
-    def __init__(self, hub: Hub, *, session_id: str, user_id: str, seq: int) -> None:
-        self.hub = hub
-        self.session_id = session_id
-        self.user_id = user_id
-        self.last_seq = seq
-        self.connections: dict[Connection, None] = {}
-        self.recent: deque[Message] = deque(maxlen=max(1, hub.settings.ws_resume_window))
-        self.reply: _Reply | None = None
-        self.last_reply: _Reply | None = None
-        self.pending_interruption: Interruption | None = None
-        self.ended = False
-        self.orphan_timer: asyncio.TimerHandle | None = None
-
-    # -- fan-out ---------------------------------------------------------------
-
-    def broadcast(self, frame: Mapping[str, Any]) -> None:
-        text = encode(frame)
-        for connection in list(self.connections):
-            connection.send_text(text)
-
-    # -- messages --------------------------------------------------------------
-
-    def append(self, role: Role, content: str, *, interrupted: bool = False) -> Message:
-        """Store a message with the session's next sequence number (may raise BacklogFull)."""
-        seq = self.last_seq + 1
-        message = self.hub.service.record_message(
-            self.user_id,
-            self.session_id,
-            role=role,
-            content=content,
-            interrupted=interrupted,
-            seq=seq,
+def frame_of(event: Event) -> dict[str, Any]:
+    """The server frame (``docs/protocol.md``) that tells a device of ``event``."""
+    if isinstance(event, ReplyChunk):
+        return reply_chunk_frame(event.reply_id, index=event.index, text=event.text)
+    if isinstance(event, Acked):
+        return ack_frame(event.message, event.client_id)
+    if isinstance(event, MessageStored):
+        return message_frame(event.message)
+    if isinstance(event, ReplyStarted):
+        return reply_start_frame(event.reply_id, in_reply_to=event.in_reply_to)
+    if isinstance(event, ReplyEnded):
+        return reply_end_frame(
+            event.reply_id, message=event.message, text=event.text, complete=event.complete
         )
-        self.last_seq = seq
-        self.hub.remember_seq(self.session_id, self.user_id, seq)
-        self.recent.append(message)
-        return message
-
-    def _append_reply(self, reply: _Reply, content: str, *, interrupted: bool) -> Message | None:
-        try:
-            return self.append(Role.ASSISTANT, content, interrupted=interrupted)
-        except BacklogFull:
-            logger.warning(
-                "write backlog full: reply %s of session %s not stored", reply.id, self.session_id
-            )
-            return None
-
-    def forget_messages(self) -> None:
-        """Drop the resume buffer (after an erasure); sequence numbers go on."""
-        self.recent.clear()
-        self.last_reply = None
-
-    # -- replies -----------------------------------------------------------------
-
-    def in_flight(self) -> dict[str, Any] | None:
-        """The reply being streamed, as a resuming client needs it."""
-        reply = self.reply
-        if reply is None:
-            return None
-        return {
-            "replyId": reply.id,
-            "inReplyTo": reply.in_reply_to,
-            "text": reply.text,
-            "chunks": len(reply.chunks),
-        }
-
-    def start_reply(self, user_message: Message) -> None:
-        """Stream the responder's answer to ``user_message`` as a supervised task."""
-        reply = _Reply(id=new_id(), in_reply_to=user_message.seq)
-        self.reply = reply
-        interruption, self.pending_interruption = self.pending_interruption, None
-        self.broadcast(reply_start_frame(reply.id, in_reply_to=reply.in_reply_to))
-        reply.task = self.hub.spawn(
-            self._run_reply(reply, user_message, interruption),
-            name=f"samvad-reply-{reply.id}",
-            on_failure=self._reply_crashed,
+    if isinstance(event, ReplyInterrupted):
+        return interrupted_frame(
+            event.reply_id,
+            heard=event.heard,
+            message=event.message,
+            reason=event.reason,
+            late=event.late,
         )
-
-    async def _run_reply(
-        self, reply: _Reply, user_message: Message, interruption: Interruption | None
-    ) -> None:
-        hub = self.hub
-        context = await hub.service.reply_context(
-            self.user_id, self.session_id, message=user_message.content, interruption=interruption
-        )
-        complete = True
-        stream = hub.responder.reply(context)
-        try:
-            async for chunk in stream:
-                if reply.finished:
-                    return
-                room = hub.max_reply_chars - reply.size
-                if len(chunk) > room:
-                    # A reply is one history entry: keep it far below the document limit.
-                    logger.warning("reply %s cut at %d characters", reply.id, hub.max_reply_chars)
-                    self._add_chunk(reply, chunk[:room])
-                    complete = False
-                    break
-                self._add_chunk(reply, chunk)
-        except Exception:
-            logger.exception(
-                "responder failed on reply %s of session %s", reply.id, self.session_id
-            )
-            complete = False
-        finally:
-            aclose: Callable[[], Awaitable[None]] | None = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        if not reply.finished:
-            self._finish_reply(reply, complete=complete)
-
-    def _add_chunk(self, reply: _Reply, chunk: str) -> None:
-        if chunk:
-            reply.chunks.append(chunk)
-            reply.size += len(chunk)
-            self.broadcast(reply_chunk_frame(reply.id, index=len(reply.chunks) - 1, text=chunk))
-
-    def _finish_reply(self, reply: _Reply, *, complete: bool) -> None:
-        reply.finished = True
-        text = reply.text
-        message = self._append_reply(reply, text, interrupted=not complete) if text else None
-        reply.message = message
-        self.reply = None
-        self.last_reply = reply
-        self.broadcast(reply_end_frame(reply.id, message=message, text=text, complete=complete))
-        if message is not None:
-            self.hub.notify_user(self.user_id, message_frame(message), skip_session=self.session_id)
-        self.hub.release_if_idle(self)
-
-    def cut_orphan(self) -> None:
-        """Nobody came back for the reply in time: store what was sent, cut."""
-        self.orphan_timer = None
-        if not self.connections:
-            self.interrupt(reason="disconnected", push_context=False)
-            self.hub.release_if_idle(self)
-
-    def _reply_crashed(self) -> None:
-        # A bug, not a responder failure (those end the reply as incomplete).
-        if self.reply is not None:
-            self.reply.finished = True
-            self.reply = None
-        for connection in list(self.connections):
-            connection.send(error_frame(ErrorCode.INTERNAL_ERROR, "The reply failed."))
-            connection.close(CloseCode.INTERNAL_ERROR, "internal error")
-        self.hub.release_if_idle(self)
-
-    # -- barge-in ----------------------------------------------------------------
-
-    def interrupt(
-        self,
-        *,
-        reason: str,
-        heard_chars: int | None = None,
-        heard_text: str | None = None,
-        reply_id: str | None = None,
-        push_context: bool = True,
-    ) -> bool:
-        """Cut the reply being streamed (or amend what was heard of the last one).
-
-        The stored assistant message holds exactly what the user heard, marked
-        ``interrupted``; the interruption is pushed for the next reply. Returns
-        False when there was nothing to interrupt.
-        """
-        reply = self.reply
-        if reply is not None and reply_id in (None, reply.id):
-            reply.finished = True
-            self.reply = None
-            if reply.task is not None:
-                reply.task.cancel()
-            sent = reply.text
-            heard = heard_part(sent, heard_chars=heard_chars, heard_text=heard_text)
-            message: Message | None = None
-            if sent:
-                message = self._append_reply(reply, heard, interrupted=True)
-                if push_context:
-                    self._push(reason, heard=heard, cut=sent[len(heard) :], message=message)
-            reply.message = message
-            self.last_reply = reply
-            self.broadcast(
-                interrupted_frame(reply.id, heard=heard, message=message, reason=reason, late=False)
-            )
-            if message is not None:
-                self.hub.notify_user(
-                    self.user_id, message_frame(message), skip_session=self.session_id
-                )
-            return True
-        last = self.last_reply
-        if reply_id is not None and last is not None and last.id == reply_id and last.message:
-            # The text was all sent but the client was still playing it: the
-            # stored message stays whole; the next reply learns what was missed.
-            full = last.text
-            heard = heard_part(full, heard_chars=heard_chars, heard_text=heard_text)
-            if push_context:
-                self._push(reason, heard=heard, cut=full[len(heard) :], message=last.message)
-            self.broadcast(
-                interrupted_frame(
-                    last.id, heard=heard, message=last.message, reason=reason, late=True
-                )
-            )
-            return True
-        return False
-
-    def _push(self, reason: str, *, heard: str, cut: str, message: Message | None) -> None:
-        interruption = Interruption(
-            session_id=self.session_id,
-            user_id=self.user_id,
-            at=self.hub.clock.now(),
-            reason=reason,
-            heard=heard,
-            cut=cut,
-            message_id=message.id if message is not None else None,
-        )
-        self.pending_interruption = interruption
-        self.hub.service.push_interruption(interruption)
-
-    # -- end -----------------------------------------------------------------------
-
-    def end(self) -> None:
-        """End the session for every device attached to it (``end`` frame, REST ``end``)."""
-        self.ended = True
-        self.interrupt(reason="session_end", push_context=False)
-        for connection in list(self.connections):
-            if connection.proto.state is ConnectionState.ACTIVE:
-                connection.proto.ended()
-            connection.send(ended_frame(self.session_id))
-            connection.close(CloseCode.NORMAL, "session ended")
-
-    def erase(self) -> None:
-        """The session's data was erased: cut the reply without storing or
-        sending it, forget what a resume would replay, close every device."""
-        self.ended = True  # nothing left to mark ended when the devices detach
-        if self.orphan_timer is not None:
-            self.orphan_timer.cancel()
-            self.orphan_timer = None
-        reply = self.reply
-        if reply is not None:
-            reply.finished = True
-            self.reply = None
-            if reply.task is not None:
-                reply.task.cancel()
-        self.pending_interruption = None
-        self.forget_messages()
-        for connection in list(self.connections):
-            connection.close(CloseCode.SESSION_ERASED, "session erased")
+    if isinstance(event, StateChanged):
+        return state_frame(event.state)
+    return ended_frame(event.session_id)
 
 
 class Connection:
@@ -382,7 +145,8 @@ class Connection:
         self.user_id: str | None = None
         #: Who started the session on this connection (set by ``start``).
         self.principal: Principal = ANONYMOUS
-        self.channel: SessionChannel | None = None
+        #: The live session this connection joined (``start``).
+        self.channel: Conversation | None = None
         self.closing: _CloseRequest | None = None
         self.finished = asyncio.Event()
         self._peer_gone = False
@@ -507,7 +271,7 @@ class Connection:
                 await self.hub.service.end_session(self.principal, channel.session_id)
             logger.info("session %s ended by its user %s", channel.session_id, channel.user_id)
 
-    def _session(self) -> SessionChannel:
+    def _session(self) -> Conversation:
         channel = self.channel
         if channel is None:
             raise RuntimeError("Cannot handle a session frame before the session has started.")
@@ -528,13 +292,16 @@ class Connection:
         if self.closing is not None or hub.closing:
             return
         # From here on nothing awaits: the snapshot below and the frames that
-        # follow it reach this connection in order.
-        channel = hub.attach(
+        # follow it reach this connection in order. Joining applies the
+        # ownership rule again (another user's start may have won the race).
+        channel = hub.engine.join(
             self,
             session_id=session_id,
             user_id=frame.user_id,
             session_history=snapshot.session_history,
         )
+        self.channel = channel
+        self.user_id = frame.user_id
         self.principal = principal
         self.proto.started()
         limit = min(frame.history_limit, MAX_HISTORY_LIMIT)
@@ -543,7 +310,7 @@ class Connection:
             started_frame(
                 session_id=session_id,
                 user_id=frame.user_id,
-                mode=hub.persistence.mode.value,
+                mode=hub.service.mode.value,
                 state=snapshot.state,
                 history=history[-limit:] if limit else (),
                 last_seq=channel.last_seq,
@@ -552,14 +319,23 @@ class Connection:
             )
         )
         if frame.resume_from is not None:
-            plan = plan_resume(
-                itertools.chain(snapshot.session_history, channel.recent),
-                session_id=session_id,
-                last_seen=frame.resume_from,
-                current=channel.last_seq,
-                window=hub.settings.ws_resume_window,
+            plan, in_flight = hub.engine.resume(
+                channel, snapshot.session_history, frame.resume_from
             )
-            self.send(resume_frame(plan, last_seq=channel.last_seq, in_flight=channel.in_flight()))
+            self.send(
+                resume_frame(
+                    plan,
+                    last_seq=channel.last_seq,
+                    in_flight=None
+                    if in_flight is None
+                    else {
+                        "replyId": in_flight.reply_id,
+                        "inReplyTo": in_flight.in_reply_to,
+                        "text": in_flight.text,
+                        "chunks": in_flight.chunks,
+                    },
+                )
+            )
         logger.info(
             "connection %s started session %s for user %s%s",
             self.id,
@@ -572,15 +348,12 @@ class Connection:
         if not frame.final:
             return  # interim transcript: only the final one is a message
         channel = self._session()
-        channel.interrupt(reason="new_message")
-        message = channel.append(Role.USER, frame.text)
-        self.send(ack_frame(message, frame.client_id))
-        self.hub.notify_user(channel.user_id, message_frame(message), skip=self)
-        channel.start_reply(message)
+        self.hub.engine.user_message(self, frame.text, client_id=frame.client_id)
         await self.hub.service.touch_session(channel.session_id)
 
     def _on_interrupt(self, frame: Interrupt) -> None:
-        done = self._session().interrupt(
+        done = self.hub.engine.interrupt(
+            self,
             reason=frame.reason,
             heard_chars=frame.heard_chars,
             heard_text=frame.heard_text,
@@ -591,7 +364,7 @@ class Connection:
 
     async def _on_state(self, frame: StateUpdate) -> None:
         channel = self._session()
-        # Every device of the user hears of it (LiveSessions.state_changed).
+        # Every device of the user hears of it (the engine's state_changed).
         await self.hub.service.save_state(self.principal, channel.user_id, frame.state)
 
     # -- life cycle ----------------------------------------------------------------
@@ -648,14 +421,14 @@ class Connection:
 
 
 class Hub:
-    """The live WebSocket connections of this process, by user and by session."""
+    """The live WebSocket connections of this process, and the conversation
+    engine's glue: it delivers the engine's events (``FanOut``), runs replies
+    (``ReplyRunner``) and schedules its orphan deadlines."""
 
     def __init__(self, services: Services) -> None:
         self._services = services
         self.service = services.service
         self.settings = services.settings
-        self.persistence = services.persistence
-        self.interruptions = services.interruptions
         self.clock = services.persistence.clock
         self.metrics = services.metrics
         self._frame_counters: dict[type, Any] = {}
@@ -677,16 +450,10 @@ class Hub:
         if services.responder is None:
             services.responder = load_responder(self.settings)
         self.closing = False
-        #: Seconds a reply streams on with nobody connected (see ORPHAN_REPLY_GRACE).
-        self.orphan_grace = ORPHAN_REPLY_GRACE
-        #: Longest reply in characters (see MAX_REPLY_CHARS).
-        self.max_reply_chars = MAX_REPLY_CHARS
+        self.engine = Engine(self.service, self, self, resume_window=self.settings.ws_resume_window)
         self._connections: dict[Connection, None] = {}
-        self._by_user: dict[str, dict[Connection, None]] = {}
-        self._channels: dict[str, SessionChannel] = {}
-        # The latest sequence number of recent sessions, and whose they were.
-        self._seqs: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._replies: dict[Reply, asyncio.Task[None]] = {}
         s = self.settings
         self.limits = {
             "maxFrameBytes": s.ws_max_frame_bytes,
@@ -703,6 +470,24 @@ class Hub:
             responder = self._services.responder = load_responder(self.settings)
         return responder
 
+    @property
+    def orphan_grace(self) -> float:
+        """Seconds a reply streams on with nobody connected (the engine's)."""
+        return self.engine.orphan_grace
+
+    @orphan_grace.setter
+    def orphan_grace(self, seconds: float) -> None:
+        self.engine.orphan_grace = seconds
+
+    @property
+    def max_reply_chars(self) -> int:
+        """Longest reply in characters (the engine's)."""
+        return self.engine.max_reply_chars
+
+    @max_reply_chars.setter
+    def max_reply_chars(self, chars: int) -> None:
+        self.engine.max_reply_chars = chars
+
     # -- connections ---------------------------------------------------------------
 
     async def serve(self, websocket: WebSocket) -> None:
@@ -717,135 +502,17 @@ class Hub:
         finally:
             self._connections.pop(connection, None)
 
-    def attach(
-        self,
-        connection: Connection,
-        *,
-        session_id: str,
-        user_id: str,
-        session_history: Iterable[Message],
-    ) -> SessionChannel:
-        """Join ``connection`` to its session's channel (created on first use).
-
-        A live channel of another user is refused with :class:`Conflict`
-        (:func:`samvad.service.ensure_owner`), whatever the stored document says.
-        """
-        channel = self._channels.get(session_id)
-        if channel is not None:
-            ensure_owner(channel.user_id, user_id, session_id)
-        else:
-            remembered = self._seqs.get(session_id)
-            seq = remembered[1] if remembered is not None and remembered[0] == user_id else 0
-            seq = max(seq, last_seq(session_history, session_id))
-            channel = SessionChannel(self, session_id=session_id, user_id=user_id, seq=seq)
-            self._channels[session_id] = channel
-        if channel.orphan_timer is not None:
-            channel.orphan_timer.cancel()
-            channel.orphan_timer = None
-        channel.connections[connection] = None
-        connection.channel = channel
-        connection.user_id = user_id
-        self._by_user.setdefault(user_id, {})[connection] = None
-        return channel
-
     async def detach(self, connection: Connection) -> None:
         """Forget a closed connection; the last one to leave a session ends it."""
         self._connections.pop(connection, None)
-        if connection.user_id is not None:
-            devices = self._by_user.get(connection.user_id)
-            if devices is not None:
-                devices.pop(connection, None)
-                if not devices:
-                    del self._by_user[connection.user_id]
-        channel = connection.channel
-        if channel is None:
-            return
-        channel.connections.pop(connection, None)
-        if channel.connections:
-            return
-        if not channel.ended:
-            # Closed without ``end``: the session ends, and a resume re-activates it.
-            await self.service.session_left(channel.session_id)
-        if channel.reply is not None and not channel.connections and channel.orphan_timer is None:
-            if self.orphan_grace > 0:
-                loop = asyncio.get_running_loop()
-                channel.orphan_timer = loop.call_later(self.orphan_grace, channel.cut_orphan)
-            else:
-                channel.cut_orphan()
-        self.release_if_idle(channel)
-
-    def release_if_idle(self, channel: SessionChannel) -> None:
-        """Drop a channel nobody uses (a reply still streaming keeps it, for resume)."""
-        if channel.connections or channel.reply is not None:
-            return
-        if channel.orphan_timer is not None:
-            channel.orphan_timer.cancel()
-            channel.orphan_timer = None
-        if self._channels.get(channel.session_id) is channel:
-            del self._channels[channel.session_id]
-
-    # -- the live side of the use cases (samvad.service.LiveSessions) ------------------
-
-    def owner(self, session_id: str) -> str | None:
-        """The user of the live channel of ``session_id``, if there is one."""
-        channel = self._channels.get(session_id)
-        return channel.user_id if channel is not None else None
-
-    def end(self, session_id: str) -> None:
-        """End the live channel of ``session_id`` (REST ``end`` and the ``end`` frame)."""
-        channel = self._channels.get(session_id)
-        if channel is not None:
-            channel.end()
-
-    def erase_session(self, session_id: str) -> None:
-        """Close and forget the live side of an erased session."""
-        self._seqs.pop(session_id, None)
-        channel = self._channels.pop(session_id, None)
-        if channel is not None:
-            channel.erase()
-            logger.info("live session %s erased", session_id)
-
-    def erase_user(self, user_id: str) -> None:
-        """Close and forget the live sessions of an erased user."""
-        for session_id in [s for s, c in self._channels.items() if c.user_id == user_id]:
-            self.erase_session(session_id)
-        for session_id in [s for s, (owner, _) in self._seqs.items() if owner == user_id]:
-            del self._seqs[session_id]
-
-    def state_changed(self, state: UserState) -> None:
-        """Send the user's new state to every connection of theirs."""
-        self.notify_user(state.user_id, state_frame(state))
-
-    def remember_seq(self, session_id: str, user_id: str, seq: int) -> None:
-        self._seqs[session_id] = (user_id, seq)
-        self._seqs.move_to_end(session_id)
-        if len(self._seqs) > _REMEMBERED_SESSIONS:
-            self._seqs.popitem(last=False)
-
-    def notify_user(
-        self,
-        user_id: str,
-        frame: Mapping[str, Any],
-        *,
-        skip: Connection | None = None,
-        skip_session: str | None = None,
-    ) -> None:
-        """Send ``frame`` to the user's connections (other devices, other sessions)."""
-        devices = self._by_user.get(user_id)
-        if not devices:
-            return
-        text = encode(frame)
-        for connection in list(devices):
-            if connection is skip:
-                continue
-            channel = connection.channel
-            if (
-                skip_session is not None
-                and channel is not None
-                and channel.session_id == skip_session
-            ):
-                continue
-            connection.send_text(text)
+        departure = self.engine.leave(connection)
+        if departure.orphan_deadline is not None and connection.channel is not None:
+            delay = max(0.0, departure.orphan_deadline - self.clock.monotonic())
+            asyncio.get_running_loop().call_later(
+                delay, self.engine.orphan_deadline, connection.channel
+            )
+        if departure.end_session and departure.session_id is not None:
+            await self.service.session_left(departure.session_id)
 
     async def authenticate(self, frame: Start, headers: Mapping[str, str]) -> Principal:
         """Who sent ``frame``: its token, or the upgrade's API key (anyone with auth off).
@@ -856,6 +523,75 @@ class Hub:
         return await authenticate_start(
             self.settings, self._services.verify_token, token=frame.token, headers=headers
         )
+
+    # -- FanOut ----------------------------------------------------------------------
+
+    def send(self, devices: Sequence[Device], event: Event) -> None:
+        """Deliver ``event`` to ``devices`` as one frame, encoded once."""
+        text = encode(frame_of(event))
+        for device in devices:
+            assert isinstance(device, Connection)
+            device.send_text(text)
+
+    def disconnect(self, devices: Sequence[Device], why: Disconnect) -> None:
+        """Close ``devices`` after what is queued for them."""
+        for device in devices:
+            assert isinstance(device, Connection)
+            if why is Disconnect.ENDED:
+                if device.proto.state is ConnectionState.ACTIVE:
+                    device.proto.ended()
+                device.close(CloseCode.NORMAL, "session ended")
+            elif why is Disconnect.ERASED:
+                if device.proto.state is ConnectionState.ACTIVE:
+                    device.proto.ended()
+                device.close(CloseCode.SESSION_ERASED, "session erased")
+            else:
+                device.send(error_frame(ErrorCode.INTERNAL_ERROR, "The reply failed."))
+                device.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    # -- ReplyRunner -------------------------------------------------------------------
+
+    def start(self, reply: Reply) -> None:
+        """Stream the responder's answer to ``reply`` as a supervised task."""
+        self._replies[reply] = self.spawn(
+            self._run_reply(reply),
+            name=f"samvad-reply-{reply.id}",
+            on_failure=lambda: self.engine.reply_failed(reply),
+        )
+
+    def cancel(self, reply: Reply) -> None:
+        """Stop the responder of a reply the engine cut."""
+        task = self._replies.pop(reply, None)
+        if task is not None:
+            task.cancel()
+
+    async def _run_reply(self, reply: Reply) -> None:
+        engine = self.engine
+        try:
+            context = await self.service.reply_context(
+                reply.user_id,
+                reply.session_id,
+                message=reply.prompt.content,
+                interruption=reply.interruption,
+            )
+            complete = True
+            stream = self.responder.reply(context)
+            try:
+                async for chunk in stream:
+                    if not engine.reply_chunk(reply, chunk):
+                        return
+            except Exception:
+                logger.exception(
+                    "responder failed on reply %s of session %s", reply.id, reply.session_id
+                )
+                complete = False
+            finally:
+                aclose: Callable[[], Awaitable[None]] | None = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            engine.reply_done(reply, complete=complete)
+        finally:
+            self._replies.pop(reply, None)
 
     # -- metrics ---------------------------------------------------------------------
 
@@ -903,25 +639,18 @@ class Hub:
 
     def counts(self) -> dict[str, int]:
         """Live connections, users and sessions (for stats)."""
-        return {
-            "connections": len(self._connections),
-            "users": len(self._by_user),
-            "sessions": len(self._channels),
-        }
+        users, sessions = self.engine.counts()
+        return {"connections": len(self._connections), "users": users, "sessions": sessions}
 
     def connections_of(self, user_id: str) -> tuple[Connection, ...]:
         """The live connections of a user, oldest first."""
-        return tuple(self._by_user.get(user_id, ()))
+        return tuple(c for c in self.engine.devices_of(user_id) if isinstance(c, Connection))
 
     async def close_all(self, *, code: int = 1001, reason: str = "server shutting down") -> None:
         """Close every connection (at shutdown) and wait for their handlers."""
         self.closing = True
-        for channel in list(self._channels.values()):
-            if channel.orphan_timer is not None:
-                channel.orphan_timer.cancel()
-                channel.orphan_timer = None
-            # What was sent is stored, marked interrupted; not a barge-in.
-            channel.interrupt(reason="shutdown", push_context=False)
+        # What was sent is stored, marked interrupted; not a barge-in.
+        self.engine.shutdown()
         connections = list(self._connections)
         for connection in connections:
             connection.close(code, reason)

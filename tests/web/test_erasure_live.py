@@ -144,7 +144,7 @@ async def test_refresh_cancels_the_reply_in_flight_and_stores_nothing_of_it() ->
         await other.ping()
         await other.wait_for("pong")
         await other.close()
-        assert server.services.hub.owner("s-cut") is None
+        assert server.services.hub.engine.owner("s-cut") is None
         assert await server.services.persistence.get_profile("u-cut") is None
         assert server.services.interruptions.count("s-cut") == 0
 
