@@ -408,12 +408,20 @@ class SessionService:
         self.authorize(principal, session.user_id)
         return session, effective_status(session, idle_cutoff(self.persistence))
 
-    async def end_session(self, principal: Principal, session_id: str) -> Session:
-        """End a session, stored and live alike (REST ``PUT /end``, WebSocket ``end``)."""
+    async def end_session(
+        self, principal: Principal, session_id: str, *, user_id: str | None = None
+    ) -> Session:
+        """End a session, stored and live alike (REST ``PUT /end``, WebSocket ``end``).
+
+        ``user_id``: the user the caller acts as (a live connection's), who must
+        still own the session (:func:`ensure_owner`) when the end takes effect.
+        """
         owner, _ = await self.session_owner(session_id)
         if owner is None:
             raise NotFound("Session not found")
         self.authorize(principal, owner)
+        if user_id is not None:
+            ensure_owner(owner, user_id, session_id)
         self.live.end(session_id)
         # The interruption context only serves the next reply of a live session.
         self.interruptions.forget_context(session_id)

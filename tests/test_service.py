@@ -287,3 +287,15 @@ async def test_messages_are_counted_once_by_the_door_they_came_through(world: Wo
     stats = await svc.stats(SERVICE)
     assert stats.live_interruptions == 1
     assert stats.total_interruptions == 1
+
+
+async def test_ending_as_a_user_needs_the_session_still_theirs(world: World) -> None:
+    # A live connection's end, arriving after its session id changed hands.
+    svc = world.service
+    await svc.start(BOB, user_id="bob", session_id="s1")
+    world.live.owners["s1"] = "bob"
+    with pytest.raises(Conflict):
+        await svc.end_session(ANONYMOUS, "s1", user_id="alice")
+    assert world.live.ended == []
+    await svc.end_session(ANONYMOUS, "s1", user_id="bob")
+    assert world.live.ended == ["s1"]

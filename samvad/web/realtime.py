@@ -268,7 +268,9 @@ class Connection:
         elif isinstance(received, End):
             channel = self._session()
             with contextlib.suppress(BacklogFull, NotFound):
-                await self.hub.service.end_session(self.principal, channel.session_id)
+                await self.hub.service.end_session(
+                    self.principal, channel.session_id, user_id=channel.user_id
+                )
             logger.info("session %s ended by its user %s", channel.session_id, channel.user_id)
 
     def _session(self) -> Conversation:

@@ -5,15 +5,17 @@ The original's eleven endpoints keep their paths, methods, field names and
 recent history, preferences, device id) is additive. ``docs/api.md`` is the
 reference, ``/openapi.json`` the machine-readable description.
 
-Every handler validates the whole request before its first write, so a
-rejected request changes nothing stored; errors are raised as
-:class:`samvad.errors.SamvadError` and rendered by ``samvad.web.http_errors``.
+Handlers only translate: they identify the caller, parse and validate the
+request, call the use case (:class:`samvad.service.SessionService`, where the
+rules live: who may act for whom, whose a session is, what ending and erasing
+do) and shape its result as the original's JSON. Every handler validates the
+whole request before the use case writes anything, so a rejected request
+changes nothing stored; errors are raised as :class:`samvad.errors.SamvadError`
+and rendered by ``samvad.web.http_errors``.
 
-With authentication on (``SAMVAD_AUTH=firebase``, see ``samvad.web.auth``) every
-handler identifies its caller before it reads anything: a user may only touch
-their own state, profile, history and sessions (a session belongs to its
-``userId``), the service key may act for anyone, and only the service key may
-read the global stats.
+With authentication on (``SAMVAD_AUTH=firebase``, see ``samvad.web.auth``) a
+caller acting for another user is refused (403) before the request body is
+even parsed; the use case checks it again as its own rule.
 """
 
 from __future__ import annotations

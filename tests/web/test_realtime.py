@@ -15,6 +15,7 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 from starlette.applications import Starlette
 from websockets.asyncio.client import connect
@@ -741,5 +742,37 @@ async def test_a_full_write_backlog_is_an_error_frame_not_a_crash() -> None:
         await client.set_state({"too": "many"})  # a third document: refused
         error = await client.wait_for("error")
         assert error["code"] == "backlog_full"
+        assert (await client.ask("still usable")).reply.complete
+        await client.close()
+
+
+async def test_state_saved_over_rest_reaches_the_users_live_devices() -> None:
+    async with live_server(make_app()) as server, httpx.AsyncClient(base_url=server.url) as http:
+        phone = await open_client(server, "u-rest-state")
+        stranger = await open_client(server, "u-stranger")
+        response = await http.post("/api/session/u-rest-state/state", json={"topic": "loans"})
+        assert response.status_code == 200
+        state = await phone.wait_for("state")
+        assert state["state"]["topic"] == "loans"
+        await stranger.ping("probe")
+        seen: list[dict[str, Any]] = []
+        assert (await stranger.wait_for("pong", seen=seen))["ts"] == "probe"
+        assert [f["type"] for f in seen] == ["pong"]  # nothing before it
+        await phone.close()
+        await stranger.close()
+
+
+async def test_a_state_frame_follows_the_same_rules_as_rest() -> None:
+    async with live_server(make_app(max_merged_object_bytes=2_000)) as server:
+        client = await open_client(server, "u-state-rules")
+        await client.set_state({"topic": "loans", "updatedAt": "forged", "isActive": False})
+        state = (await client.wait_for("state"))["state"]
+        assert state["topic"] == "loans"
+        assert state["updatedAt"] != "forged"
+        await client.set_state({"big": "x" * 3_000})
+        error = await client.wait_for("error")
+        assert error["code"] == "payload_too_large"
+        stored = await server.services.persistence.get_state("u-state-rules")
+        assert stored is not None and stored.data == {"topic": "loans"}
         assert (await client.ask("still usable")).reply.complete
         await client.close()
