@@ -456,6 +456,7 @@ class Hub:
         self._connections: dict[Connection, None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._replies: dict[Reply, asyncio.Task[None]] = {}
+        self._timers: set[asyncio.TimerHandle] = set()
         s = self.settings
         self.limits = {
             "maxFrameBytes": s.ws_max_frame_bytes,
@@ -509,12 +510,20 @@ class Hub:
         self._connections.pop(connection, None)
         departure = self.engine.leave(connection)
         if departure.orphan_deadline is not None and connection.channel is not None:
-            delay = max(0.0, departure.orphan_deadline - self.clock.monotonic())
-            asyncio.get_running_loop().call_later(
-                delay, self.engine.orphan_deadline, connection.channel
-            )
+            self._at(departure.orphan_deadline, self.engine.orphan_deadline, connection.channel)
         if departure.end_session and departure.session_id is not None:
             await self.service.session_left(departure.session_id)
+
+    def _at(self, deadline: float, call: Callable[[Conversation], None], arg: Conversation) -> None:
+        """Call ``call(arg)`` at the monotonic time ``deadline`` (the engine's clock)."""
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            call(arg)
+
+        delay = max(0.0, deadline - self.clock.monotonic())
+        handle = asyncio.get_running_loop().call_later(delay, fire)
+        self._timers.add(handle)
 
     async def authenticate(self, frame: Start, headers: Mapping[str, str]) -> Principal:
         """Who sent ``frame``: its token, or the upgrade's API key (anyone with auth off).
@@ -651,6 +660,9 @@ class Hub:
     async def close_all(self, *, code: int = 1001, reason: str = "server shutting down") -> None:
         """Close every connection (at shutdown) and wait for their handlers."""
         self.closing = True
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
         # What was sent is stored, marked interrupted; not a barge-in.
         self.engine.shutdown()
         connections = list(self._connections)
