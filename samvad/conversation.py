@@ -38,7 +38,7 @@ from samvad.errors import BacklogFull
 from samvad.interruptions import Interruption
 from samvad.models import Message, Role, UserState
 from samvad.persistence import new_id
-from samvad.service import SessionService, ensure_owner
+from samvad.service import SessionService, StartSnapshot, ensure_owner
 
 __all__ = [
     "MAX_REPLY_CHARS",
@@ -53,6 +53,7 @@ __all__ = [
     "FanOut",
     "InFlight",
     "MessageStored",
+    "Opened",
     "Reply",
     "ReplyChunk",
     "ReplyEnded",
@@ -379,6 +380,17 @@ class InFlight:
 
 
 @dataclass(frozen=True, slots=True)
+class Opened:
+    """A device joined its session: what its ``started`` and ``resume`` frames say."""
+
+    conversation: Conversation
+    #: What a resuming device gets replayed (None: it did not ask to resume).
+    resume: ResumePlan | None = None
+    #: The reply being streamed, for a resuming device.
+    in_flight: InFlight | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Departure:
     """What the glue must do after a device left."""
 
@@ -528,6 +540,24 @@ class Engine:
         self._of_device[device] = conversation
         self._by_user.setdefault(user_id, {})[device] = None
         return conversation
+
+    def open(
+        self, device: Device, snapshot: StartSnapshot, *, resume_from: int | None = None
+    ) -> Opened:
+        """Start or join: attach ``device`` to the session ``snapshot`` opened
+        (:meth:`SessionService.start`) and, when it asks to resume from
+        ``resume_from``, plan what it missed. ``Conflict`` for another user's."""
+        session = snapshot.session
+        conversation = self.join(
+            device,
+            session_id=session.id,
+            user_id=session.user_id,
+            session_history=snapshot.session_history,
+        )
+        if resume_from is None:
+            return Opened(conversation)
+        plan, in_flight = self.resume(conversation, snapshot.session_history, resume_from)
+        return Opened(conversation, plan, in_flight)
 
     def resume(
         self, conversation: Conversation, session_history: Iterable[Message], last_seen: int

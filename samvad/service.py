@@ -43,9 +43,10 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Protocol
 
-from samvad.clock import to_iso
+from samvad.clock import Clock, to_iso
 from samvad.config import Settings
 from samvad.documents import STATE_SERVER_FIELDS
 from samvad.errors import BacklogFull, Conflict, NotFound, PayloadTooLarge, RateLimited
@@ -89,7 +90,7 @@ REPLY_HISTORY = 20
 _REMEMBERED_ERASURES = 100_000
 
 
-class Transport:
+class Transport(StrEnum):
     """The door a use case was called through (a metrics label)."""
 
     REST = "rest"
@@ -257,7 +258,7 @@ class SessionService:
         self.live = live
 
     @property
-    def clock(self) -> Any:
+    def clock(self) -> Clock:
         """The clock of the persistence layer (one clock for the whole core)."""
         return self.persistence.clock
 

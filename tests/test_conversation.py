@@ -21,6 +21,7 @@ from samvad.conversation import (
     Engine,
     Event,
     MessageStored,
+    Opened,
     Reply,
     ReplyChunk,
     ReplyEnded,
@@ -92,17 +93,17 @@ class World:
         profile = await self.persistence.get_profile(user_id)
         return profile.history if profile is not None else ()
 
-    async def join(self, device: Phone, session_id: str) -> Conversation:
-        """What the glue does for a ``start``: the use case, then the join."""
+    async def open(
+        self, device: Phone, session_id: str, *, resume_from: int | None = None
+    ) -> Opened:
+        """What the glue does for a ``start``: the use case, then start-or-join."""
         snapshot = await self.service.start(
             ANONYMOUS, user_id=device.user_id, session_id=session_id
         )
-        return self.engine.join(
-            device,
-            session_id=session_id,
-            user_id=device.user_id,
-            session_history=snapshot.session_history,
-        )
+        return self.engine.open(device, snapshot, resume_from=resume_from)
+
+    async def join(self, device: Phone, session_id: str) -> Conversation:
+        return (await self.open(device, session_id)).conversation
 
 
 @pytest.fixture
@@ -250,9 +251,11 @@ async def test_an_orphaned_reply_runs_until_its_deadline_then_is_cut(world: Worl
     assert conversation.state is SessionState.ORPHANED
     world.clock.advance(10)
     # Back in time: the reply goes on, and the device sees what it missed.
-    assert await world.join(ALICE_PHONE, "s1") is conversation
-    in_flight = conversation.in_flight()
-    assert in_flight is not None and in_flight.text == "Part one"
+    opened = await world.open(ALICE_PHONE, "s1", resume_from=0)
+    assert opened.conversation is conversation
+    assert opened.resume is not None and opened.resume.recovered
+    assert [m.content for m in opened.resume.messages] == ["q"]
+    assert opened.in_flight is not None and opened.in_flight.text == "Part one"
     second = world.engine.leave(ALICE_PHONE)
     assert second.orphan_deadline == world.clock.monotonic() + 30
     world.clock.advance(25)

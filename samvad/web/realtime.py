@@ -296,13 +296,8 @@ class Connection:
         # From here on nothing awaits: the snapshot below and the frames that
         # follow it reach this connection in order. Joining applies the
         # ownership rule again (another user's start may have won the race).
-        channel = hub.engine.join(
-            self,
-            session_id=session_id,
-            user_id=frame.user_id,
-            session_history=snapshot.session_history,
-        )
-        self.channel = channel
+        opened = hub.engine.open(self, snapshot, resume_from=frame.resume_from)
+        channel = self.channel = opened.conversation
         self.user_id = frame.user_id
         self.principal = principal
         self.proto.started()
@@ -320,13 +315,11 @@ class Connection:
                 limits=hub.limits,
             )
         )
-        if frame.resume_from is not None:
-            plan, in_flight = hub.engine.resume(
-                channel, snapshot.session_history, frame.resume_from
-            )
+        if opened.resume is not None:
+            in_flight = opened.in_flight
             self.send(
                 resume_frame(
-                    plan,
+                    opened.resume,
                     last_seq=channel.last_seq,
                     in_flight=None
                     if in_flight is None
