@@ -271,13 +271,11 @@ class SessionService:
         bind_log_context(user_id=user_id)
         return user_id
 
-    async def session_owner(
-        self, session_id: str, stored: Session | None = None
-    ) -> tuple[str | None, Session | None]:
+    async def session_owner(self, session_id: str) -> tuple[str | None, Session | None]:
         """Who owns ``session_id`` — its live channel's user, else its stored
-        document's — and the stored session (read unless given)."""
-        if stored is None:
-            stored = await self.persistence.get_session(session_id)
+        document's — and the stored session."""
+        stored = await self.persistence.get_session(session_id)
+        # Read after the await: a live channel opened meanwhile counts.
         live_owner = self.live.owner(session_id)
         if live_owner is not None:
             return live_owner, stored
