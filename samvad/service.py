@@ -23,8 +23,9 @@ rules live here, not in the doors:
   ``end`` frame both cut the reply in flight, tell every device and close them
   (:meth:`LiveSessions.end`), drop the interruption context and mark the stored
   session ended.
-- **Counting.** Every stored message, interruption and rate-limit refusal is
-  reported to one :class:`ServiceObserver`, whichever door it came through.
+- **Counting.** Every stored message and interruption, and every refusal by
+  the per-user erasure limits, is reported to one :class:`ServiceObserver`,
+  whichever door it came through.
 
 The live side (connections, replies, replay buffers) is reached through the
 :class:`LiveSessions` protocol defined here and implemented by the conversation
