@@ -424,7 +424,7 @@ class Hub:
         self._services = services
         self.service = services.service
         self.settings = services.settings
-        self.clock = services.persistence.clock
+        self.clock = self.service.clock
         self.metrics = services.metrics
         self._frame_counters: dict[type, Any] = {}
         if self.metrics is not None:
