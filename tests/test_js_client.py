@@ -73,7 +73,7 @@ def test_every_close_code_of_the_server_has_an_action(exported: dict[str, Any]) 
     closes = {int(code): entry for code, entry in exported["closes"].items()}
     assert {int(code) for code in CloseCode} <= set(closes)
     # A close that ends the session or refuses the user must not loop on reconnects.
-    for code in (CloseCode.NORMAL, CloseCode.FORBIDDEN):
+    for code in (CloseCode.NORMAL, CloseCode.FORBIDDEN, CloseCode.SESSION_ERASED):
         assert closes[code]["reconnect"] is False
     for code in (CloseCode.GOING_AWAY, CloseCode.INTERNAL_ERROR, CloseCode.TRY_AGAIN_LATER):
         assert closes[code]["reconnect"] is True

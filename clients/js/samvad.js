@@ -92,6 +92,7 @@ export const CLOSE_ACTIONS = Object.freeze({
   4401: { reconnect: true, action: "reauthenticate", description: "unauthorized: a fresh token is needed" },
   4403: { reconnect: false, action: "sign_out", description: "forbidden: the token is for another user" },
   4408: { reconnect: true, action: "reconnect", description: "idle timeout, or no start in time" },
+  4410: { reconnect: false, action: "new_session", description: "the session was erased (deleted, or its user refreshed)" },
 });
 
 /** The action for an `error` frame code (unknown codes: `retry`, not fatal). */
