@@ -6,6 +6,10 @@
 starts the local Firestore emulator with its data kept in
 ``$SAMVAD_DATA_DIR/firestore`` across restarts and serves against it; where no
 emulator is installed it runs memory-only and says so.
+
+It refuses to start (exit 2) when ``FIREBASE_AUTH_EMULATOR_HOST`` is set and
+the store is Cloud Firestore rather than an emulator: that switch turns ID
+token verification off (see :func:`samvad.config.auth_emulator_host`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from samvad import __version__
-from samvad.config import Settings
+from samvad.config import Settings, auth_emulator_host
 from samvad.errors import ConfigError
 
 logger = logging.getLogger("samvad")
@@ -86,6 +90,8 @@ def serve(args: argparse.Namespace) -> int:
         if value is not None:
             overrides[name] = value
     settings = Settings.from_env().replace(**overrides)
+    # Again after the command line (``--store firestore``), before anything starts.
+    auth_emulator_host(settings)
     configure_logging(settings)
     with ExitStack() as stack:
         if settings.store == "auto" and not settings.firestore_configured:

@@ -27,6 +27,9 @@ _T = TypeVar("_T")
 #: Shortest accepted service API key (``SAMVAD_API_KEYS``).
 MIN_API_KEY_LENGTH = 16
 
+#: The variable that makes firebase-admin accept unsigned ID tokens (the Auth emulator's).
+AUTH_EMULATOR_VARIABLE = "FIREBASE_AUTH_EMULATOR_HOST"
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -224,6 +227,7 @@ class Settings:
                 "SAMVAD_AUTH=firebase needs the Firebase project whose ID tokens to accept: "
                 "set SAMVAD_AUTH_PROJECT (or GOOGLE_CLOUD_PROJECT)"
             )
+        auth_emulator_host(self, environ={})
         return self
 
     @property
@@ -244,6 +248,40 @@ class Settings:
     def firestore_configured(self) -> bool:
         """True when the environment points at a Firestore (emulator, project or key file)."""
         return bool(self.emulator_host or self.project or self.credentials_file)
+
+    @property
+    def real_firestore(self) -> bool:
+        """True when the store is Cloud Firestore itself, not an emulator.
+
+        ``auto`` with nothing configured is not: ``samvad serve`` then starts
+        the local emulator (or runs memory-only), and sets ``emulator_host``.
+        """
+        if self.emulator_host:
+            return False
+        return self.store == "firestore" or (self.store == "auto" and self.firestore_configured)
+
+
+def auth_emulator_host(settings: Settings, environ: Mapping[str, str] | None = None) -> str | None:
+    """The Auth emulator ID tokens are taken from, or None; refuses it beside real Firestore.
+
+    With ``FIREBASE_AUTH_EMULATOR_HOST`` set, firebase-admin accepts unsigned
+    tokens: anyone can claim to be anyone. That is how tests use the Auth
+    emulator, and it must never reach a deployment, so a configuration that
+    pairs it with Cloud Firestore (real users' data) raises
+    :class:`ConfigError` naming the variable. firebase-admin reads the
+    variable from the process environment itself, whatever ``settings``
+    say, so ``environ`` (default ``os.environ``) is looked at too.
+    """
+    env = _Env(os.environ if environ is None else environ)
+    host = settings.auth_emulator_host or env.optional(AUTH_EMULATOR_VARIABLE)
+    if host is not None and settings.real_firestore:
+        raise ConfigError(
+            f"{AUTH_EMULATOR_VARIABLE} is set but the store is Cloud Firestore, not an "
+            "emulator: with it ID tokens are not verified and anyone could act as any user. "
+            f"Unset {AUTH_EMULATOR_VARIABLE} (it is for tests with the emulators only), or "
+            "set FIRESTORE_EMULATOR_HOST to use the Firestore emulator"
+        )
+    return host
 
 
 class _Env:

@@ -16,6 +16,7 @@ import pytest
 from samvad.emulator import find_gcloud, free_port
 from samvad.errors import ConfigError
 from tests.support.firestore import emulator_missing
+from tests.support.serve import run_serve, start_serve
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,6 +118,7 @@ def test_serve_memory_only_says_so_and_exits_0_on_sigterm(tmp_path: Path) -> Non
     finally:
         assert _stop(process) == 0
     assert "Memory-only store" in log.read_text()
+    assert "NOT verified" not in log.read_text(), "no emulator warning without the switch"
 
 
 def test_a_bad_setting_stops_serve_with_the_variable_name(tmp_path: Path) -> None:
@@ -131,3 +133,67 @@ def test_a_bad_setting_stops_serve_with_the_variable_name(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "SAMVAD_CACHE_TTL_SECONDS" in result.stderr
     assert ConfigError.__name__ not in result.stderr, "a clear message, not a traceback"
+
+
+# -- the Auth emulator switch: with emulators only ---------------------------------------
+
+SWITCH = "FIREBASE_AUTH_EMULATOR_HOST"
+#: What ``samvad serve`` logs at start-up whenever the switch is set.
+NOT_VERIFIED = "ID tokens are NOT verified"
+
+
+@pytest.mark.parametrize(
+    ("configuration", "args"),
+    [
+        ({"SAMVAD_STORE": "firestore", "GOOGLE_APPLICATION_CREDENTIALS": "key.json"}, ()),
+        ({"GOOGLE_CLOUD_PROJECT": "prod-project"}, ()),
+        (
+            {"GOOGLE_CLOUD_PROJECT": "prod-project", "SAMVAD_STORE": "memory"},
+            ("--store", "firestore"),
+        ),
+    ],
+    ids=["service-account-key", "auto-with-project", "store-from-the-command-line"],
+)
+def test_serve_refuses_the_auth_emulator_switch_beside_cloud_firestore(
+    tmp_path: Path, configuration: dict[str, str], args: tuple[str, ...]
+) -> None:
+    environ = dict(configuration)
+    if "GOOGLE_APPLICATION_CREDENTIALS" in environ:
+        # Never read: the refusal comes first. Only its existence is checked.
+        key = tmp_path / environ["GOOGLE_APPLICATION_CREDENTIALS"]
+        key.write_text("{}")
+        environ["GOOGLE_APPLICATION_CREDENTIALS"] = str(key)
+    result = run_serve(tmp_path, *args, **environ, **{SWITCH: "127.0.0.1:9099"})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert SWITCH in result.stderr
+    assert "configuration error" in result.stderr
+    assert "Traceback" not in result.stderr, "a clear message, not a traceback"
+    assert "Uvicorn running" not in result.stdout + result.stderr
+
+
+def _serves_with_the_switch(tmp_path: Path, **environ: str) -> str:
+    served = start_serve(tmp_path, **environ, **{SWITCH: "127.0.0.1:9099"})
+    try:
+        assert httpx.get(served.url + "/healthz", timeout=5).status_code == 200
+    finally:
+        assert served.stop() == 0
+    return served.output()
+
+
+def test_serve_memory_only_with_the_switch_starts_and_warns(tmp_path: Path) -> None:
+    log = _serves_with_the_switch(tmp_path, SAMVAD_STORE="memory")
+    assert SWITCH in log
+    assert NOT_VERIFIED in log
+
+
+@pytest.mark.firestore
+def test_serve_on_the_firestore_emulator_with_the_switch_starts_and_warns(
+    tmp_path: Path, firestore_emulator: str, firestore_project: str
+) -> None:
+    log = _serves_with_the_switch(
+        tmp_path,
+        SAMVAD_STORE="firestore",
+        FIRESTORE_EMULATOR_HOST=firestore_emulator,
+        GOOGLE_CLOUD_PROJECT=firestore_project,
+    )
+    assert NOT_VERIFIED in log

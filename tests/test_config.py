@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from samvad.config import Settings
+from samvad.config import Settings, auth_emulator_host
 from samvad.errors import ConfigError
+from samvad.web.app import create_app
 
 
 def test_defaults_without_environment() -> None:
@@ -66,3 +67,72 @@ def test_a_bad_value_fails_with_the_variable_name(name: str, value: str, fragmen
 
 def test_blank_values_mean_the_default() -> None:
     assert Settings.from_env({"SAMVAD_HISTORY_CAP": "  "}).history_cap == 100
+
+
+# -- the Auth emulator switch: with emulators only ---------------------------------------
+
+EMULATOR_SWITCH = {"FIREBASE_AUTH_EMULATOR_HOST": "127.0.0.1:9099"}
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"SAMVAD_STORE": "firestore", "GOOGLE_CLOUD_PROJECT": "prod-project"},
+        {"GOOGLE_CLOUD_PROJECT": "prod-project"},  # auto: Firestore is configured
+        {"SAMVAD_STORE": "firestore"},  # real Firestore through the ambient credentials
+    ],
+    ids=["firestore", "auto-with-project", "firestore-ambient"],
+)
+def test_the_auth_emulator_switch_is_refused_beside_cloud_firestore(
+    environ: dict[str, str],
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**environ, **EMULATOR_SWITCH})
+    assert "FIREBASE_AUTH_EMULATOR_HOST" in str(info.value)
+    assert "not verified" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {
+            "SAMVAD_STORE": "firestore",
+            "GOOGLE_CLOUD_PROJECT": "demo-project",
+            "FIRESTORE_EMULATOR_HOST": "127.0.0.1:8085",
+        },
+        {"SAMVAD_STORE": "memory", "GOOGLE_CLOUD_PROJECT": "demo-project"},
+        {},  # auto with nothing configured: the local emulator, or memory
+    ],
+    ids=["firestore-emulator", "memory", "auto-unconfigured"],
+)
+def test_the_auth_emulator_switch_is_allowed_with_emulators_and_memory(
+    environ: dict[str, str],
+) -> None:
+    settings = Settings.from_env({**environ, **EMULATOR_SWITCH})
+    assert auth_emulator_host(settings, environ={}) == "127.0.0.1:9099"
+
+
+def test_the_switch_is_seen_in_the_process_environment_whatever_the_settings_say() -> None:
+    # firebase-admin reads the variable itself: settings built in code do not hide it.
+    settings = Settings(store="firestore", project="prod-project")
+    assert settings.auth_emulator_host is None
+    with pytest.raises(ConfigError, match="FIREBASE_AUTH_EMULATOR_HOST"):
+        auth_emulator_host(settings, environ=EMULATOR_SWITCH)
+    assert auth_emulator_host(settings, environ={}) is None
+
+
+def test_the_command_line_store_is_checked_too() -> None:
+    settings = Settings.from_env({"GOOGLE_CLOUD_PROJECT": "p", "SAMVAD_STORE": "memory"})
+    assert auth_emulator_host(settings, environ=EMULATOR_SWITCH) is not None
+    with pytest.raises(ConfigError, match="FIREBASE_AUTH_EMULATOR_HOST"):
+        auth_emulator_host(settings.replace(store="firestore"), environ=EMULATOR_SWITCH)
+
+
+async def test_the_app_refuses_to_start_with_the_switch_beside_cloud_firestore(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FIREBASE_AUTH_EMULATOR_HOST", "127.0.0.1:9099")
+    app = create_app(Settings(store="firestore", project="prod-project"))
+    with pytest.raises(ConfigError, match="FIREBASE_AUTH_EMULATOR_HOST"):
+        async with app.router.lifespan_context(app):
+            pass

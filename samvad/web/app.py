@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from samvad import __version__
 from samvad.clock import Clock, SystemClock
-from samvad.config import Settings
+from samvad.config import AUTH_EMULATOR_VARIABLE, Settings, auth_emulator_host
 from samvad.firestore_client import client_from_settings
 from samvad.interruptions import InterruptionStack
 from samvad.models import Role
@@ -112,6 +112,13 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        # Refuses the Auth emulator switch beside Cloud Firestore (ConfigError).
+        if auth_emulator_host(settings) is not None:
+            logger.warning(
+                "%s is set: ID tokens are NOT verified (unsigned Auth emulator tokens are "
+                "accepted). For tests with the emulators only; never in production.",
+                AUTH_EMULATOR_VARIABLE,
+            )
         verifier = _open_verifier(settings, clock)
         try:
             store = store_factory(settings)

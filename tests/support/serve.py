@@ -64,12 +64,9 @@ class ServeProcess:
         return self.wait(timeout)
 
 
-def start_serve(tmp_path: Path, name: str = "serve", **env: str) -> ServeProcess:
-    """Start ``samvad serve`` on a free port with only ``env`` as Samvad's
-    configuration (and no Firestore or Firebase variables of the test run),
-    and wait until ``/readyz`` says ready."""
-    port = free_port()
-    log = tmp_path / f"{name}.log"
+def serve_environ(tmp_path: Path, name: str = "serve", **env: str) -> dict[str, str]:
+    """The environment of a ``samvad serve``: the test run's, without its
+    Samvad, Firestore and Firebase variables, plus ``env``."""
     environ = {
         key: value
         for key, value in os.environ.items()
@@ -77,6 +74,33 @@ def start_serve(tmp_path: Path, name: str = "serve", **env: str) -> ServeProcess
     }
     environ["SAMVAD_DATA_DIR"] = str(tmp_path / f"{name}-data")
     environ.update(env)
+    return environ
+
+
+def run_serve(
+    tmp_path: Path, *args: str, timeout: float = 60, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``samvad serve ARGS`` with only ``env`` as configuration, for one
+    that must not start: its exit status and output (a server that does
+    start is killed after ``timeout`` and fails the test)."""
+    return subprocess.run(
+        [sys.executable, "-m", "samvad", "serve", "--port", str(free_port()), *args],
+        cwd=REPO,
+        env=serve_environ(tmp_path, **env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_serve(tmp_path: Path, name: str = "serve", **env: str) -> ServeProcess:
+    """Start ``samvad serve`` on a free port with only ``env`` as Samvad's
+    configuration (and no Firestore or Firebase variables of the test run),
+    and wait until ``/readyz`` says ready."""
+    port = free_port()
+    log = tmp_path / f"{name}.log"
+    environ = serve_environ(tmp_path, name, **env)
     with log.open("wb") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "samvad", "serve", "--port", str(port)],
