@@ -138,10 +138,11 @@ class World:
             await device.sync()
         assert_no_frame_crossed(self.devices, self.uids)
 
-    async def check_documents(self) -> None:
-        """Once the write-behind drained: no document in Firestore crossed users."""
+    async def check_documents(self, paths: Iterable[str] | None = None) -> None:
+        """Once the write-behind drained: no document in Firestore crossed users
+        (of ``paths``, or every one)."""
         await drain_writes(self.server)
-        await assert_no_document_crossed(self.firestore, self.uids)
+        await assert_no_document_crossed(self.firestore, self.uids, paths)
 
     async def check_nothing_crossed(self) -> None:
         """Both invariants, after every held reply was let go."""
@@ -382,20 +383,33 @@ def _owner(collection: str, doc_id: str, data: Mapping[str, Any]) -> str | None:
     return owner if isinstance(owner, str) else None
 
 
-async def stored_documents(client: AsyncClient) -> list[tuple[str, str, dict[str, Any]]]:
-    """Every document of the users' collections: (collection, id, data)."""
+async def stored_documents(
+    client: AsyncClient, paths: Iterable[str] | None = None
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """(collection, id, data) of the documents at ``paths`` that exist, in one
+    batched read; without ``paths``, of every document of the users' collections."""
     found: list[tuple[str, str, dict[str, Any]]] = []
+    if paths is not None:
+        references = [client.document(path) for path in paths]
+        async for snapshot in client.get_all(references):
+            if snapshot.exists:
+                collection = snapshot.reference.parent.id
+                found.append((collection, snapshot.id, snapshot.to_dict() or {}))
+        return found
     for collection in COLLECTIONS:
         async for snapshot in client.collection(collection).stream():
             found.append((collection, snapshot.id, snapshot.to_dict() or {}))
     return found
 
 
-async def assert_no_document_crossed(client: AsyncClient, uids: Iterable[str]) -> None:
+async def assert_no_document_crossed(
+    client: AsyncClient, uids: Iterable[str], paths: Iterable[str] | None = None
+) -> None:
     """No stored document of one user holds another user's uid (their texts, state,
-    metadata), and every document has an owner."""
+    metadata), and every document has an owner. ``paths`` limits the check to
+    those documents (default: every document of the users' collections)."""
     everyone = tuple(uids)
-    for collection, doc_id, data in await stored_documents(client):
+    for collection, doc_id, data in await stored_documents(client, paths):
         owner = _owner(collection, doc_id, data)
         assert owner is not None, f"{collection}/{doc_id} has no owner: {data}"
         text = json.dumps(data, default=str)

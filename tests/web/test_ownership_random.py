@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ import pytest
 from google.cloud.firestore import AsyncClient
 
 from tests.support.auth_emulator import AuthEmulator, AuthUser
-from tests.support.ownership import ERASED, Device, World, headers_for, two_users
+from tests.support.ownership import ERASED, HOLD, Device, World, headers_for, two_users
 
 pytestmark = pytest.mark.firestore
 
@@ -66,6 +67,19 @@ class Model:
             for d in range(DEVICES_PER_USER)
         ]
         self._opened = 0
+        #: What happened, for the summary: the run must have hit the attack paths.
+        self.events: Counter[str] = Counter()
+        #: The last user who held each session id (it stays after an erasure).
+        self.last_holder: dict[str, str] = {}
+        #: Every document the two users can have, but logged interruptions (off).
+        self.paths = [
+            *(
+                f"{collection}/{user.uid}"
+                for collection in ("user_states", "user_profiles")
+                for user in self.users
+            ),
+            *(f"sessions/{session_id}" for session_id in POOL),
+        ]
         #: The step being taken (for the failure message).
         self.current = ""
 
@@ -85,11 +99,25 @@ class Model:
         ]
 
     async def expect_closed(self, slots: list[Slot], code: int) -> None:
+        self.events[f"devices closed with {code}"] += len(slots)
         for slot in slots:
             assert slot.device is not None
             closed = await slot.device.wait_closed()
-            assert closed == code, f"{slot.name} on {slot.session} closed with {closed}, not {code}"
+            assert closed == code, (
+                f"{slot.name} on {slot.session} closed with {closed}, not {code}; "
+                f"its frames: {[frame['type'] for frame in slot.device.frames]}"
+            )
             slot.session = None
+
+    def check_open(self) -> None:
+        """No device the model has on a session was closed behind its back."""
+        for slot in self.slots:
+            device = slot.device
+            if device is not None and slot.session is not None:
+                assert not device.closed, (
+                    f"{device.name} on {slot.session} was closed ({device.close_code}); "
+                    f"its frames: {[frame['type'] for frame in device.frames]}"
+                )
 
     # -- steps -----------------------------------------------------------------------
 
@@ -103,21 +131,31 @@ class Model:
                 await self.disconnect(slot)
             self._opened += 1
             slot.device = await self.world.device(user, f"{slot.name}#{self._opened}")
+            slot.session = None
         holder = self.owner[session_id]
         what = self.doing(f"{slot.name} start {session_id} resume={resume_from} ({credential})")
         answer = await slot.device.start(user, credential, session_id, resume_from=resume_from)
         if holder is not None and holder != user.uid:
             assert answer["type"] == "error" and answer["code"] == "conflict", (what, answer)
+            self.events["refused: the other user's session"] += 1
         else:
             assert answer["type"] == "started", (what, answer)
-            self.owner[session_id] = user.uid
+            if self.last_holder.get(session_id) not in (None, user.uid):
+                # The attack: an id the other user held, erased since.
+                assert answer["lastSeq"] == 0, (what, answer)
+                self.events["started: an id the other user held, erased"] += 1
+            self.owner[session_id] = self.last_holder[session_id] = user.uid
             slot.session = session_id
         return what
 
     async def message(self, rng: random.Random, slot: Slot) -> str:
         assert slot.device is not None
-        what = self.doing(f"{slot.name} message on {slot.session}")
-        ack = await slot.device.say(f"{slot.user.uid} says {rng.randrange(10**6)}")
+        # Some replies stay in flight (until the next message, an end, an
+        # erasure, or the orphan deadline): what an erasure must cancel.
+        held = rng.random() < 0.2
+        what = self.doing(f"{slot.name} message on {slot.session}{' (held)' if held else ''}")
+        text = f"{HOLD if held else ''} {slot.user.uid} says {rng.randrange(10**6)}"
+        ack = await slot.device.say(text, whole_reply=not held)
         assert ack is not None, f"{what}: not acknowledged"
         return what
 
@@ -150,6 +188,8 @@ class Model:
         holder = self.owner[session_id]
         held_by = "nobody" if holder is None else f"u{[u.uid for u in self.users].index(holder)}"
         what = self.doing(f"{self.name(user)} delete {session_id} ({credential}, {held_by}'s)")
+        holders = [u for u in self.users if u.uid == holder]
+        on_it = self.on(holders[0], session_id) if holders else []
         response = await self.world.http.delete(
             f"/api/session/{session_id}", headers=headers_for(credential, user)
         )
@@ -160,19 +200,19 @@ class Model:
         else:
             # Its holder, or the service, which may delete any session.
             assert response.status_code == 200, (what, response.text)
-            holder_user = next(u for u in self.users if u.uid == holder)
-            await self.expect_closed(self.on(holder_user, session_id), ERASED)
+            await self.expect_closed(on_it, ERASED)
             self.owner[session_id] = None
         return what
 
     async def refresh(self, rng: random.Random, user: AuthUser) -> str:
         credential = rng.choice(CREDENTIALS)
         what = self.doing(f"{self.name(user)} refresh ({credential})")
+        on_them = self.on(user)
         response = await self.world.http.post(
             "/api/session/refresh", json={"userId": user.uid}, headers=headers_for(credential, user)
         )
         assert response.status_code == 200, response.text
-        await self.expect_closed(self.on(user), ERASED)
+        await self.expect_closed(on_them, ERASED)
         for session_id, holder in self.owner.items():
             if holder == user.uid:
                 self.owner[session_id] = None
@@ -221,7 +261,8 @@ async def test_random_steps_of_two_users_never_cross(world: World) -> None:
         while len(done) < STEPS and time.monotonic() < deadline:
             done.append(await model.step(rng))
             await world.check_frames()
-            await world.check_documents()
+            model.check_open()
+            await world.check_documents(model.paths)
     except Exception as exc:
         recent = "\n  ".join(done[-15:])
         raise AssertionError(
@@ -229,4 +270,5 @@ async def test_random_steps_of_two_users_never_cross(world: World) -> None:
             f"({model.current}) failed with {type(exc).__name__}: {exc}\n"
             f"after:\n  {recent}"
         ) from exc
-    print(f"{len(done)} random steps, seed {seed}")
+    print(f"{len(done)} random steps, seed {seed}: {dict(model.events)}")
+    await world.check_documents()  # every collection, once
