@@ -2,7 +2,8 @@
 
 Each step is one of start, start with resume, message, state, end, delete,
 refresh and disconnect, by one of two users on one of their two devices, with
-their ID token or the service key. A model of who holds which session id says
+their ID token or the service key (and now and then the REST doors to the same
+sessions: create, and a history message naming one). A model of who holds which session id says
 what the server must answer (a start on the other user's session is refused
 with ``conflict``; a delete of another user's session with 403; an erasure
 closes the devices on what it erased, an ``end`` those of the session). After
@@ -204,6 +205,43 @@ class Model:
             self.owner[session_id] = None
         return what
 
+    async def create(self, rng: random.Random, user: AuthUser) -> str:
+        """``POST /api/session/create``: the REST door to the same rule."""
+        session_id = rng.choice(POOL)
+        credential = rng.choice(CREDENTIALS)
+        holder = self.owner[session_id]
+        what = self.doing(f"{self.name(user)} create {session_id} ({credential})")
+        response = await self.world.http.post(
+            "/api/session/create",
+            json={"sessionId": session_id, "userId": user.uid, "metadata": {"note": user.uid}},
+            headers=headers_for(credential, user),
+        )
+        if holder is not None and holder != user.uid:
+            assert response.status_code == 409, (what, response.text)
+            self.events["refused: the other user's session"] += 1
+        else:
+            assert response.status_code == 200, (what, response.text)
+            self.owner[session_id] = self.last_holder[session_id] = user.uid
+        return what
+
+    async def append(self, rng: random.Random, user: AuthUser) -> str:
+        """``POST /api/session/{userId}/history`` naming a session of the pool."""
+        session_id = rng.choice(POOL)
+        credential = rng.choice(CREDENTIALS)
+        holder = self.owner[session_id]
+        what = self.doing(f"{self.name(user)} append to history of {session_id} ({credential})")
+        response = await self.world.http.post(
+            f"/api/session/{user.uid}/history",
+            json={"role": "user", "content": f"{user.uid} wrote", "sessionId": session_id},
+            headers=headers_for(credential, user),
+        )
+        if holder is not None and holder != user.uid:
+            assert response.status_code == 409, (what, response.text)
+            self.events["refused: the other user's session"] += 1
+        else:
+            assert response.status_code == 200, (what, response.text)
+        return what
+
     async def refresh(self, rng: random.Random, user: AuthUser) -> str:
         credential = rng.choice(CREDENTIALS)
         what = self.doing(f"{self.name(user)} refresh ({credential})")
@@ -225,6 +263,10 @@ class Model:
             return await self.delete(rng, slot.user)
         if roll < 0.09:
             return await self.refresh(rng, slot.user)
+        if roll < 0.11:
+            return await self.create(rng, slot.user)
+        if roll < 0.13:
+            return await self.append(rng, slot.user)
         if not slot.started:
             return await self.start(rng, slot)
         if roll < 0.45:
