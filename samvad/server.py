@@ -53,16 +53,16 @@ class SamvadServer(uvicorn.Server):
         tune_gc()
 
     def _not_ready(self) -> None:
-        svc = getattr(self._app.state, "services", None)
-        if svc is not None:
-            svc.ready = False
+        readiness = getattr(self._app.state, "readiness", None)
+        if readiness is not None:
+            readiness.mark_stopping()
 
     async def shutdown(self, sockets: Any = None) -> None:
         self._not_ready()
         for server in self.servers:
             server.close()
         svc = getattr(self._app.state, "services", None)
-        if svc is not None and svc.hub is not None:
+        if svc is not None:
             try:
                 await svc.hub.close_all(code=1001, reason="server shutting down")
             except Exception:

@@ -144,10 +144,9 @@ async def test_with_auth_on_users_and_the_service_share_a_users_limit() -> None:
         refresh_rate_per_minute=2,
     )
     async with (
-        live_server(create_app(settings)) as server,
+        live_server(create_app(settings, verify_token=verify)) as server,
         httpx.AsyncClient(base_url=server.url) as http,
     ):
-        server.services.verify_token = verify
 
         async def refresh(user_id: str, headers: dict[str, str]) -> int:
             response = await http.post(

@@ -30,11 +30,17 @@ from samvad.stores.base import HistoryBounds, Store
 from samvad.stores.firestore import FirestoreStore
 from samvad.stores.memory import MemoryStore
 from samvad.web import demo, realtime, rest
-from samvad.web.auth import FirebaseTokenVerifier
+from samvad.web.auth import FirebaseTokenVerifier, TokenVerifier
 from samvad.web.http_errors import EXCEPTION_HANDLERS
-from samvad.web.metrics import CONTENT_TYPE, Metrics
+from samvad.web.metrics import (
+    CONTENT_TYPE,
+    Metrics,
+    live_metrics,
+    persistence_metrics,
+    readiness_metrics,
+)
 from samvad.web.middleware import RequestContextMiddleware, WebSocketOriginMiddleware
-from samvad.web.services import Services, services
+from samvad.web.services import Readiness, Services, services
 from samvad.web.wire import status_fields
 
 logger = logging.getLogger(__name__)
@@ -80,10 +86,22 @@ async def readyz(request: Request) -> JSONResponse:
     affects every instance alike, so taking this one out of rotation would
     not help.
     """
-    svc: Services | None = getattr(request.app.state, "services", None)
-    if svc is None or not svc.ready:
+    readiness: Readiness = request.app.state.readiness
+    if not readiness.ready:
         return JSONResponse({"ready": False}, status_code=503)
-    return JSONResponse({"ready": True, "mode": svc.persistence.status().mode.value})
+    mode = services(request).persistence.status().mode
+    return JSONResponse({"ready": True, "mode": mode.value})
+
+
+async def _close_persistence(persistence: Persistence) -> None:
+    left = await persistence.close()
+    logger.info("Samvad stopped; %d writes left unflushed", left)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _sweep_idle_sessions(persistence: Persistence, interval: float) -> None:
@@ -100,8 +118,13 @@ def create_app(
     *,
     store_factory: StoreFactory = build_store,
     clock: Clock | None = None,
+    verify_token: TokenVerifier | None = None,
 ) -> Starlette:
-    """Build the ASGI app. No I/O happens until the lifespan starts."""
+    """Build the ASGI app. No I/O happens until the lifespan starts.
+
+    ``verify_token`` replaces Firebase's ID-token check (when ``settings.auth``
+    is on), for tests and for deployments with another identity provider.
+    """
     settings = settings or Settings.from_env()
     clock = clock or SystemClock()
     metrics = Metrics()
@@ -109,6 +132,9 @@ def create_app(
     async def metrics_endpoint(request: Request) -> Response:
         """``GET /metrics``: Prometheus text format (keep it internal; see docs/deploy.md)."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    readiness = Readiness()
+    metrics.add_source(lambda: readiness_metrics(readiness.ready))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -119,63 +145,68 @@ def create_app(
                 "accepted). For tests with the emulators only; never in production.",
                 AUTH_EMULATOR_VARIABLE,
             )
-        verifier = _open_verifier(settings, clock)
-        try:
-            store = store_factory(settings)
-            async with store:
-                persistence = Persistence(
-                    store, settings=settings, clock=clock, on_flush=metrics.observe_flush
-                )
-                await persistence.start()
-                interruptions = InterruptionStack()
-                limits = RateLimits.from_settings(settings, clock.monotonic)
-                service = SessionService(
-                    persistence,
-                    interruptions,
-                    settings=settings,
-                    limits=limits,
-                    observer=_MetricsObserver(metrics),
-                )
-                svc = Services(
-                    settings=settings,
-                    persistence=persistence,
-                    interruptions=interruptions,
-                    started_at=clock.now(),
-                    service=service,
-                    verify_token=verifier.verify if verifier is not None else None,
-                    limits=limits,
-                    metrics=metrics,
-                )
-                svc.hub = realtime.Hub(svc)
-                service.bind_live(svc.hub.engine)
-                app.state.services = svc
-                metrics.bind(svc)
-                sweeper = asyncio.create_task(
-                    _sweep_idle_sessions(persistence, max(5.0, settings.session_idle_timeout / 10)),
-                    name="samvad-idle-sweeper",
-                )
-                svc.ready = True
-                logger.info(
-                    "Samvad %s ready (store: %s, mode: %s, auth: %s)",
-                    __version__,
-                    store.name,
-                    persistence.mode.value,
-                    settings.auth,
-                )
-                try:
-                    yield {"services": svc}
-                finally:
-                    svc.ready = False
-                    await svc.hub.close_all(code=1001, reason="server shutting down")
-                    sweeper.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await sweeper
-                    left = await persistence.close()
-                    metrics.bind(None)
-                    logger.info("Samvad stopped; %d writes left unflushed", left)
-        finally:
+        # Built in dependency order; the stack closes in reverse: the sweeper,
+        # the WebSockets, the write-behind's flush, the store, the verifier.
+        async with contextlib.AsyncExitStack() as stack:
+            verifier = None if verify_token is not None else _open_verifier(settings, clock)
             if verifier is not None:
-                verifier.close()
+                stack.callback(verifier.close)
+            store = await stack.enter_async_context(store_factory(settings))
+            persistence = Persistence(
+                store, settings=settings, clock=clock, on_flush=metrics.observe_flush
+            )
+            await persistence.start()
+            stack.push_async_callback(_close_persistence, persistence)
+            interruptions = InterruptionStack()
+            service = SessionService(
+                persistence,
+                interruptions,
+                settings=settings,
+                limits=RateLimits.from_settings(settings, clock.monotonic),
+                observer=_MetricsObserver(metrics),
+            )
+            verify = verify_token or (verifier.verify if verifier is not None else None)
+            hub = realtime.Hub(service, settings=settings, metrics=metrics, verify_token=verify)
+            service.bind_live(hub.engine)
+            stack.push_async_callback(hub.close_all, code=1001, reason="server shutting down")
+            svc = Services(
+                settings=settings,
+                clock=clock,
+                started_at=clock.now(),
+                readiness=readiness,
+                metrics=metrics,
+                persistence=persistence,
+                interruptions=interruptions,
+                service=service,
+                hub=hub,
+                verify_token=verify,
+            )
+            stack.callback(
+                metrics.add_source(
+                    lambda: persistence_metrics(persistence.status(), persistence.cache_stats())
+                )
+            )
+            stack.callback(
+                metrics.add_source(lambda: live_metrics(hub.counts(), interruptions.total))
+            )
+            sweeper = asyncio.create_task(
+                _sweep_idle_sessions(persistence, max(5.0, settings.session_idle_timeout / 10)),
+                name="samvad-idle-sweeper",
+            )
+            stack.push_async_callback(_cancel, sweeper)
+            app.state.services = svc
+            readiness.mark_ready()
+            logger.info(
+                "Samvad %s ready (store: %s, mode: %s, auth: %s)",
+                __version__,
+                store.name,
+                persistence.mode.value,
+                settings.auth,
+            )
+            try:
+                yield {"services": svc}
+            finally:
+                readiness.mark_stopping()
 
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
@@ -185,12 +216,14 @@ def create_app(
         *realtime.routes(),
         *demo.routes(settings),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=_middleware(settings, metrics),
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )
+    app.state.readiness = readiness
+    return app
 
 
 class _MetricsObserver:

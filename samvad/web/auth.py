@@ -25,7 +25,7 @@ import hashlib
 import hmac
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import firebase_admin
@@ -38,7 +38,10 @@ from samvad.clock import Clock
 from samvad.config import Settings
 from samvad.errors import AuthUnavailable, ConfigError, Unauthorized
 from samvad.principal import ANONYMOUS, SERVICE, Principal, PrincipalKind
-from samvad.web.services import TokenVerifier
+
+#: Verifies a client's ID token and returns the user id it was issued for;
+#: raises :class:`samvad.errors.Unauthorized` when the token is not valid.
+TokenVerifier = Callable[[str], Awaitable[str]]
 
 __all__ = [
     "ANONYMOUS",
@@ -46,6 +49,7 @@ __all__ = [
     "FirebaseTokenVerifier",
     "Principal",
     "PrincipalKind",
+    "TokenVerifier",
     "api_key_matches",
     "authenticate",
     "authenticate_start",

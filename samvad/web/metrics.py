@@ -3,9 +3,11 @@
 Each app has its own :class:`~prometheus_client.CollectorRegistry` (never the
 global default one: several apps may live in one process, as in the tests).
 Counters and histograms are updated where things happen (HTTP requests by the
-middleware, store writes by the write-behind's ``on_flush`` observer, frames,
-messages and interruptions by the WebSocket glue); gauges are read at scrape
-time from the running services, so the hot path pays nothing for them.
+middleware, store writes by the write-behind's ``on_flush`` observer, frames by
+the WebSocket glue, messages and interruptions by the use cases' observer);
+gauges are read at scrape time from sources the lifespan registers
+(:meth:`Metrics.add_source`), so the hot path pays nothing for them and this
+module knows nothing of the services.
 
 Label values are bounded: routes are path *templates* (``/api/session/{userId}/state``,
 never a user id), store labels are collection names.
@@ -13,8 +15,7 @@ never a user id), store labels are collection names.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,10 +30,21 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from samvad.models import Mode
+from samvad.models import Mode, PersistenceStatus
+from samvad.persistence import CacheStats
 
-if TYPE_CHECKING:
-    from samvad.web.services import Services
+__all__ = [
+    "CONTENT_TYPE",
+    "UNMATCHED_ROUTE",
+    "GaugeSource",
+    "Metrics",
+    "live_metrics",
+    "persistence_metrics",
+    "readiness_metrics",
+]
+
+#: Yields metrics read at scrape time (see :meth:`Metrics.add_source`).
+GaugeSource = Callable[[], Iterable[Metric]]
 
 #: ``Content-Type`` of :meth:`Metrics.render`.
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -101,13 +113,15 @@ class Metrics:
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             # The default registry's process collectors, re-registered here (they are stateless).
             r.register(collector)
-        self._live = _LiveCollector()
-        r.register(self._live)
+        self._sources = _Sources()
+        r.register(self._sources)
         self._http: dict[tuple[str, str, int], Histogram] = {}
 
-    def bind(self, services: Services | None) -> None:
-        """Read the gauges from ``services`` (None: the app is not running)."""
-        self._live.services = services
+    def add_source(self, source: GaugeSource) -> Callable[[], None]:
+        """Read more gauges from ``source`` at every scrape (the hot path pays
+        nothing for them); returns the function that removes it again."""
+        self._sources.sources.append(source)
+        return lambda: self._sources.sources.remove(source)
 
     def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
         """One HTTP request answered."""
@@ -127,101 +141,92 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _LiveCollector(Collector):
-    """Gauges (and counters kept elsewhere) read from the services at scrape time."""
+class _Sources(Collector):
+    """Gauges (and counters kept elsewhere) read at scrape time from the sources
+    the lifespan registered: this module never reaches into the services."""
 
     def __init__(self) -> None:
-        self.services: Services | None = None
+        self.sources: list[GaugeSource] = []
 
     def describe(self) -> Iterable[Metric]:
         return ()
 
     def collect(self) -> Iterable[Metric]:
-        svc = self.services
-        ready = GaugeMetricFamily(
-            "samvad_ready", "1 while the server accepts traffic (see /readyz)."
-        )
-        ready.add_metric([], 1.0 if svc is not None and svc.ready else 0.0)
-        yield ready
-        if svc is None:
-            return
-        yield from self._persistence(svc)
-        yield from self._caches(svc)
-        hub = svc.hub
-        if hub is not None:
-            counts = hub.counts()
-            for name, key, text in (
-                ("samvad_websocket_connections", "connections", "Open WebSocket connections."),
-                ("samvad_websocket_users", "users", "Users with an open WebSocket."),
-                ("samvad_websocket_sessions", "sessions", "Sessions with a live channel."),
-            ):
-                yield GaugeMetricFamily(name, text, value=counts[key])
-        yield GaugeMetricFamily(
-            "samvad_interruptions_live",
-            "Interruptions held on the in-memory stack (cleared by erasures).",
-            value=svc.interruptions.total,
-        )
+        for source in list(self.sources):
+            yield from source()
 
-    @staticmethod
-    def _persistence(svc: Services) -> Iterator[Metric]:
-        persistence = svc.persistence
-        status = persistence.status()
-        mode = GaugeMetricFamily(
-            "samvad_persistence_mode",
-            "1 for the current persistence mode (firestore, or memory during an outage).",
-            labels=["mode"],
-        )
-        for candidate in Mode:
-            mode.add_metric([candidate.value], 1.0 if status.mode is candidate else 0.0)
-        yield mode
-        backend = GaugeMetricFamily(
-            "samvad_store_backend", "The store behind the cache (always 1).", labels=["backend"]
-        )
-        backend.add_metric([status.backend], 1.0)
-        yield backend
-        yield GaugeMetricFamily(
-            "samvad_pending_writes",
-            "Documents with writes waiting for the store.",
-            value=status.pending_documents,
-        )
-        yield GaugeMetricFamily(
-            "samvad_pending_writes_in_flight",
-            "Documents being written to the store right now.",
-            value=status.pending_in_flight,
-        )
-        yield GaugeMetricFamily(
-            "samvad_oldest_pending_write_age_seconds",
-            "Age of the oldest write not yet in the store.",
-            value=status.oldest_pending_age,
-        )
-        yield GaugeMetricFamily(
-            "samvad_replay_lag_seconds",
-            "How long the oldest write past its scheduled time has waited "
-            "(session activity is scheduled late on purpose).",
-            value=status.replay_lag,
-        )
 
-    @staticmethod
-    def _caches(svc: Services) -> Iterator[Metric]:
-        persistence = svc.persistence
-        caches = (
-            ("states", persistence.states),
-            ("profiles", persistence.profiles),
-            ("sessions", persistence.sessions),
-        )
-        hits = CounterMetricFamily(
-            "samvad_cache_hits", "View cache hits, by cache.", labels=["cache"]
-        )
-        misses = CounterMetricFamily(
-            "samvad_cache_misses", "View cache misses (store reads), by cache.", labels=["cache"]
-        )
-        entries = GaugeMetricFamily(
-            "samvad_cache_entries", "Entries in the view cache, by cache.", labels=["cache"]
-        )
-        for name, cache in caches:
-            hits.add_metric([name], cache.hits)
-            misses.add_metric([name], cache.misses)
-            entries.add_metric([name], len(cache))
-        yield hits
-        yield misses
-        yield entries
+def readiness_metrics(ready: bool) -> Iterator[Metric]:
+    """``samvad_ready``."""
+    gauge = GaugeMetricFamily("samvad_ready", "1 while the server accepts traffic (see /readyz).")
+    gauge.add_metric([], 1.0 if ready else 0.0)
+    yield gauge
+
+
+def live_metrics(counts: Mapping[str, int], interruptions: int) -> Iterator[Metric]:
+    """Live WebSocket connections, users and sessions, and the interruption stack."""
+    for name, key, text in (
+        ("samvad_websocket_connections", "connections", "Open WebSocket connections."),
+        ("samvad_websocket_users", "users", "Users with an open WebSocket."),
+        ("samvad_websocket_sessions", "sessions", "Sessions with a live channel."),
+    ):
+        yield GaugeMetricFamily(name, text, value=counts[key])
+    yield GaugeMetricFamily(
+        "samvad_interruptions_live",
+        "Interruptions held on the in-memory stack (cleared by erasures).",
+        value=interruptions,
+    )
+
+
+def persistence_metrics(
+    status: PersistenceStatus, caches: Mapping[str, CacheStats]
+) -> Iterator[Metric]:
+    """The persistence mode, the write backlog and the view caches."""
+    mode = GaugeMetricFamily(
+        "samvad_persistence_mode",
+        "1 for the current persistence mode (firestore, or memory during an outage).",
+        labels=["mode"],
+    )
+    for candidate in Mode:
+        mode.add_metric([candidate.value], 1.0 if status.mode is candidate else 0.0)
+    yield mode
+    backend = GaugeMetricFamily(
+        "samvad_store_backend", "The store behind the cache (always 1).", labels=["backend"]
+    )
+    backend.add_metric([status.backend], 1.0)
+    yield backend
+    yield GaugeMetricFamily(
+        "samvad_pending_writes",
+        "Documents with writes waiting for the store.",
+        value=status.pending_documents,
+    )
+    yield GaugeMetricFamily(
+        "samvad_pending_writes_in_flight",
+        "Documents being written to the store right now.",
+        value=status.pending_in_flight,
+    )
+    yield GaugeMetricFamily(
+        "samvad_oldest_pending_write_age_seconds",
+        "Age of the oldest write not yet in the store.",
+        value=status.oldest_pending_age,
+    )
+    yield GaugeMetricFamily(
+        "samvad_replay_lag_seconds",
+        "How long the oldest write past its scheduled time has waited "
+        "(session activity is scheduled late on purpose).",
+        value=status.replay_lag,
+    )
+    hits = CounterMetricFamily("samvad_cache_hits", "View cache hits, by cache.", labels=["cache"])
+    misses = CounterMetricFamily(
+        "samvad_cache_misses", "View cache misses (store reads), by cache.", labels=["cache"]
+    )
+    entries = GaugeMetricFamily(
+        "samvad_cache_entries", "Entries in the view cache, by cache.", labels=["cache"]
+    )
+    for name, stats in caches.items():
+        hits.add_metric([name], stats.hits)
+        misses.add_metric([name], stats.misses)
+        entries.add_metric([name], stats.entries)
+    yield hits
+    yield misses
+    yield entries

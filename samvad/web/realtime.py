@@ -31,6 +31,7 @@ from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from samvad.clock import to_iso
+from samvad.config import Settings
 from samvad.conversation import (
     Acked,
     Conversation,
@@ -51,7 +52,9 @@ from samvad.logs import bind_log_context
 from samvad.persistence import new_id
 from samvad.principal import ANONYMOUS, Principal
 from samvad.responder import Responder, load_responder
-from samvad.web.auth import authenticate_start
+from samvad.service import SessionService
+from samvad.web.auth import TokenVerifier, authenticate_start
+from samvad.web.metrics import Metrics
 from samvad.web.protocol import (
     MAX_HISTORY_LIMIT,
     Close,
@@ -81,7 +84,6 @@ from samvad.web.protocol import (
     started_frame,
     state_frame,
 )
-from samvad.web.services import Services, services
 
 logger = logging.getLogger(__name__)
 
@@ -420,12 +422,20 @@ class Hub:
     engine's glue: it delivers the engine's events (``FanOut``), runs replies
     (``ReplyRunner``) and schedules its orphan deadlines."""
 
-    def __init__(self, services: Services) -> None:
-        self._services = services
-        self.service = services.service
-        self.settings = services.settings
+    def __init__(
+        self,
+        service: SessionService,
+        *,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        verify_token: TokenVerifier | None = None,
+        responder: Responder | None = None,
+    ) -> None:
+        self.service = service
+        self.settings = settings
+        self._verify_token = verify_token
         self.clock = self.service.clock
-        self.metrics = services.metrics
+        self.metrics = metrics
         self._frame_counters: dict[type, Any] = {}
         if self.metrics is not None:
             frames = self.metrics.ws_frames
@@ -442,14 +452,15 @@ class Hub:
                     (Close, "refused"),
                 )
             }
-        if services.responder is None:
-            services.responder = load_responder(self.settings)
+        #: Writes the assistant's replies; replaceable while running (tests do).
+        self.responder: Responder = responder or load_responder(settings)
         self.closing = False
         self.engine = Engine(self.service, self, self, resume_window=self.settings.ws_resume_window)
         self._connections: dict[Connection, None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._replies: dict[Reply, asyncio.Task[None]] = {}
         self._timers: set[asyncio.TimerHandle] = set()
+        self._closed: asyncio.Future[None] | None = None
         s = self.settings
         self.limits = {
             "maxFrameBytes": s.ws_max_frame_bytes,
@@ -458,13 +469,6 @@ class Hub:
             "idleTimeoutSeconds": s.ws_idle_timeout,
             "resumeWindow": s.ws_resume_window,
         }
-
-    @property
-    def responder(self) -> Responder:
-        responder = self._services.responder
-        if responder is None:
-            responder = self._services.responder = load_responder(self.settings)
-        return responder
 
     @property
     def orphan_grace(self) -> float:
@@ -525,7 +529,7 @@ class Hub:
         they may act for ``userId`` is the use case's rule (``Forbidden``).
         """
         return await authenticate_start(
-            self.settings, self._services.verify_token, token=frame.token, headers=headers
+            self.settings, self._verify_token, token=frame.token, headers=headers
         )
 
     # -- FanOut ----------------------------------------------------------------------
@@ -651,7 +655,17 @@ class Hub:
         return tuple(c for c in self.engine.devices_of(user_id) if isinstance(c, Connection))
 
     async def close_all(self, *, code: int = 1001, reason: str = "server shutting down") -> None:
-        """Close every connection (at shutdown) and wait for their handlers."""
+        """Close every connection (at shutdown) and wait for their handlers.
+
+        Runs once: ``samvad serve`` calls it as soon as a signal arrives (uvicorn
+        waits for open connections before the lifespan ends), the lifespan calls
+        it again for other servers; a later call awaits the first.
+        """
+        if self._closed is None:
+            self._closed = asyncio.ensure_future(self._close_all(code, reason))
+        await asyncio.shield(self._closed)
+
+    async def _close_all(self, code: int, reason: str) -> None:
         self.closing = True
         for timer in self._timers:
             timer.cancel()
@@ -675,7 +689,8 @@ class Hub:
 
 
 async def _endpoint(websocket: WebSocket) -> None:
-    await services(websocket).hub.serve(websocket)
+    hub: Hub = websocket.state.services.hub
+    await hub.serve(websocket)
 
 
 def routes() -> list[BaseRoute]:

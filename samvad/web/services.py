@@ -1,54 +1,92 @@
-"""What a running server holds: built in the app's lifespan, reached through
-``request.state.services`` (never a module-level singleton)."""
+"""The composition root's product: what a running server holds.
+
+Built once in the app's lifespan (``samvad.web.app``), immutable after start,
+reached through ``request.state.services`` — never a module-level singleton.
+The only thing that changes while the server runs is its :class:`Readiness`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import enum
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from starlette.requests import HTTPConnection
 
+from samvad.clock import Clock
 from samvad.config import Settings
 from samvad.interruptions import InterruptionStack
 from samvad.persistence import Persistence
-from samvad.ratelimit import RateLimits
-from samvad.responder import Responder
 from samvad.service import SessionService
+from samvad.web.auth import TokenVerifier
 from samvad.web.metrics import Metrics
+from samvad.web.realtime import Hub
 
-#: Verifies a client's ID token and returns the user id it was issued for;
-#: raises :class:`samvad.errors.Unauthorized` when the token is not valid.
-TokenVerifier = Callable[[str], Awaitable[str]]
+__all__ = ["Readiness", "ReadinessState", "Services", "services"]
 
 
-@dataclass(slots=True)
+class ReadinessState(enum.Enum):
+    """Where the server is in its life (``/readyz``)."""
+
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+_TRANSITIONS = {
+    ReadinessState.STARTING: {ReadinessState.READY, ReadinessState.STOPPING},
+    ReadinessState.READY: {ReadinessState.STOPPING},
+    ReadinessState.STOPPING: {ReadinessState.STOPPING},
+}
+
+
+class Readiness:
+    """Starting → ready → stopping, once; owned by the app, so ``/readyz`` and
+    the metrics can answer before the lifespan built anything and after it
+    tore everything down."""
+
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state = ReadinessState.STARTING
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ReadinessState.READY
+
+    def _move(self, to: ReadinessState) -> None:
+        if to not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"A server that is {self.state.value} cannot become {to.value}.")
+        self.state = to
+
+    def mark_ready(self) -> None:
+        """Start-up finished: accept traffic."""
+        self._move(ReadinessState.READY)
+
+    def mark_stopping(self) -> None:
+        """Shutdown began (a signal, or the lifespan ending); idempotent."""
+        self._move(ReadinessState.STOPPING)
+
+
+@dataclass(frozen=True, slots=True)
 class Services:
-    """The resources of one server process."""
+    """The resources of one server process, built by the lifespan in dependency
+    order and closed by it in reverse (an ``AsyncExitStack``)."""
 
     settings: Settings
+    clock: Clock
+    started_at: datetime
+    readiness: Readiness
+    metrics: Metrics
     persistence: Persistence
     interruptions: InterruptionStack
-    started_at: datetime
     #: The use cases both doors call (``samvad.service``).
     service: SessionService
-    #: Live WebSocket connections (``samvad.web.realtime.Hub``), set by the lifespan.
-    hub: Any = None
-    #: Writes the assistant's replies on the WebSocket; None means the one
-    #: ``settings.ws_responder`` names, built by the hub on first use.
-    responder: Responder | None = None
-    #: Checks Firebase ID tokens (REST ``Authorization`` and the ``start`` frame's
-    #: ``token``) when ``settings.auth`` is not ``off``; see ``samvad.web.auth``.
-    verify_token: TokenVerifier | None = None
-    #: Per-user limits of refresh and session deletion; None: unlimited.
-    limits: RateLimits | None = None
-    #: This app's Prometheus metrics; None: not recorded.
-    metrics: Metrics | None = None
-    #: True from the end of start-up until shutdown begins (``/readyz``).
-    ready: bool = False
-    #: Extra components keyed by name, for optional features.
-    extras: dict[str, Any] = field(default_factory=dict)
+    #: Live WebSocket connections and the conversation engine's glue.
+    hub: Hub
+    #: Checks Firebase ID tokens when ``settings.auth`` is not ``off``
+    #: (``samvad.web.auth``); None when authentication is off.
+    verify_token: TokenVerifier | None
 
 
 def services(connection: HTTPConnection) -> Services:

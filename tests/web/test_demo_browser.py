@@ -154,7 +154,7 @@ def _user() -> str:
 
 def _valve(server: LiveServer) -> Valve:
     valve = Valve()
-    server.services.responder = EchoResponder(sleep=valve.sleep)
+    server.services.hub.responder = EchoResponder(sleep=valve.sleep)
     return valve
 
 

@@ -131,7 +131,7 @@ async def test_the_owner_reusing_a_deleted_session_id_gets_an_empty_session() ->
 async def test_refresh_cancels_the_reply_in_flight_and_stores_nothing_of_it() -> None:
     gate = Gate()
     async with live_server(make_app()) as server, httpx.AsyncClient(base_url=server.url) as http:
-        server.services.responder = EchoResponder(sleep=gate.sleep)
+        server.services.hub.responder = EchoResponder(sleep=gate.sleep)
         phone = await open_client(server, "u-cut", session_id="s-cut")
         await phone.message("a long answer please")
         await phone.wait_for("reply.chunk")

@@ -85,7 +85,7 @@ async def test_websocket_connections_frames_messages_and_interruptions_are_count
         live_server(create_app(Settings(store="memory"))) as server,
         httpx.AsyncClient(base_url=server.url) as http,
     ):
-        server.services.responder = EchoResponder(sleep=gate.sleep)
+        server.services.hub.responder = EchoResponder(sleep=gate.sleep)
         client = await SamvadClient.connect(f"{server.ws_url}/ws", user_id="u1", heartbeat=None)
         await client.message("tell me everything")
         await client.wait_for("reply.chunk")

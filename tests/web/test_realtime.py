@@ -27,6 +27,7 @@ from samvad.errors import Unauthorized
 from samvad.models import Role, SessionStatus
 from samvad.responder import EchoResponder, ReplyContext
 from samvad.web.app import create_app
+from samvad.web.auth import TokenVerifier
 from tests.support.server import LiveServer, live_server
 
 
@@ -44,10 +45,10 @@ class Gate:
         self.opened.set()
 
 
-def make_app(**overrides: Any) -> Starlette:
+def make_app(verify_token: TokenVerifier | None = None, **overrides: Any) -> Starlette:
     options: dict[str, Any] = {"store": "memory", "ws_reply_chunk_delay": 0.0}
     options.update(overrides)
-    return create_app(Settings(**options))
+    return create_app(Settings(**options), verify_token=verify_token)
 
 
 async def open_client(server: LiveServer, user_id: str, **options: Any) -> SamvadClient:
@@ -156,7 +157,7 @@ async def test_start_answers_with_state_and_recent_history() -> None:
 async def test_barge_in_stores_only_what_was_heard() -> None:
     gate = Gate()
     async with live_server(make_app()) as server:
-        server.services.responder = EchoResponder(sleep=gate.sleep)
+        server.services.hub.responder = EchoResponder(sleep=gate.sleep)
         client = await open_client(server, "u-barge")
         await client.message("Tell me about home loans")
         ack = await client.wait_for("ack")
@@ -200,7 +201,7 @@ async def test_the_interruption_context_reaches_the_next_reply() -> None:
             return super().reply(context)
 
     async with live_server(make_app()) as server:
-        server.services.responder = Recording(sleep=gate.sleep)
+        server.services.hub.responder = Recording(sleep=gate.sleep)
         client = await open_client(server, "u-context")
         await client.message("Explain compound interest")
         chunk = await first_chunk(client)
@@ -225,7 +226,7 @@ async def test_the_interruption_context_reaches_the_next_reply() -> None:
 async def test_heard_text_and_a_new_message_also_cut_the_reply() -> None:
     gate = Gate()
     async with live_server(make_app()) as server:
-        server.services.responder = EchoResponder(sleep=gate.sleep)
+        server.services.hub.responder = EchoResponder(sleep=gate.sleep)
         client = await open_client(server, "u-heard")
         await client.message("First question")
         chunk = await first_chunk(client)
@@ -314,7 +315,7 @@ async def test_resume_replays_what_was_missed() -> None:
 async def test_resume_picks_up_a_reply_that_was_streaming() -> None:
     gate = Gate()
     async with live_server(make_app()) as server:
-        server.services.responder = EchoResponder(sleep=gate.sleep)
+        server.services.hub.responder = EchoResponder(sleep=gate.sleep)
         client = await open_client(server, "u-inflight", session_id="s-inflight")
         await client.message("Tell me a story")
         await client.wait_for("ack")
@@ -584,14 +585,14 @@ async def test_a_slow_reader_is_closed_with_1013_without_delaying_others() -> No
                 await fast.ping()
                 await fast.wait_for("pong")
         (slow_conn,) = svc.hub.connections_of("u-slow")
-        svc.responder = Flood()
+        svc.hub.responder = Flood()
         await slow.send({"type": "message", "text": "flood me"})
         # The slow client never reads: its queue fills and it is dropped.
         async with asyncio.timeout(20):
             await slow_conn.finished.wait()
         assert slow_conn.closing is not None and slow_conn.closing.code == 1013
         assert svc.hub.connections_of("u-slow") == ()
-        svc.responder = EchoResponder()
+        svc.hub.responder = EchoResponder()
         exchange = await fast.ask("am I slowed down?", within=5)
         assert exchange.reply.complete
         # What the slow client was sent is stored, cut where it was dropped.
@@ -609,7 +610,7 @@ async def test_a_failing_responder_ends_the_reply_incomplete() -> None:
             raise RuntimeError("the model went away")
 
     async with live_server(make_app()) as server:
-        server.services.responder = Broken()
+        server.services.hub.responder = Broken()
         client = await open_client(server, "u-broken")
         exchange = await client.ask("hello")
         assert not exchange.reply.complete
@@ -617,7 +618,7 @@ async def test_a_failing_responder_ends_the_reply_incomplete() -> None:
         profile = await server.services.persistence.get_profile("u-broken")
         assert profile is not None
         assert profile.history[-1].interrupted
-        server.services.responder = EchoResponder()
+        server.services.hub.responder = EchoResponder()
         assert (await client.ask("again")).reply.complete
         await client.close()
 
@@ -636,7 +637,7 @@ async def test_replies_are_cut_at_the_size_limit() -> None:
 async def test_shutdown_closes_with_1001_and_stores_the_reply_in_flight() -> None:
     gate = Gate()
     async with live_server(make_app()) as server:
-        server.services.responder = EchoResponder(sleep=gate.sleep)
+        server.services.hub.responder = EchoResponder(sleep=gate.sleep)
         client = await open_client(server, "u-shutdown")
         await client.message("a long answer please")
         chunk = await first_chunk(client)
@@ -658,8 +659,7 @@ async def test_authentication_checks_the_token_of_the_start_frame() -> None:
             return token.removeprefix("good-")
         raise Unauthorized("invalid token")
 
-    async with live_server(make_app(auth="firebase")) as server:
-        server.services.verify_token = verify
+    async with live_server(make_app(verify, auth="firebase")) as server:
         with pytest.raises(ServerError, match="unauthorized"):
             await open_client(server, "u-auth")
         with pytest.raises(ServerError, match="unauthorized"):

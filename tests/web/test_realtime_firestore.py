@@ -116,7 +116,7 @@ async def test_a_barge_in_leaves_the_heard_text_marked_interrupted_in_firestore(
     gate = Gate()
     settings = settings_for(firestore_emulator, firestore_project, persist_interruptions=True)
     async with live_server(create_app(settings)) as server:
-        server.services.responder = EchoResponder(sleep=gate.sleep)
+        server.services.hub.responder = EchoResponder(sleep=gate.sleep)
         client = await open_client(server, "fs-barge", session_id="fs-barge-s")
         await client.message("Tell me everything about home loans")
         chunk = await client.wait_for("reply.chunk")
