@@ -191,7 +191,7 @@ async def two_users(
     responder = HeldResponder()
     app = create_app(settings, clock=clock)
     async with live_server(app) as server, httpx.AsyncClient(base_url=server.url) as http:
-        server.services.responder = responder
+        server.services.hub.responder = responder
         world = World(
             server=server,
             clock=clock,
