@@ -270,3 +270,43 @@ async def test_concurrent_profile_writes_lose_nothing(store: Store) -> None:
     doc = await store.get(PROFILES, "u1")
     assert doc is not None
     assert sorted(m["id"] for m in doc["conversationHistory"]) == [f"m{i:04d}" for i in range(3)]
+
+
+# -- queries by field (the ADK session service's reads and erasures) ---------
+
+
+async def test_select_returns_the_documents_matching_every_field_in_id_order(
+    store: Store,
+) -> None:
+    await store.write_fields(fields("adk_x", "b", "u1", app="a1", owner="u1", n=1))
+    await store.write_fields(fields("adk_x", "a", "u1", app="a1", owner="u1", n=2))
+    await store.write_fields(fields("adk_x", "c", "u2", app="a1", owner="u2", n=3))
+    await store.write_fields(fields("adk_x", "d", "u1", app="a2", owner="u1", n=4))
+    await store.write_fields(fields("adk_x", "e", "u1", owner="u1", n=5))  # no app at all
+    rows = await store.select("adk_x", where={"app": "a1", "owner": "u1"})
+    assert rows == [
+        ("a", {"app": "a1", "owner": "u1", "n": 2}),
+        ("b", {"app": "a1", "owner": "u1", "n": 1}),
+    ]
+    assert [doc_id for doc_id, _ in await store.select("adk_x", where={"app": "a1"})] == [
+        "a",
+        "b",
+        "c",
+    ]
+    assert await store.select("adk_x", where={"app": "nobody"}) == []
+
+
+async def test_select_matches_field_names_with_dots_literally(store: Store) -> None:
+    await store.write_fields(fields("adk_x", "a", "u1", **{"a.b": "v", "a": {"b": "w"}}))
+    assert [r[0] for r in await store.select("adk_x", where={"a.b": "v"})] == ["a"]
+    assert await store.select("adk_x", where={"a.b": "w"}) == []
+
+
+async def test_delete_where_deletes_only_the_matching_documents(store: Store) -> None:
+    for i in range(7):
+        user = "u1" if i % 2 == 0 else "u2"
+        await store.write_fields(fields("adk_x", f"d{i}", user, owner=user))
+    assert await store.delete_where("adk_x", where={"owner": "u1"}) == 4
+    assert [r[0] for r in await store.select("adk_x", where={"owner": "u2"})] == ["d1", "d3", "d5"]
+    assert await store.select("adk_x", where={"owner": "u1"}) == []
+    assert await store.delete_where("adk_x", where={"owner": "u1"}) == 0

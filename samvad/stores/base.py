@@ -14,10 +14,11 @@ import base64
 import binascii
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from samvad.clock import parse_iso, to_iso
 from samvad.documents import Document
@@ -146,3 +147,16 @@ class Store(ABC):
     @abstractmethod
     async def counts(self) -> StoreCounts:
         """Aggregate counts for the stats endpoint, never by loading every document."""
+
+    # -- queries by field (added for the ADK session service) ----------------
+
+    @abstractmethod
+    async def select(
+        self, collection: str, *, where: Mapping[str, Any]
+    ) -> list[tuple[str, Document]]:
+        """Every document of ``collection`` whose fields equal all of ``where``,
+        in document-id order (a document without one of the fields never matches)."""
+
+    @abstractmethod
+    async def delete_where(self, collection: str, *, where: Mapping[str, Any]) -> int:
+        """Delete every document :meth:`select` would return; returns how many."""

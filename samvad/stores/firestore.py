@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -424,6 +424,60 @@ class FirestoreStore(Store):
             deleted += count
             if count < _DELETE_PAGE:
                 return deleted
+
+    # -- queries by field (added for the ADK session service) ----------------
+    # Kept together in this block, apart from the rest of the store, to ease merging.
+
+    def _where(self, collection: str, where: Mapping[str, Any]) -> Any:
+        query: Any = self.client.collection(collection)
+        for name, value in where.items():
+            query = query.where(filter=FieldFilter(FieldPath(name).to_api_repr(), "==", value))
+        return query
+
+    async def select(
+        self, collection: str, *, where: Mapping[str, Any]
+    ) -> list[tuple[str, Document]]:
+        # Paged by document id: one unbounded query could outlive the deadline.
+        query = self._where(collection, where).order_by(FieldPath.document_id())
+        rows: list[tuple[str, Document]] = []
+        last: Any = None
+        while True:
+            page_query = query.limit(_SELECT_PAGE)
+            if last is not None:
+                page_query = page_query.start_after(last)
+
+            async def page(q: Any = page_query) -> list[Any]:
+                return list(await q.get(**self._kw()))
+
+            snapshots = await self._bounded(page)
+            rows.extend((s.id, s.to_dict() or {}) for s in snapshots)
+            if len(snapshots) < _SELECT_PAGE:
+                return rows
+            last = snapshots[-1]
+
+    async def delete_where(self, collection: str, *, where: Mapping[str, Any]) -> int:
+        query = self._where(collection, where).select([]).limit(_DELETE_PAGE)
+        deleted = 0
+        while True:
+
+            async def page() -> int:
+                snapshots = await query.get(**self._kw())
+                if snapshots:
+                    batch = self.client.batch()
+                    for snapshot in snapshots:
+                        batch.delete(snapshot.reference)
+                    await batch.commit(**self._kw())
+                return len(snapshots)
+
+            count = await self._bounded(page, scale=2.0)
+            deleted += count
+            if count < _DELETE_PAGE:
+                return deleted
+
+    # -- end of the queries by field ---------------------------------------
+
+
+_SELECT_PAGE = 500  # documents per page of select()
 
 
 def _caused_by_outage(exc: BaseException) -> bool:

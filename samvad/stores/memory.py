@@ -7,7 +7,9 @@ hold both to them), but it is not durable: a restart loses everything.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 
 from samvad.documents import (
     INTERRUPTIONS,
@@ -150,6 +152,32 @@ class MemoryStore(Store):
             total_profiles=len(self._docs(PROFILES)),
             total_interruptions=len(self._docs(INTERRUPTIONS)),
         )
+
+    # -- queries by field (added for the ADK session service) ----------------
+
+    def _matching(self, collection: str, where: Mapping[str, Any]) -> list[str]:
+        docs = self._docs(collection)
+        return sorted(
+            doc_id
+            for doc_id, doc in docs.items()
+            if all(name in doc and doc[name] == value for name, value in where.items())
+        )
+
+    async def select(
+        self, collection: str, *, where: Mapping[str, Any]
+    ) -> list[tuple[str, Document]]:
+        docs = self._docs(collection)
+        return [
+            (doc_id, copy.deepcopy(docs[doc_id])) for doc_id in self._matching(collection, where)
+        ]
+
+    async def delete_where(self, collection: str, *, where: Mapping[str, Any]) -> int:
+        doomed = self._matching(collection, where)
+        docs = self._docs(collection)
+        for doc_id in doomed:
+            del docs[doc_id]
+        self.writes += 1
+        return len(doomed)
 
 
 def _has_activity(row: tuple[str, Document]) -> bool:
