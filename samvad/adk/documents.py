@@ -26,6 +26,7 @@ server instances to one session both survive.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,7 @@ class Collections:
         )
 
 
+@functools.lru_cache(maxsize=65536)
 def _part(text: str) -> str:
     # Percent-encoding keeps "/" (a path separator) and "|" (ours) out of ids;
     # "_" and "." are encoded too so no id can be "." or a reserved "__x__".

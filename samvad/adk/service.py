@@ -40,6 +40,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import math
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,9 +62,9 @@ from google.adk.sessions.session import Session
 from google.adk.sessions.state import State
 
 from samvad.adk import documents as docs
+from samvad.adk.cache import ExpiringMap
 from samvad.adk.documents import Collections
 from samvad.adk.store import AdkStore
-from samvad.cache import ViewCache
 from samvad.clock import Clock, SystemClock
 from samvad.config import Settings
 from samvad.documents import Document
@@ -125,6 +127,46 @@ def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_PLAIN = (str, int, float, bool, type(None))
+#: Scoped keys with their prefix, so views do not build the same strings anew.
+_APP_KEYS: dict[str, str] = {}
+_USER_KEYS: dict[str, str] = {}
+
+
+def _prefixed(prefix: str, key: str) -> str:
+    table = _APP_KEYS if prefix == State.APP_PREFIX else _USER_KEYS
+    if len(table) < 100_000:
+        table[key] = prefix + key
+    return prefix + key
+
+
+def _split_delta(delta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A delta's app, user and session buckets (no temp keys), JSON-safe as
+    ADK's database service stores them."""
+    if all(type(value) in _PLAIN for value in delta.values()):
+        # Plain values are their own JSON form: skip the serializer's round trip.
+        return _session_util.extract_state_delta(delta)
+    return _session_util.extract_json_safe_state_delta(delta)
+
+
+_SESSION_FIELDS = frozenset(Session.model_fields)
+
+
+def _new_session(fields: dict[str, Any], *, marker: str) -> Session:
+    """A validated-already ``Session`` built the way ``model_construct`` builds one.
+
+    ``model_construct`` walks every field in Python, a third of a ``get_session``;
+    the values here are ours and complete, so this sets pydantic's slots
+    directly. The contract tests compare these sessions with ADK's own.
+    """
+    session = Session.__new__(Session)
+    object.__setattr__(session, "__dict__", fields)
+    object.__setattr__(session, "__pydantic_fields_set__", set(_SESSION_FIELDS))
+    object.__setattr__(session, "__pydantic_extra__", None)
+    object.__setattr__(session, "__pydantic_private__", {"_storage_update_marker": marker})
+    return session
+
+
 def _text_of(event: Event) -> str:
     content = event.content
     if content is None or not content.parts:
@@ -168,17 +210,19 @@ class SamvadSessionService(BaseSessionService):
         self._closed = False
         s = self.settings
         timer = self.clock.monotonic
-        self._sessions: ViewCache[str, _Record] = ViewCache(
+        self._sessions: ExpiringMap[str, _Record] = ExpiringMap(
             maxsize=s.cache_max_entries, ttl=s.cache_ttl, timer=timer
         )
-        self._app_states: ViewCache[str, dict[str, Any]] = ViewCache(
-            maxsize=s.cache_max_entries, ttl=state_ttl, timer=timer, absent_ttl=state_ttl
+        self._app_states: ExpiringMap[str, dict[str, Any]] = ExpiringMap(
+            maxsize=s.cache_max_entries, ttl=state_ttl, timer=timer
         )
-        self._user_states: ViewCache[str, dict[str, Any]] = ViewCache(
-            maxsize=s.cache_max_entries, ttl=state_ttl, timer=timer, absent_ttl=state_ttl
+        self._user_states: ExpiringMap[str, dict[str, Any]] = ExpiringMap(
+            maxsize=s.cache_max_entries, ttl=state_ttl, timer=timer
         )
         #: Store reads made (documents and queries), for the benchmarks.
         self.store_reads = 0
+        #: False on a store that does not outlive the process: nothing is queued.
+        self._durable = True
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -218,6 +262,15 @@ class SamvadSessionService(BaseSessionService):
             clock=self.clock,
         )
         await writes.start()
+        if not self._store.durable:
+            # A store that dies with the process (the memory store) keeps
+            # nothing these maps could not: they hold everything, for good,
+            # and no write is queued (see _durable).
+            self._durable = False
+            timer = self.clock.monotonic
+            self._sessions = ExpiringMap(maxsize=sys.maxsize, ttl=math.inf, timer=timer)
+            self._app_states = ExpiringMap(maxsize=sys.maxsize, ttl=math.inf, timer=timer)
+            self._user_states = ExpiringMap(maxsize=sys.maxsize, ttl=math.inf, timer=timer)
         self._writes = writes
 
     async def _ready(self) -> WriteBehind:
@@ -418,8 +471,12 @@ class SamvadSessionService(BaseSessionService):
         )
 
     async def _record(self, app_name: str, user_id: str, session_id: str) -> _Record | None:
-        await self._ready()
         key = docs.session_key(app_name, user_id, session_id)
+        if self._writes is not None:
+            found = self._sessions.fresh(key, want_complete=self._want_complete())
+            if found is not None:
+                return found
+        await self._ready()
 
         async def load() -> tuple[_Record | None, bool]:
             return await self._load_record(key, app_name, user_id, session_id)
@@ -433,6 +490,9 @@ class SamvadSessionService(BaseSessionService):
         self, collection: str, doc_id: str, barriers: tuple[Barrier, ...]
     ) -> dict[str, Any]:
         cache = self._app_states if collection == self.collections.app_states else self._user_states
+        found = cache.fresh(doc_id, want_complete=self._want_complete())
+        if found is not None:
+            return found
 
         async def load() -> tuple[dict[str, Any] | None, bool]:
             async def read() -> Document | None:
@@ -474,28 +534,38 @@ class SamvadSessionService(BaseSessionService):
         user_state: dict[str, Any],
     ) -> Session:
         state = _copy_state(record.state)
-        for key, value in _copy_state(app_state).items():
-            state[State.APP_PREFIX + key] = value
-        for key, value in _copy_state(user_state).items():
-            state[State.USER_PREFIX + key] = value
-        session = Session.model_construct(
-            id=record.session_id,
-            app_name=record.app_name,
-            user_id=record.user_id,
-            state=state,
-            events=events,
-            last_update_time=record.last_update_time,
+        if app_state:
+            for key, value in app_state.items():
+                state[_APP_KEYS.get(key) or _prefixed(State.APP_PREFIX, key)] = (
+                    copy.deepcopy(value) if isinstance(value, dict | list) else value
+                )
+        if user_state:
+            for key, value in user_state.items():
+                state[_USER_KEYS.get(key) or _prefixed(State.USER_PREFIX, key)] = (
+                    copy.deepcopy(value) if isinstance(value, dict | list) else value
+                )
+        return _new_session(
+            {
+                "id": record.session_id,
+                "app_name": record.app_name,
+                "user_id": record.user_id,
+                "state": state,
+                "events": events,
+                "last_update_time": record.last_update_time,
+            },
+            marker=str(record.revision),
         )
-        session._storage_update_marker = str(record.revision)
-        return session
 
     # -- writes --------------------------------------------------------------
 
     def _submit(self, write: Write) -> None:
         assert self._writes is not None
-        self._writes.submit(write)
+        if self._durable or isinstance(write, Erase):
+            self._writes.submit(write)
 
     def _session_write(self, record: _Record, state: dict[str, Any], *, created: bool) -> None:
+        if not self._durable:
+            return
         fields: dict[str, Any] = {
             "key": record.key,
             "appName": record.app_name,
@@ -527,7 +597,7 @@ class SamvadSessionService(BaseSessionService):
             doc_id = docs.app_state_id(app_name)
             cached = self._app_states.peek(doc_id)
             if cached is not None:
-                cached.value.update(app_delta)
+                cached.update(app_delta)
             else:
                 self._app_states.discard(doc_id)
             self._submit(
@@ -542,7 +612,7 @@ class SamvadSessionService(BaseSessionService):
             doc_id = docs.user_state_id(app_name, user_id)
             cached = self._user_states.peek(doc_id)
             if cached is not None:
-                cached.value.update(user_delta)
+                cached.update(user_delta)
             else:
                 self._user_states.discard(doc_id)
             self._submit(
@@ -575,7 +645,7 @@ class SamvadSessionService(BaseSessionService):
                 raise AlreadyExistsError(f"Session with id {session_id} already exists.")
         else:
             session_id = str(uuid.uuid4())
-        deltas = _session_util.extract_json_safe_state_delta(state or {})
+        deltas = _split_delta(state or {})
         app_state = await self._app_state(app_name)
         user_state = await self._user_state(app_name, user_id)
         # Loading the scoped state awaited: someone may have created it since.
@@ -624,8 +694,15 @@ class SamvadSessionService(BaseSessionService):
                 while i >= 0 and events[i].timestamp >= config.after_timestamp:
                     i -= 1
                 events = events[i + 1 :]
-        app_state = await self._app_state(app_name)
-        user_state = await self._user_state(app_name, user_id)
+        want = self._want_complete()
+        app_state = self._app_states.fresh(docs.app_state_id(app_name), want_complete=want)
+        if app_state is None:
+            app_state = await self._app_state(app_name)
+        user_state = self._user_states.fresh(
+            docs.user_state_id(app_name, user_id), want_complete=want
+        )
+        if user_state is None:
+            user_state = await self._user_state(app_name, user_id)
         return self._view(record, list(events), app_state, user_state)
 
     async def list_sessions(
@@ -713,12 +790,15 @@ class SamvadSessionService(BaseSessionService):
             # An equal re-delivery (a retried call): neither stored nor applied twice.
             return event
         # Temp state reaches the caller's session before it is trimmed from the
-        # event, so later agents of the same invocation can read it.
-        self._apply_temp_state(session, event)
-        event = self._trim_temp_delta_state(event)
+        # event, so later agents of the same invocation can read it. (Trimming
+        # re-validates the actions: only done when there is a temp key.)
+        delta = event.actions.state_delta if event.actions else None
+        if delta and any(key.startswith(State.TEMP_PREFIX) for key in delta):
+            self._apply_temp_state(session, event)
+            event = self._trim_temp_delta_state(event)
         self._check_fresh(session, record)
         deltas = (
-            _session_util.extract_json_safe_state_delta(event.actions.state_delta)
+            _split_delta(event.actions.state_delta)
             if event.actions and event.actions.state_delta
             else None
         )
@@ -730,7 +810,7 @@ class SamvadSessionService(BaseSessionService):
                 await self._user_state(session.app_name, session.user_id)
             # Awaiting may have let another append in: check again.
             self._check_fresh(session, record)
-        payload = event.model_dump_json(exclude_none=True, fallback=str)
+        payload = event.model_dump_json(exclude_none=True, fallback=str) if self._durable else ""
         if len(payload) > docs.MAX_EVENT_BYTES:
             raise ValueError(
                 f"Event {event.id} is {len(payload)} bytes as JSON; "
@@ -756,21 +836,22 @@ class SamvadSessionService(BaseSessionService):
             session_delta = deltas["session"]
             record.state.update(session_delta)
             self._apply_scoped(session.app_name, session.user_id, deltas["app"], deltas["user"])
-        self._submit(
-            FieldsWrite(
-                collection=self.collections.events,
-                doc_id=docs.chunk_id(record.key, record.chunk),
-                user_id=record.user_id,
-                session_id=record.key,
-                fields={
-                    "session": record.key,
-                    "appName": record.app_name,
-                    "userId": record.user_id,
-                    "chunk": record.chunk,
-                    docs.event_field(seq, event.id): payload,
-                },
+        if self._durable:
+            self._submit(
+                FieldsWrite(
+                    collection=self.collections.events,
+                    doc_id=docs.chunk_id(record.key, record.chunk),
+                    user_id=record.user_id,
+                    session_id=record.key,
+                    fields={
+                        "session": record.key,
+                        "appName": record.app_name,
+                        "userId": record.user_id,
+                        "chunk": record.chunk,
+                        docs.event_field(seq, event.id): payload,
+                    },
+                )
             )
-        )
         self._session_write(record, session_delta, created=False)
         session.last_update_time = event.timestamp
         session._storage_update_marker = str(record.revision)
