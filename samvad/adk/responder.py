@@ -34,26 +34,12 @@ from google.adk.sessions.base_session_service import BaseSessionService, GetSess
 from google.genai import types
 
 from samvad.config import Settings
-from samvad.interruptions import Interruption
 from samvad.responder import ReplyContext
+from samvad.responders import interruption_note
 
 logger = logging.getLogger(__name__)
 
 _EXISTS = GetSessionConfig(num_recent_events=0)
-
-
-def interruption_note(interruption: Interruption) -> str:
-    """What the agent is told, with the next message, about a barge-in."""
-    heard = interruption.heard.strip()
-    cut = interruption.cut.strip()
-    if not heard:
-        return "[The user interrupted you before hearing any of your previous reply.]"
-    if not cut:
-        return f'[The user interrupted you just as you finished saying: "{heard}".]'
-    return (
-        "[The user interrupted your previous reply. "
-        f'They heard only: "{heard}". They did not hear: "{cut}".]'
-    )
 
 
 def _text(event: Event) -> str:

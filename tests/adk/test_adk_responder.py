@@ -11,12 +11,12 @@ from google.adk.agents.llm_agent import LlmAgent
 from google.adk.models.llm_request import LlmRequest
 
 from samvad.adk.app import create_agent_app
-from samvad.adk.responder import interruption_note
 from samvad.adk.scripted import Answer, ScriptedLlm, last_tool_result, last_user_text, tool_call
 from samvad.client import SamvadClient
 from samvad.interruptions import Interruption
 from samvad.models import Role
 from samvad.persistence import Persistence
+from samvad.responders import interruption_note
 from tests.adk.conftest import SETTINGS, firestore_store, samvad_service
 from tests.support.server import LiveServer, live_server
 from tests.web.test_realtime_firestore import settings_for
