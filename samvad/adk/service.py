@@ -43,7 +43,7 @@ import logging
 import math
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -70,7 +70,7 @@ from samvad.config import Settings
 from samvad.documents import Document
 from samvad.models import Mode, PersistenceStatus, Role
 from samvad.persistence import Persistence
-from samvad.stores.base import Store, StoreRejected, StoreUnavailable
+from samvad.stores.base import Store
 from samvad.writebehind import WriteBehind, WriteBehindConfig
 from samvad.writes import (
     Barrier,
@@ -84,7 +84,6 @@ from samvad.writes import (
 
 logger = logging.getLogger(__name__)
 
-_STORE_ERRORS = (StoreUnavailable, StoreRejected)
 #: ADK's own wording, so callers matching on it keep working.
 STALE_SESSION_MESSAGE = (
     "The session has been modified in storage since it was loaded. "
@@ -345,38 +344,16 @@ class SamvadSessionService(BaseSessionService):
     async def _load(
         self,
         barriers: tuple[Barrier, ...],
-        read: Callable[[], Any],
+        read: Callable[[], Awaitable[Any]],
         pending: Callable[[], list[Write]],
     ) -> tuple[Any, list[Write], bool]:
-        """Read the store (``read``) and collect the unconfirmed writes to lay over
-        it; the third value is False when the store could not be read."""
+        """Read the store (``read``) consistently with the write-behind: the
+        answer (None when not read or erased), the unconfirmed writes to lay
+        over it, and whether the view built from them is complete."""
         wb = self._writes
         assert wb is not None
-        stored: Any = None
-        complete = True
-        before: list[Write] = []
-        for _attempt in range(3):
-            epoch = wb.erase_epoch
-            # Writes pending before the read may be confirmed while it runs and
-            # leave the queue: keep them, applying them again is harmless.
-            before = pending()
-            stored, complete = None, True
-            if not wb.erased(barriers):
-                if wb.mode is Mode.MEMORY:
-                    complete = False
-                else:
-                    try:
-                        stored = await read()
-                    except _STORE_ERRORS as exc:
-                        wb.report_unavailable(exc)
-                        complete = False
-            if wb.erase_epoch == epoch:
-                break
-            # An erase came in during the read: read again behind it.
-        if wb.erased(barriers):
-            # The store may still hold what the erase is about to delete.
-            stored, before = None, []
-        return stored, before + pending(), complete
+        found = await wb.read(read, barriers=barriers, pending=pending)
+        return found.value, found.writes, found.complete
 
     def _pending_fields(
         self, collection: str, accept: Callable[[FieldsWrite], bool]
