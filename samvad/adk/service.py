@@ -127,16 +127,6 @@ def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 _PLAIN = (str, int, float, bool, type(None))
-#: Scoped keys with their prefix, so views do not build the same strings anew.
-_APP_KEYS: dict[str, str] = {}
-_USER_KEYS: dict[str, str] = {}
-
-
-def _prefixed(prefix: str, key: str) -> str:
-    table = _APP_KEYS if prefix == State.APP_PREFIX else _USER_KEYS
-    if len(table) < 100_000:
-        table[key] = prefix + key
-    return prefix + key
 
 
 def _split_delta(delta: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -513,12 +503,12 @@ class SamvadSessionService(BaseSessionService):
         state = _copy_state(record.state)
         if app_state:
             for key, value in app_state.items():
-                state[_APP_KEYS.get(key) or _prefixed(State.APP_PREFIX, key)] = (
+                state[State.APP_PREFIX + key] = (
                     copy.deepcopy(value) if isinstance(value, dict | list) else value
                 )
         if user_state:
             for key, value in user_state.items():
-                state[_USER_KEYS.get(key) or _prefixed(State.USER_PREFIX, key)] = (
+                state[State.USER_PREFIX + key] = (
                     copy.deepcopy(value) if isinstance(value, dict | list) else value
                 )
         return _new_session(
