@@ -441,7 +441,7 @@ class SamvadSessionService(BaseSessionService):
         key = docs.session_key(app_name, user_id, session_id)
         if self._writes is not None:
             found = self._sessions.fresh(key, want_complete=self._want_complete())
-            if found is not None:
+            if found is not None or not self._durable:
                 return found
         await self._ready()
 
@@ -460,6 +460,11 @@ class SamvadSessionService(BaseSessionService):
         found = cache.fresh(doc_id, want_complete=self._want_complete())
         if found is not None:
             return found
+        if not self._durable:
+            # Nothing is ever stored: what is not in memory does not exist.
+            empty: dict[str, Any] = {}
+            cache.put(doc_id, empty)
+            return empty
 
         async def load() -> tuple[dict[str, Any] | None, bool]:
             async def read() -> Document | None:
