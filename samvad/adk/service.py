@@ -156,6 +156,25 @@ def _new_session(fields: dict[str, Any], *, marker: str) -> Session:
     return session
 
 
+def _marker(session: Session) -> str | None:
+    """``session._storage_update_marker``, read without pydantic's ``__getattr__``."""
+    private = session.__pydantic_private__
+    return private.get("_storage_update_marker") if private else None
+
+
+def _set_revision(session: Session, last_update_time: float, marker: str) -> None:
+    """Set the session's update time and revision marker as plain assignments do.
+
+    ``Session`` validates no assignment, so this is what pydantic's
+    ``__setattr__`` would do, without its per-call dispatch (a tenth of an append).
+    """
+    session.__dict__["last_update_time"] = last_update_time
+    session.__pydantic_fields_set__.add("last_update_time")
+    if session.__pydantic_private__ is None:
+        object.__setattr__(session, "__pydantic_private__", {})
+    session.__pydantic_private__["_storage_update_marker"] = marker  # type: ignore[index]
+
+
 def _text_of(event: Event) -> str:
     content = event.content
     if content is None or not content.parts:
@@ -825,15 +844,14 @@ class SamvadSessionService(BaseSessionService):
                 )
             )
         self._session_write(record, session_delta, created=False)
-        session.last_update_time = event.timestamp
-        session._storage_update_marker = str(record.revision)
+        _set_revision(session, event.timestamp, str(record.revision))
         self._mirror(session, event)
         return self._commit_event_to_session(session, event)
 
     @staticmethod
     def _check_fresh(session: Session, record: _Record) -> None:
         """Raise ``StaleSessionError`` when another append overtook ``session``."""
-        marker = session._storage_update_marker
+        marker = _marker(session)
         if marker is not None:
             if marker != str(record.revision):
                 raise StaleSessionError(STALE_SESSION_MESSAGE)
