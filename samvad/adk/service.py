@@ -671,9 +671,18 @@ class SamvadSessionService(BaseSessionService):
         config: GetSessionConfig | None = None,
     ) -> Session | None:
         session_id = session_id.strip() if session_id else session_id
-        record = await self._record(app_name, user_id, session_id)
+        want = self._writes is not None and self._writes.mode is Mode.FIRESTORE
+        record = (
+            self._sessions.fresh(
+                docs.session_key(app_name, user_id, session_id), want_complete=want
+            )
+            if self._writes is not None
+            else None
+        )
         if record is None:
-            return None
+            record = await self._record(app_name, user_id, session_id)
+            if record is None:
+                return None
         events = record.events
         if config is not None:
             if config.num_recent_events is not None:
@@ -685,7 +694,6 @@ class SamvadSessionService(BaseSessionService):
                 while i >= 0 and events[i].timestamp >= config.after_timestamp:
                     i -= 1
                 events = events[i + 1 :]
-        want = self._want_complete()
         app_state = self._app_states.fresh(docs.app_state_id(app_name), want_complete=want)
         if app_state is None:
             app_state = await self._app_state(app_name)
@@ -774,7 +782,17 @@ class SamvadSessionService(BaseSessionService):
     async def append_event(self, session: Session, event: Event) -> Event:
         if event.partial:
             return event
-        record = await self._record(session.app_name, session.user_id, session.id)
+        # The hot path: the session is in memory (no coroutine, no load).
+        record = (
+            self._sessions.fresh(
+                docs.session_key(session.app_name, session.user_id, session.id),
+                want_complete=self._writes.mode is Mode.FIRESTORE,
+            )
+            if self._writes is not None
+            else None
+        )
+        if record is None:
+            record = await self._record(session.app_name, session.user_id, session.id)
         if record is None:
             raise SessionNotFoundError(f"Session {session.id} not found.")
         if event.id in record.ids and any(e == event for e in record.events if e.id == event.id):
@@ -826,7 +844,8 @@ class SamvadSessionService(BaseSessionService):
         if deltas is not None:
             session_delta = deltas["session"]
             record.state.update(session_delta)
-            self._apply_scoped(session.app_name, session.user_id, deltas["app"], deltas["user"])
+            if deltas["app"] or deltas["user"]:
+                self._apply_scoped(session.app_name, session.user_id, deltas["app"], deltas["user"])
         if self._durable:
             self._submit(
                 FieldsWrite(
@@ -843,9 +862,11 @@ class SamvadSessionService(BaseSessionService):
                     },
                 )
             )
-        self._session_write(record, session_delta, created=False)
+        if self._durable:
+            self._session_write(record, session_delta, created=False)
         _set_revision(session, event.timestamp, str(record.revision))
-        self._mirror(session, event)
+        if self._mirror_history:
+            self._mirror(session, event)
         return self._commit_event_to_session(session, event)
 
     @staticmethod
