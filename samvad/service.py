@@ -41,7 +41,7 @@ import json
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -79,6 +79,7 @@ __all__ = [
     "StartSnapshot",
     "Stats",
     "Transport",
+    "UserEraser",
     "UserRefresh",
     "ensure_owner",
 ]
@@ -227,6 +228,10 @@ class Stats:
     persistence: PersistenceStatus
 
 
+#: Erases what a layer above keeps of a user (see :meth:`SessionService.add_user_eraser`).
+UserEraser = Callable[[str], Awaitable[object]]
+
+
 class SessionService:
     """The use cases over :class:`Persistence` and the interruption stack.
 
@@ -253,10 +258,17 @@ class SessionService:
         # Per erased session id, the ids of its messages still in the owner's
         # history: a session started again under that id does not inherit them.
         self._erased_messages: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._user_erasers: list[UserEraser] = []
 
     def bind_live(self, live: LiveSessions) -> None:
         """Reach the live side through ``live`` from now on."""
         self.live = live
+
+    def add_user_eraser(self, eraser: UserEraser) -> None:
+        """Also run ``eraser`` whenever a user is erased (``refresh``): data kept
+        by a layer above, such as an agent framework's sessions
+        (``samvad.adk``), goes with the user's conversation."""
+        self._user_erasers.append(eraser)
 
     @property
     def clock(self) -> Clock:
@@ -479,6 +491,8 @@ class SessionService:
         # after, for a session started while it did.
         self.live.erase_user(user_id)
         erased = await self.persistence.erase_user(user_id)
+        for eraser in self._user_erasers:
+            await eraser(user_id)
         interruptions = self.interruptions.clear_user(user_id)
         self.live.erase_user(user_id)
         return UserRefresh(

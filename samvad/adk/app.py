@@ -48,8 +48,11 @@ def create_agent_app(
                 clock=services.persistence.clock,
             )
             await sessions.start()
-            services.responder = AdkResponder(agent, session_service=sessions, app_name=app_name)
-            services.extras["adk_sessions"] = sessions
+            services.hub.responder = AdkResponder(
+                agent, session_service=sessions, app_name=app_name
+            )
+            # A refresh erases the user's agent sessions with their conversation.
+            services.service.add_user_eraser(sessions.erase_user)
             try:
                 yield state
             finally:

@@ -246,7 +246,7 @@ class SamvadSessionService(BaseSessionService):
         s = self.settings
         if self._store is None:
             # The store choice is samvad serve's own rule.
-            from samvad.web.app import build_store
+            from samvad.stores.factory import build_store
 
             self._store = build_store(s)
         if self._owns_store:

@@ -20,15 +20,13 @@ from starlette.routing import BaseRoute, Route
 from samvad import __version__
 from samvad.clock import Clock, SystemClock
 from samvad.config import AUTH_EMULATOR_VARIABLE, Settings, auth_emulator_host
-from samvad.firestore_client import client_from_settings
 from samvad.interruptions import InterruptionStack
 from samvad.models import Role
 from samvad.persistence import Persistence
 from samvad.ratelimit import RateLimits
 from samvad.service import SessionService
-from samvad.stores.base import HistoryBounds, Store
-from samvad.stores.firestore import FirestoreStore
-from samvad.stores.memory import MemoryStore
+from samvad.stores.base import Store
+from samvad.stores.factory import build_store
 from samvad.web import demo, realtime, rest
 from samvad.web.auth import FirebaseTokenVerifier, TokenVerifier
 from samvad.web.http_errors import EXCEPTION_HANDLERS
@@ -46,24 +44,6 @@ from samvad.web.wire import status_fields
 logger = logging.getLogger(__name__)
 
 StoreFactory = Callable[[Settings], Store]
-
-
-def build_store(settings: Settings) -> Store:
-    """The store ``settings`` ask for; ``auto`` means Firestore when one is configured."""
-    bounds = HistoryBounds(cap=settings.history_cap, max_bytes=settings.history_max_bytes)
-    use_firestore = settings.store == "firestore" or (
-        settings.store == "auto" and settings.firestore_configured
-    )
-    if not use_firestore:
-        if settings.store == "auto":
-            logger.warning("No Firestore configured: running memory-only, data is lost on restart")
-        return MemoryStore(bounds=bounds)
-    client_from_settings(settings)  # fail at start-up, naming the missing variable
-    return FirestoreStore(
-        lambda: client_from_settings(settings),
-        bounds=bounds,
-        deadline=settings.firestore_deadline,
-    )
 
 
 async def healthz(request: Request) -> JSONResponse:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httpx
 import pytest
 from google.adk.agents.llm_agent import LlmAgent
 from google.adk.models.llm_request import LlmRequest
@@ -150,6 +151,40 @@ async def test_an_adk_agent_streams_uses_its_tool_and_hears_about_barge_in(
             "user:text",
             "helper:text",
         ]
+
+
+async def test_a_refresh_erases_the_users_agent_sessions_too(
+    firestore_emulator: str, firestore_project: str
+) -> None:
+    gate, calls = Gate(), []
+    agent, _ = make_agent(gate, calls)
+    settings = settings_for(firestore_emulator, firestore_project)
+    async with live_server(create_agent_app(agent, settings)) as server:
+        victim = await open_client(server, "u-gone")
+        other = await open_client(server, "u-kept")
+        assert (await victim.ask("Where is my order?")).reply.complete
+        assert (await other.ask("Where is my order?")).reply.complete
+        gone_session, kept_session = victim.session_id, other.session_id
+        await victim.close()
+        await other.close()
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            refreshed = await http.post("/api/session/refresh", json={"userId": "u-gone"})
+        assert refreshed.status_code == 200
+    # After the server's flush at shutdown: the erased user's agent session is
+    # gone from Firestore, the other user's is whole.
+    async with (
+        firestore_store(firestore_emulator, firestore_project) as store,
+        samvad_service(store) as sessions,
+    ):
+        gone = await sessions.get_session(
+            app_name="helper", user_id="u-gone", session_id=gone_session
+        )
+        kept = await sessions.get_session(
+            app_name="helper", user_id="u-kept", session_id=kept_session
+        )
+    assert gone is None
+    assert kept is not None
+    assert len(kept.events) == 4  # the question, the tool call, its result, the answer
 
 
 def test_the_interruption_note_says_what_was_heard_and_what_was_not() -> None:

@@ -7,9 +7,10 @@ import pytest
 
 from samvad.config import Settings
 from samvad.errors import ConfigError
+from samvad.stores.factory import build_store
 from samvad.stores.firestore import FirestoreStore
 from samvad.stores.memory import MemoryStore
-from samvad.web.app import build_store, create_app
+from samvad.web.app import create_app
 from tests.support.server import live_server
 
 
