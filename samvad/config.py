@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal, TypeVar, cast
 
 from samvad.errors import ConfigError
+from samvad.validation import Bounds
 
 StoreMode = Literal["auto", "firestore", "memory"]
 LogFormat = Literal["text", "json"]
@@ -23,6 +24,11 @@ AuthMode = Literal["off", "firebase"]
 DemoMode = Literal["auto", "on", "off"]
 
 _T = TypeVar("_T")
+
+#: Highest accepted ``SAMVAD_MAX_OBJECT_KEYS`` / ``SAMVAD_MAX_OBJECT_FIELDS``: past
+#: these a single merge costs the event loop a noticeable time.
+MAX_OBJECT_KEYS = 1000
+MAX_OBJECT_FIELDS = 10_000
 
 #: Shortest accepted service API key (``SAMVAD_API_KEYS``).
 MIN_API_KEY_LENGTH = 16
@@ -76,6 +82,11 @@ class Settings:
     #: profile preferences, session metadata), so that repeated merges can
     #: never grow a document toward Firestore's 1 MiB limit.
     max_merged_object_bytes: int = 256 * 1024
+    #: Top-level keys and fields in all (nested ones included) of such a merged
+    #: object: the Firestore client's merge is quadratic in the field count, so
+    #: these keep one write from stalling the event loop. Far above real use.
+    max_object_keys: int = 200
+    max_object_fields: int = 2000
     session_idle_timeout: float = 1800.0
     session_retention_days: int = 30
     persist_interruptions: bool = False
@@ -170,6 +181,12 @@ class Settings:
             max_merged_object_bytes=env.integer(
                 "SAMVAD_MAX_MERGED_OBJECT_BYTES", d.max_merged_object_bytes, lo=1024, hi=256 * 1024
             ),
+            max_object_keys=env.integer(
+                "SAMVAD_MAX_OBJECT_KEYS", d.max_object_keys, lo=1, hi=MAX_OBJECT_KEYS
+            ),
+            max_object_fields=env.integer(
+                "SAMVAD_MAX_OBJECT_FIELDS", d.max_object_fields, lo=1, hi=MAX_OBJECT_FIELDS
+            ),
             session_idle_timeout=env.number(
                 "SAMVAD_SESSION_IDLE_TIMEOUT_SECONDS", d.session_idle_timeout, lo=1.0
             ),
@@ -243,6 +260,15 @@ class Settings:
             self.store == "auto" and self.firestore_configured
         )
         return self.auth == "off" or not uses_firestore or self.emulator_host is not None
+
+    @property
+    def merge_bounds(self) -> Bounds:
+        """The bounds on an object the API merges into (state, preferences, metadata)."""
+        return Bounds(
+            max_keys=self.max_object_keys,
+            max_fields=self.max_object_fields,
+            max_bytes=self.max_merged_object_bytes,
+        )
 
     @property
     def firestore_configured(self) -> bool:
