@@ -1,8 +1,10 @@
 """The error hierarchy.
 
 Each class carries the HTTP status and the WebSocket close code that stand for
-it; they are turned into responses in exactly one place per transport
-(``samvad.web.http_errors`` for REST, the WebSocket glue for frames).
+it, and the stable ``code`` that REST error bodies and WebSocket ``error``
+frames carry (``docs/protocol.md`` lists them): these classes are the one list
+of error codes. They are turned into responses in exactly one place per
+transport (``samvad.web.http_errors`` for REST, the WebSocket glue for frames).
 """
 
 from __future__ import annotations
@@ -38,6 +40,48 @@ class InvalidField(BadRequest):
         self.field = field
 
 
+class MalformedJson(BadRequest):
+    """The body or frame is not valid JSON (also NaN, Infinity, duplicate keys)."""
+
+    code = "bad_json"
+
+
+class BadFrame(BadRequest):
+    """A WebSocket frame is not a JSON object with a string ``type``, or is binary."""
+
+    code = "bad_frame"
+
+
+class UnknownFrameType(BadRequest):
+    """A WebSocket frame's ``type`` is none of the protocol's."""
+
+    code = "unknown_type"
+
+
+class NotStarted(BadRequest):
+    """A WebSocket frame other than ``start`` or ``ping`` came before ``start``."""
+
+    code = "not_started"
+
+
+class AlreadyStarted(BadRequest):
+    """A second ``start`` on one WebSocket connection."""
+
+    code = "already_started"
+
+
+class SessionEnded(BadRequest):
+    """A WebSocket frame came after the session ended."""
+
+    code = "session_ended"
+
+
+class NothingToInterrupt(BadRequest):
+    """An ``interrupt`` with no reply to cut."""
+
+    code = "nothing_to_interrupt"
+
+
 class Unauthorized(SamvadError):
     """Credentials are missing or invalid."""
 
@@ -62,6 +106,13 @@ class NotFound(SamvadError):
     code = "not_found"
 
 
+class MethodNotAllowed(SamvadError):
+    """The path does not support the request's method (REST only)."""
+
+    status_code = 405
+    code = "method_not_allowed"
+
+
 class Conflict(SamvadError):
     """The request conflicts with the current state of the resource."""
 
@@ -76,6 +127,12 @@ class PayloadTooLarge(SamvadError):
     status_code = 413
     close_code = 1009
     code = "payload_too_large"
+
+
+class FrameTooLarge(PayloadTooLarge):
+    """A WebSocket frame is larger than ``ws_max_frame_bytes`` (the connection is closed)."""
+
+    code = "frame_too_large"
 
 
 class RateLimited(SamvadError):
@@ -105,17 +162,18 @@ class ConfigError(Exception):
     """A configuration value is missing or invalid; the message names the variable."""
 
 
-class FrameRejected(BadRequest):
-    """A WebSocket frame broke the protocol; answered with an error frame, the
-    connection stays open.
+class IdleTimeout(SamvadError):
+    """No WebSocket frame came for ``ws_idle_timeout`` seconds."""
 
-    ``code`` is the stable string of the error frame (``bad_json``,
-    ``unknown_type``, ``not_started``, ...; see ``docs/protocol.md``).
-    """
+    status_code = 408
+    close_code = 4408
+    code = "idle_timeout"
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+
+class StartTimeout(IdleTimeout):
+    """No ``start`` frame came within ``ws_start_timeout`` seconds of connecting."""
+
+    code = "start_timeout"
 
 
 class AuthUnavailable(SamvadError):

@@ -35,22 +35,18 @@ Firestore write: :class:`~samvad.persistence.Persistence` returns at once.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from samvad.clock import Clock, to_iso
+from samvad.clock import Clock
 from samvad.config import Settings
 from samvad.documents import STATE_SERVER_FIELDS
-from samvad.errors import BacklogFull, Conflict, NotFound, PayloadTooLarge, RateLimited
+from samvad.errors import BacklogFull, Conflict, NotFound, RateLimited
 from samvad.interruptions import Interruption, InterruptionStack
 from samvad.lifecycle import effective_status, idle_cutoff, list_user_sessions
 from samvad.logs import bind_log_context
@@ -69,6 +65,7 @@ from samvad.principal import Principal
 from samvad.ratelimit import RateLimiter, RateLimits
 from samvad.responder import ReplyContext
 from samvad.stores.base import SessionCursor
+from samvad.validation import check_merged
 
 __all__ = [
     "LiveSessions",
@@ -304,11 +301,9 @@ class SessionService:
             raise
 
     def _check_merged_size(self, field: str, merged: Mapping[str, Any]) -> None:
-        """Refuse a merge that would grow a stored object past the configured size."""
-        limit = self.settings.max_merged_object_bytes
-        size = _json_size(merged)
-        if size > limit:
-            raise PayloadTooLarge(f"{field} would grow to {size} bytes; at most {limit} are kept")
+        """Refuse a merge that would grow a stored object past the configured bounds
+        (top-level keys, fields in all, bytes): the same rule for both doors."""
+        check_merged(merged, field, self.settings.merge_bounds)
 
     # -- user state, profile and history ------------------------------------------
 
@@ -675,28 +670,3 @@ def session_messages(
 ) -> tuple[Message, ...]:
     """The messages of ``session_id`` among ``messages``, erased ones left out."""
     return tuple(m for m in messages if m.session_id == session_id and m.id not in erased)
-
-
-def _plain(value: Any) -> Any:
-    # What a stored value looks like as JSON on the wire (see samvad.web.wire).
-    if isinstance(value, datetime):
-        return to_iso(value)
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
-    return str(value)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _json_size(value: Mapping[str, Any]) -> int:
-    """Bytes of ``value`` as compact UTF-8 JSON, as the API would send it back."""
-    text = json.dumps(_finite(value), ensure_ascii=False, separators=(",", ":"), default=_plain)
-    return len(text.encode())

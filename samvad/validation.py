@@ -30,14 +30,17 @@ this API:
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from samvad.clock import to_iso
 from samvad.errors import InvalidField, PayloadTooLarge
 
 __all__ = [
@@ -54,6 +57,8 @@ __all__ = [
     "check_text",
     "check_value",
     "count_fields",
+    "decode_path_segment",
+    "json_size",
 ]
 
 MAX_ID_LENGTH = 128
@@ -137,11 +142,15 @@ def check_path_id(raw: bytes, field: str, *, reserved: frozenset[str] = frozense
     The bytes are percent-decoded and must then be UTF-8: a server that decoded
     ``a%FFb`` and ``a%FEb`` leniently would map both to ``a\\ufffdb``, one document.
     """
+    return check_id(decode_path_segment(raw, field), field, reserved=reserved)
+
+
+def decode_path_segment(raw: bytes, field: str) -> str:
+    """One raw URL path segment, percent-decoded, as UTF-8 (else :class:`InvalidField`)."""
     try:
-        text = unquote_to_bytes(raw).decode("utf-8")
+        return unquote_to_bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidField(field, "is not valid UTF-8 once percent-decoded") from None
-    return check_id(text, field, reserved=reserved)
 
 
 def _check_key(key: Any, field: str) -> str:
@@ -238,8 +247,33 @@ def check_merged(merged: Mapping[str, Any], field: str, bounds: Bounds) -> None:
         raise InvalidField(
             field, f"would hold {fields} fields in all; at most {bounds.max_fields} are kept"
         )
-    size = len(json.dumps(merged, ensure_ascii=False, separators=(",", ":"), default=str).encode())
+    size = json_size(merged)
     if size > bounds.max_bytes:
         raise PayloadTooLarge(
             f"{field} would grow to {size} bytes; at most {bounds.max_bytes} are kept"
         )
+
+
+def json_size(value: Mapping[str, Any]) -> int:
+    """Bytes of ``value`` as compact UTF-8 JSON, as the API would send it back."""
+    text = json.dumps(_finite(value), ensure_ascii=False, separators=(",", ":"), default=_plain)
+    return len(text.encode())
+
+
+def _plain(value: Any) -> Any:
+    # Documents written by other clients may hold Firestore types (see plain_json).
+    if isinstance(value, datetime):
+        return to_iso(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    return str(value)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

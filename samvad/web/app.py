@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from samvad import __version__
@@ -27,7 +27,7 @@ from samvad.ratelimit import RateLimits
 from samvad.service import SessionService
 from samvad.stores.base import Store
 from samvad.stores.factory import build_store
-from samvad.web import demo, realtime, rest
+from samvad.web import apidocs, demo, realtime, rest
 from samvad.web.auth import FirebaseTokenVerifier, TokenVerifier
 from samvad.web.http_errors import EXCEPTION_HANDLERS
 from samvad.web.metrics import (
@@ -38,27 +38,23 @@ from samvad.web.metrics import (
     readiness_metrics,
 )
 from samvad.web.middleware import RequestContextMiddleware, WebSocketOriginMiddleware
+from samvad.web.schemas import Health, NotReady, Ready, WireResponse, persistence_view
 from samvad.web.services import Readiness, Services, services
-from samvad.web.wire import status_fields
 
 logger = logging.getLogger(__name__)
 
 StoreFactory = Callable[[Settings], Store]
 
 
-async def healthz(request: Request) -> JSONResponse:
+async def healthz(request: Request) -> Response:
     """Liveness, with the persistence mode and the write backlog."""
     svc = services(request)
-    return JSONResponse(
-        {
-            "status": "ok",
-            "version": __version__,
-            "persistence": status_fields(svc.persistence.status()),
-        }
+    return WireResponse(
+        Health(version=__version__, persistence=persistence_view(svc.persistence.status()))
     )
 
 
-async def readyz(request: Request) -> JSONResponse:
+async def readyz(request: Request) -> Response:
     """Readiness: 200 once start-up finished and until shutdown begins, else 503.
 
     Memory-only mode (Firestore unreachable) is still ready: the server keeps
@@ -68,9 +64,8 @@ async def readyz(request: Request) -> JSONResponse:
     """
     readiness: Readiness = request.app.state.readiness
     if not readiness.ready:
-        return JSONResponse({"ready": False}, status_code=503)
-    mode = services(request).persistence.status().mode
-    return JSONResponse({"ready": True, "mode": mode.value})
+        return WireResponse(NotReady(), status_code=503)
+    return WireResponse(Ready(mode=services(request).persistence.status().mode))
 
 
 async def _close_persistence(persistence: Persistence) -> None:
@@ -192,6 +187,7 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *apidocs.routes(),
         *rest.routes(),
         *realtime.routes(),
         *demo.routes(settings),

@@ -11,11 +11,12 @@ bytes between a socket and this module. The wire format is documented in
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum, StrEnum
 from typing import Any
+
+from msgspec import UNSET, Struct
 
 from samvad.clock import to_iso
 from samvad.conversation import ResumeFailure as ResumeFailure
@@ -23,18 +24,24 @@ from samvad.conversation import ResumePlan
 from samvad.conversation import heard_part as heard_part
 from samvad.conversation import last_seq as last_seq
 from samvad.conversation import plan_resume as plan_resume
-from samvad.errors import FrameRejected, InvalidField
-from samvad.interruptions import Interruption
-from samvad.models import Message, UserState
+from samvad.errors import (
+    AlreadyStarted,
+    BadFrame,
+    FrameTooLarge,
+    InvalidField,
+    NotStarted,
+    RateLimited,
+    SamvadError,
+    SessionEnded,
+    UnknownFrameType,
+)
+from samvad.models import Message, Mode, UserState
 from samvad.validation import check_id, check_object, check_session_id
-from samvad.web import wire
+from samvad.web import schemas
+from samvad.web.requests_json import parse_json
 
 PROTOCOL_VERSION = 1
 
-#: Longest ``reason`` an interrupt frame may give, and longest ``clientId``/``language``.
-MAX_REASON_CHARS = 200
-MAX_CLIENT_ID_CHARS = 128
-MAX_LANGUAGE_CHARS = 64
 #: How many history messages ``started`` carries unless ``historyLimit`` says otherwise.
 DEFAULT_HISTORY_LIMIT = 20
 MAX_HISTORY_LIMIT = 100
@@ -53,30 +60,6 @@ class CloseCode(IntEnum):
     FORBIDDEN = 4403  # the token is for another user
     IDLE_TIMEOUT = 4408  # no frame for ``ws_idle_timeout`` s, or no start in ``ws_start_timeout`` s
     SESSION_ERASED = 4410  # the session (or its user) was erased: deleted or refreshed
-
-
-class ErrorCode(StrEnum):
-    """The stable ``code`` strings of ``error`` frames."""
-
-    BAD_JSON = "bad_json"
-    BAD_FRAME = "bad_frame"
-    UNKNOWN_TYPE = "unknown_type"
-    INVALID_FIELD = "invalid_field"
-    NOT_STARTED = "not_started"
-    ALREADY_STARTED = "already_started"
-    SESSION_ENDED = "session_ended"
-    NOTHING_TO_INTERRUPT = "nothing_to_interrupt"
-    RATE_LIMITED = "rate_limited"
-    FRAME_TOO_LARGE = "frame_too_large"
-    CONFLICT = "conflict"
-    UNAUTHORIZED = "unauthorized"
-    FORBIDDEN = "forbidden"
-    BACKLOG_FULL = "backlog_full"
-    REPLY_FAILED = "reply_failed"
-    IDLE_TIMEOUT = "idle_timeout"
-    START_TIMEOUT = "start_timeout"
-    SLOW_CONSUMER = "slow_consumer"
-    INTERNAL_ERROR = "internal_error"
 
 
 # -- connection state ------------------------------------------------------------
@@ -160,7 +143,7 @@ ClientFrame = Start | UserMessage | Interrupt | StateUpdate | Ping | End
 class Reject:
     """Answer with an ``error`` frame; the connection stays usable."""
 
-    error: FrameRejected
+    error: SamvadError
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +152,7 @@ class Close:
 
     code: CloseCode
     reason: str
-    error: ErrorCode
+    error: str
 
 
 Received = ClientFrame | Reject | Close
@@ -296,18 +279,18 @@ class ServerProtocol:
             return Close(
                 CloseCode.MESSAGE_TOO_BIG,
                 f"frame over {self.max_frame_bytes} bytes",
-                ErrorCode.FRAME_TOO_LARGE,
+                FrameTooLarge.code,
             )
         decision = self.limiter.check()
         if decision is RateDecision.CLOSE:
             return Close(
-                CloseCode.POLICY_VIOLATION, "message-rate limit exceeded", ErrorCode.RATE_LIMITED
+                CloseCode.POLICY_VIOLATION, "message-rate limit exceeded", RateLimited.code
             )
         if decision is RateDecision.REJECT:
-            return _reject(ErrorCode.RATE_LIMITED, "Too many frames; slow down.")
+            return Reject(RateLimited("Too many frames; slow down.", retry_after=0.0))
         try:
             frame = parse_frame(data)
-        except FrameRejected as exc:
+        except SamvadError as exc:
             return Reject(exc)
         return self._admit(frame)
 
@@ -316,160 +299,104 @@ class ServerProtocol:
             return frame
         state = self.state
         if state is ConnectionState.AWAITING_START and not isinstance(frame, Start):
-            return _reject(ErrorCode.NOT_STARTED, "Send a start frame first.")
+            return Reject(NotStarted("Send a start frame first."))
         if state is ConnectionState.ACTIVE and isinstance(frame, Start):
-            return _reject(ErrorCode.ALREADY_STARTED, "This connection has already started.")
+            return Reject(AlreadyStarted("This connection has already started."))
         if state is ConnectionState.ENDED:
-            return _reject(ErrorCode.SESSION_ENDED, "The session has ended.")
+            return Reject(SessionEnded("The session has ended."))
         return frame
-
-
-def _reject(code: ErrorCode, message: str) -> Reject:
-    return Reject(FrameRejected(code.value, message))
 
 
 # -- parsing -----------------------------------------------------------------------
 
 
 def parse_frame(data: str | bytes) -> ClientFrame:
-    """Parse one client frame; raises :class:`FrameRejected` naming what is wrong."""
+    """Parse one client frame; raises a :class:`~samvad.errors.BadRequest` naming what
+    is wrong (its ``code`` is the ``error`` frame's).
+
+    The JSON reader is the REST bodies' (duplicate keys, lone surrogates, NaN
+    refused alike); the fields are decoded by the frame's shape in
+    ``samvad.web.schemas``; the rules past the types are ``samvad.validation``'s.
+    """
     if isinstance(data, bytes):
-        raise FrameRejected(ErrorCode.BAD_FRAME, "Binary frames are not supported; send JSON text.")
-    try:
-        raw = json.loads(data)
-    except (ValueError, RecursionError):
-        raise FrameRejected(ErrorCode.BAD_JSON, "The frame is not valid JSON.") from None
+        raise BadFrame("Binary frames are not supported; send JSON text.")
+    raw = parse_json(data)
     if not isinstance(raw, dict):
-        raise FrameRejected(ErrorCode.BAD_FRAME, "A frame must be a JSON object.")
+        raise BadFrame("A frame must be a JSON object.")
     kind = raw.get("type")
     if not isinstance(kind, str):
-        raise FrameRejected(ErrorCode.BAD_FRAME, "A frame needs a string field 'type'.")
-    parser = _PARSERS.get(kind)
-    if parser is None:
-        raise FrameRejected(ErrorCode.UNKNOWN_TYPE, f"Unknown frame type {kind[:40]!r}.")
-    try:
-        return parser(raw)
-    except InvalidField as exc:
-        raise FrameRejected(ErrorCode.INVALID_FIELD, exc.message) from None
+        raise BadFrame("A frame needs a string field 'type'.")
+    entry = _PARSERS.get(kind)
+    if entry is None:
+        raise UnknownFrameType(f"Unknown frame type {kind[:40]!r}.")
+    shape, parser = entry
+    return parser(schemas.decode_struct(raw, shape))
 
 
-def _optional_str(raw: Mapping[str, Any], name: str, max_chars: int) -> str | None:
-    value = raw.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidField(name, "must be a string")
-    if len(value) > max_chars:
-        raise InvalidField(name, f"must be at most {max_chars} characters")
-    return value
-
-
-def _optional_int(
-    raw: Mapping[str, Any], name: str, *, lo: int, hi: int | None = None
-) -> int | None:
-    value = raw.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidField(name, "must be an integer")
-    if value < lo or (hi is not None and value > hi):
-        bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-        raise InvalidField(name, f"must be {bounds}")
-    return value
-
-
-def _optional_bool(raw: Mapping[str, Any], name: str, default: bool) -> bool:
-    value = raw.get(name, default)
-    if not isinstance(value, bool):
-        raise InvalidField(name, "must be true or false")
-    return value
-
-
-def _parse_start(raw: Mapping[str, Any]) -> Start:
-    if "userId" not in raw:
-        raise InvalidField("userId", "is required")
-    user_id = check_id(raw["userId"], "userId")
-    session_id = raw.get("sessionId")
+def _parse_start(frame: Struct) -> Start:
+    assert isinstance(frame, schemas.StartFrame)
+    user_id = check_id(frame.user_id, "userId")
+    session_id = frame.session_id
     if session_id is not None:
         session_id = check_session_id(session_id)
-    metadata = raw.get("metadata")
-    metadata = check_object(metadata, "metadata") if metadata is not None else {}
+    # Stored as the map field ``metadata`` of the session: one level below its root.
+    metadata = check_object(frame.metadata, "metadata", depth=1) if frame.metadata else {}
     resume_from: int | None = None
-    resume = raw.get("resume")
-    if resume is not None:
-        if not isinstance(resume, Mapping):
-            raise InvalidField("resume", "must be an object")
+    if frame.resume is not None:
         if session_id is None:
             raise InvalidField("resume", "needs a sessionId")
-        resume_from = _optional_int(resume, "lastSeq", lo=0)
-        if resume_from is None:
-            raise InvalidField("resume.lastSeq", "is required")
-    history_limit = _optional_int(raw, "historyLimit", lo=0, hi=MAX_HISTORY_LIMIT)
+        resume_from = frame.resume.last_seq
     return Start(
         user_id=user_id,
         session_id=session_id,
-        language=_optional_str(raw, "language", MAX_LANGUAGE_CHARS),
+        language=frame.language,
         metadata=metadata,
-        token=_optional_str(raw, "token", 16 * 1024),
+        token=frame.token,
         resume_from=resume_from,
-        history_limit=DEFAULT_HISTORY_LIMIT if history_limit is None else history_limit,
+        history_limit=DEFAULT_HISTORY_LIMIT if frame.history_limit is None else frame.history_limit,
     )
 
 
-def _parse_message(raw: Mapping[str, Any]) -> UserMessage:
-    text = raw.get("text")
-    if not isinstance(text, str):
-        raise InvalidField("text", "must be a string")
-    if not text.strip():
+def _parse_message(frame: Struct) -> UserMessage:
+    assert isinstance(frame, schemas.UserMessageFrame)
+    if not frame.text.strip():
         raise InvalidField("text", "must not be empty")
-    return UserMessage(
-        text=text,
-        final=_optional_bool(raw, "final", True),
-        client_id=_optional_str(raw, "clientId", MAX_CLIENT_ID_CHARS),
-    )
+    return UserMessage(text=frame.text, final=frame.final, client_id=frame.client_id)
 
 
-def _parse_interrupt(raw: Mapping[str, Any]) -> Interrupt:
-    heard_chars = _optional_int(raw, "heardChars", lo=0)
-    heard_text = raw.get("heardText")
-    if heard_text is not None and not isinstance(heard_text, str):
-        raise InvalidField("heardText", "must be a string")
-    if heard_chars is not None and heard_text is not None:
+def _parse_interrupt(frame: Struct) -> Interrupt:
+    assert isinstance(frame, schemas.InterruptFrame)
+    if frame.heard_chars is not None and frame.heard_text is not None:
         raise InvalidField("heardChars", "and heardText cannot both be given")
     return Interrupt(
-        heard_chars=heard_chars,
-        heard_text=heard_text,
-        reason=_optional_str(raw, "reason", MAX_REASON_CHARS) or "barge_in",
-        reply_id=_optional_str(raw, "replyId", MAX_CLIENT_ID_CHARS),
+        heard_chars=frame.heard_chars,
+        heard_text=frame.heard_text,
+        reason=frame.reason or "barge_in",
+        reply_id=frame.reply_id,
     )
 
 
-def _parse_state(raw: Mapping[str, Any]) -> StateUpdate:
-    if "state" not in raw:
-        raise InvalidField("state", "is required")
-    return StateUpdate(state=check_object(raw["state"], "state"))
+def _parse_state(frame: Struct) -> StateUpdate:
+    assert isinstance(frame, schemas.StateUpdateFrame)
+    return StateUpdate(state=check_object(frame.state, "state"))
 
 
-def _parse_ping(raw: Mapping[str, Any]) -> Ping:
-    ts = raw.get("ts")
-    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, str | int | float)):
-        raise InvalidField("ts", "must be a number or a string")
-    if isinstance(ts, str) and len(ts) > MAX_CLIENT_ID_CHARS:
-        raise InvalidField("ts", f"must be at most {MAX_CLIENT_ID_CHARS} characters")
-    return Ping(ts=ts)
+def _parse_ping(frame: Struct) -> Ping:
+    assert isinstance(frame, schemas.PingFrame)
+    return Ping(ts=frame.ts)
 
 
-def _parse_end(raw: Mapping[str, Any]) -> End:
+def _parse_end(frame: Struct) -> End:
     return End()
 
 
-_PARSERS: dict[str, Callable[[Mapping[str, Any]], ClientFrame]] = {
-    "start": _parse_start,
-    "message": _parse_message,
-    "interrupt": _parse_interrupt,
-    "state": _parse_state,
-    "ping": _parse_ping,
-    "end": _parse_end,
+_PARSERS: dict[str, tuple[type[Struct], Callable[[Any], ClientFrame]]] = {
+    "start": (schemas.StartFrame, _parse_start),
+    "message": (schemas.UserMessageFrame, _parse_message),
+    "interrupt": (schemas.InterruptFrame, _parse_interrupt),
+    "state": (schemas.StateUpdateFrame, _parse_state),
+    "ping": (schemas.PingFrame, _parse_ping),
+    "end": (schemas.EndFrame, _parse_end),
 }
 
 
@@ -482,26 +409,19 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any]], ClientFrame]] = {
 
 
 # -- server frames -----------------------------------------------------------------
+# Each returns the frame's shape from ``samvad.web.schemas``; ``encode`` writes it.
+
+Frame = Struct | Mapping[str, Any]
 
 
-def encode(frame: Mapping[str, Any]) -> str:
+def encode(frame: Frame) -> str:
     """A server frame as compact JSON text."""
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+    return schemas.encode(frame).decode()
 
 
 def state_json(state: UserState | None) -> dict[str, Any]:
     """A user's state as frames carry it (the REST shape; ``{}`` when there is none)."""
-    return wire.state_json(state) if state is not None else {}
-
-
-def interruption_json(interruption: Interruption) -> dict[str, Any]:
-    return {
-        "at": to_iso(interruption.at),
-        "reason": interruption.reason,
-        "heard": interruption.heard,
-        "cut": interruption.cut,
-        "messageId": interruption.message_id,
-    }
+    return schemas.state_view(state)
 
 
 def started_frame(
@@ -514,94 +434,91 @@ def started_frame(
     last_seq: int,
     resumed: bool,
     limits: Mapping[str, Any],
-) -> dict[str, Any]:
-    return {
-        "type": "started",
-        "protocol": PROTOCOL_VERSION,
-        "sessionId": session_id,
-        "userId": user_id,
-        "mode": mode,
-        "state": state_json(state),
-        "history": [wire.message_json(m) for m in history],
-        "lastSeq": last_seq,
-        "resumed": resumed,
-        "limits": dict(limits),
-    }
+) -> schemas.StartedFrame:
+    return schemas.StartedFrame(
+        protocol=PROTOCOL_VERSION,
+        session_id=session_id,
+        user_id=user_id,
+        mode=Mode(mode),
+        state=schemas.state_view(state),
+        history=schemas.history_messages(history),
+        last_seq=last_seq,
+        resumed=resumed,
+        limits=schemas.decode_struct(limits, schemas.Limits),
+    )
 
 
 def resume_frame(
     plan: ResumePlan, *, last_seq: int, in_flight: Mapping[str, Any] | None
-) -> dict[str, Any]:
-    frame: dict[str, Any] = {"type": "resume", "recovered": plan.recovered, "lastSeq": last_seq}
-    if plan.recovered:
-        frame["messages"] = [wire.message_json(m) for m in plan.messages]
-    else:
-        assert plan.reason is not None
-        frame["reason"] = plan.reason.value
-    frame["inFlight"] = dict(in_flight) if in_flight is not None else None
-    return frame
+) -> schemas.ResumeFrame:
+    return schemas.ResumeFrame(
+        recovered=plan.recovered,
+        last_seq=last_seq,
+        messages=schemas.history_messages(plan.messages) if plan.recovered else UNSET,
+        reason=plan.reason.value if plan.reason is not None else UNSET,
+        in_flight=schemas.decode_struct(in_flight, schemas.InFlight)
+        if in_flight is not None
+        else None,
+    )
 
 
-def ack_frame(message: Message, client_id: str | None) -> dict[str, Any]:
-    return {
-        "type": "ack",
-        "seq": message.seq,
-        "messageId": message.id,
-        "clientId": client_id,
-        "timestamp": to_iso(message.timestamp),
-    }
+def ack_frame(message: Message, client_id: str | None) -> schemas.AckFrame:
+    return schemas.AckFrame(
+        seq=message.seq,
+        message_id=message.id,
+        client_id=client_id,
+        timestamp=to_iso(message.timestamp),
+    )
 
 
-def message_frame(message: Message) -> dict[str, Any]:
-    return {"type": "message", "message": wire.message_json(message)}
+def message_frame(message: Message) -> schemas.MessageFrame:
+    return schemas.MessageFrame(message=schemas.history_message(message))
 
 
-def reply_start_frame(reply_id: str, *, in_reply_to: int | None) -> dict[str, Any]:
-    return {"type": "reply.start", "replyId": reply_id, "inReplyTo": in_reply_to}
+def reply_start_frame(reply_id: str, *, in_reply_to: int | None) -> schemas.ReplyStartFrame:
+    return schemas.ReplyStartFrame(reply_id=reply_id, in_reply_to=in_reply_to)
 
 
-def reply_chunk_frame(reply_id: str, *, index: int, text: str) -> dict[str, Any]:
-    return {"type": "reply.chunk", "replyId": reply_id, "index": index, "text": text}
+def reply_chunk_frame(reply_id: str, *, index: int, text: str) -> schemas.ReplyChunkFrame:
+    return schemas.ReplyChunkFrame(reply_id=reply_id, index=index, text=text)
 
 
 def reply_end_frame(
     reply_id: str, *, message: Message | None, text: str, complete: bool
-) -> dict[str, Any]:
-    return {
-        "type": "reply.end",
-        "replyId": reply_id,
-        "seq": message.seq if message is not None else None,
-        "messageId": message.id if message is not None else None,
-        "text": text,
-        "complete": complete,
-    }
+) -> schemas.ReplyEndFrame:
+    return schemas.ReplyEndFrame(
+        reply_id=reply_id,
+        seq=message.seq if message is not None else None,
+        message_id=message.id if message is not None else None,
+        text=text,
+        complete=complete,
+    )
 
 
 def interrupted_frame(
     reply_id: str, *, heard: str, message: Message | None, reason: str, late: bool
-) -> dict[str, Any]:
-    return {
-        "type": "interrupted",
-        "replyId": reply_id,
-        "heard": heard,
-        "seq": message.seq if message is not None else None,
-        "messageId": message.id if message is not None else None,
-        "reason": reason,
-        "late": late,
-    }
+) -> schemas.InterruptedFrame:
+    return schemas.InterruptedFrame(
+        reply_id=reply_id,
+        heard=heard,
+        seq=message.seq if message is not None else None,
+        message_id=message.id if message is not None else None,
+        reason=reason,
+        late=late,
+    )
 
 
-def state_frame(state: UserState) -> dict[str, Any]:
-    return {"type": "state", "state": state_json(state)}
+def state_frame(state: UserState) -> schemas.StateFrame:
+    return schemas.StateFrame(state=schemas.state_view(state))
 
 
-def pong_frame(ts: str | int | float | None, server_time: str) -> dict[str, Any]:
-    return {"type": "pong", "ts": ts, "serverTime": server_time}
+def pong_frame(ts: str | int | float | None, server_time: str) -> schemas.PongFrame:
+    return schemas.PongFrame(ts=ts, server_time=server_time)
 
 
-def error_frame(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "error", "code": code, "message": message, **extra}
+def error_frame(code: str, message: str) -> schemas.ErrorFrame:
+    return schemas.ErrorFrame(code=code, message=message)
 
 
-def ended_frame(session_id: str) -> dict[str, Any]:
-    return {"type": "ended", "sessionId": session_id}
+def ended_frame(session_id: str) -> schemas.EndedFrame:
+    return schemas.EndedFrame(session_id=session_id)

@@ -47,7 +47,17 @@ from samvad.conversation import (
     ReplyStarted,
     StateChanged,
 )
-from samvad.errors import BacklogFull, Forbidden, NotFound, SamvadError, Unauthorized
+from samvad.errors import (
+    BacklogFull,
+    Forbidden,
+    IdleTimeout,
+    NotFound,
+    NothingToInterrupt,
+    RateLimited,
+    SamvadError,
+    StartTimeout,
+    Unauthorized,
+)
 from samvad.logs import bind_log_context
 from samvad.persistence import new_id
 from samvad.principal import ANONYMOUS, Principal
@@ -61,7 +71,7 @@ from samvad.web.protocol import (
     CloseCode,
     ConnectionState,
     End,
-    ErrorCode,
+    Frame,
     Interrupt,
     Ping,
     Received,
@@ -101,7 +111,7 @@ class _CloseRequest:
     reason: str
 
 
-def frame_of(event: Event) -> dict[str, Any]:
+def frame_of(event: Event) -> Frame:
     """The server frame (``docs/protocol.md``) that tells a device of ``event``."""
     if isinstance(event, ReplyChunk):
         return reply_chunk_frame(event.reply_id, index=event.index, text=event.text)
@@ -161,7 +171,7 @@ class Connection:
 
     # -- sending -------------------------------------------------------------------
 
-    def send(self, frame: Mapping[str, Any]) -> None:
+    def send(self, frame: Frame) -> None:
         self.send_text(encode(frame))
 
     def send_text(self, text: str) -> None:
@@ -226,10 +236,10 @@ class Connection:
             except TimeoutError:
                 if waiting_for_start and timeout < idle:
                     logger.info("connection %s sent no start frame in time: closing", self.id)
-                    self.send(error_frame(ErrorCode.START_TIMEOUT, "No start frame in time."))
+                    self.send(error_frame(StartTimeout.code, "No start frame in time."))
                 else:
                     logger.info("connection %s idle for %.0f s: closing", self.id, idle)
-                    self.send(error_frame(ErrorCode.IDLE_TIMEOUT, "No frame received in time."))
+                    self.send(error_frame(IdleTimeout.code, "No frame received in time."))
                 self.close(CloseCode.IDLE_TIMEOUT, "idle timeout")
                 return
             if message["type"] == "websocket.disconnect":
@@ -357,7 +367,7 @@ class Connection:
             reply_id=frame.reply_id,
         )
         if not done:
-            self.send(error_frame(ErrorCode.NOTHING_TO_INTERRUPT, "No reply is being streamed."))
+            self.send(error_frame(NothingToInterrupt.code, "No reply is being streamed."))
 
     async def _on_state(self, frame: StateUpdate) -> None:
         channel = self._session()
@@ -405,7 +415,7 @@ class Connection:
             if task is self._writer:
                 self._aborted = True  # nothing drains the queue: send the close frame directly
             if self.closing is None:
-                self.send(error_frame(ErrorCode.INTERNAL_ERROR, "Internal error."))
+                self.send(error_frame(SamvadError.code, "Internal error."))
                 self.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     async def _close_frame_within_deadline(self) -> None:
@@ -554,7 +564,7 @@ class Hub:
                     device.proto.ended()
                 device.close(CloseCode.SESSION_ERASED, "session erased")
             else:
-                device.send(error_frame(ErrorCode.INTERNAL_ERROR, "The reply failed."))
+                device.send(error_frame(SamvadError.code, "The reply failed."))
                 device.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     # -- ReplyRunner -------------------------------------------------------------------
@@ -615,7 +625,7 @@ class Hub:
             code = received.error
         else:
             return
-        if code == ErrorCode.RATE_LIMITED and self.metrics is not None:
+        if code == RateLimited.code and self.metrics is not None:
             self.metrics.rate_limited.labels("websocket").inc()
 
     # -- tasks -----------------------------------------------------------------------

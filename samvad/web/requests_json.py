@@ -1,23 +1,36 @@
-"""Reading JSON request bodies defensively.
+"""Reading JSON from clients defensively: REST bodies and WebSocket frames alike.
 
-The body is read in chunks and refused with 413 as soon as it passes the
+:func:`parse_json` is the one JSON reader of both doors. ``NaN``/``Infinity``,
+numbers that overflow a float and duplicate keys are refused as malformed
+(``bad_json``: a parser that let the last duplicate win would read
+``{"type":"ping","type":"message"}`` as a message); strings with lone
+surrogates, which neither Firestore nor a JSON response could encode, are
+refused naming the field (``invalid_field``).
+
+A REST body is read in chunks and refused with 413 as soon as it passes the
 limit (a declared ``Content-Length`` over the limit is refused before a byte
-is read), so an oversized request never sits whole in memory. What is read
-must be one JSON object: ``NaN``/``Infinity``, numbers that overflow a float,
-duplicate keys and strings that are not valid Unicode (lone surrogates, which
-neither Firestore nor a JSON response could encode) are refused with a 400
-that says what was wrong.
+is read), so an oversized request never sits whole in memory; it must be one
+JSON object, which :func:`decode_body` turns into the body's shape from
+``samvad.web.schemas``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Any
+import re
+from typing import Any, TypeVar
 
+from msgspec import Struct
 from starlette.requests import ClientDisconnect, Request
 
-from samvad.errors import BadRequest, PayloadTooLarge
+from samvad.errors import BadRequest, InvalidField, MalformedJson, PayloadTooLarge
+from samvad.validation import check_text
+from samvad.web.schemas import decode_struct
+
+__all__ = ["decode_body", "parse_json", "parse_object", "read_body", "read_json_object"]
+
+_S = TypeVar("_S", bound=Struct)
 
 _JSON_TYPES = ("application/json",)
 
@@ -38,29 +51,69 @@ def _parse_float(text: str) -> float:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _Refused(f"the key {key[:60]!r} appears twice in one object")
-        result[key] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Refused(f"the key {key[:60]!r} appears twice in one object")
+            seen.add(key)
     return result
 
 
+# Only a \uD800-\uDFFF escape can put a surrogate into a parsed string (UTF-8
+# text cannot hold one): documents without such an escape skip the walk.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def _check_strings(value: Any) -> None:
-    """Refuse strings (keys or values) that are not encodable as UTF-8."""
-    stack = [value]
+    """Refuse strings (keys or values) that are not valid Unicode, naming the field."""
+    stack: list[tuple[Any, str]] = [(value, "")]
     while stack:
-        item = stack.pop()
+        item, path = stack.pop()
         if isinstance(item, str):
-            try:
-                item.encode()
-            except UnicodeEncodeError:
-                raise BadRequest("Request body contains an invalid Unicode escape") from None
+            check_text(item, path or "body")
         elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
+            for key, child in item.items():
+                name = f"{path}.{key}" if path else key
+                if not _is_text(key):
+                    raise InvalidField(path or "body", "has a key with a lone surrogate")
+                stack.append((child, name))
         elif isinstance(item, list):
-            stack.extend(item)
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def parse_json(text: str) -> Any:
+    """Parse one JSON document, or raise :class:`MalformedJson` / :class:`InvalidField`."""
+    try:
+        value = json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_parse_float,
+            object_pairs_hook=_no_duplicates,
+        )
+    except _Refused as exc:
+        raise MalformedJson(f"Malformed JSON: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise MalformedJson(
+            f"Malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except RecursionError:
+        raise MalformedJson("Malformed JSON: nested too deeply") from None
+    except ValueError:
+        # int() refusing a number with thousands of digits, among others.
+        raise MalformedJson("Malformed JSON: a number is too large") from None
+    if _SURROGATE_ESCAPE.search(text):
+        _check_strings(value)
+    return value
 
 
 def _check_content_type(request: Request) -> None:
@@ -106,28 +159,10 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise BadRequest("Request body is not valid UTF-8") from None
-    try:
-        value = json.loads(
-            text,
-            parse_constant=_reject_constant,
-            parse_float=_parse_float,
-            object_pairs_hook=_no_duplicates,
-        )
-    except _Refused as exc:
-        raise BadRequest(f"Malformed JSON: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise BadRequest(
-            f"Malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
-        ) from None
-    except RecursionError:
-        raise BadRequest("Malformed JSON: nested too deeply") from None
-    except ValueError:
-        # int() refusing a number with thousands of digits, among others.
-        raise BadRequest("Malformed JSON: a number is too large") from None
+        raise MalformedJson("Request body is not valid UTF-8") from None
+    value = parse_json(text)
     if not isinstance(value, dict):
         raise BadRequest(f"Request body must be a JSON object, not {_json_kind(value)}")
-    _check_strings(value)
     return value
 
 
@@ -135,6 +170,11 @@ async def read_json_object(request: Request, *, limit: int) -> dict[str, Any]:
     """Read, bound and parse a request body that must be one JSON object."""
     _check_content_type(request)
     return parse_object(await read_body(request, limit=limit))
+
+
+async def decode_body(request: Request, shape: type[_S], *, limit: int) -> _S:
+    """Read a request body as ``shape`` (a struct of ``samvad.web.schemas``)."""
+    return decode_struct(await read_json_object(request, limit=limit), shape)
 
 
 def _json_kind(value: Any) -> str:

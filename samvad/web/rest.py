@@ -20,11 +20,11 @@ even parsed; the use case checks it again as its own rule.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
+from msgspec import Struct
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Scope
 
@@ -34,36 +34,57 @@ from samvad.errors import (
     InvalidField,
 )
 from samvad.logs import bind_log_context
-from samvad.models import Role, SessionStatus
+from samvad.models import SessionStatus
 from samvad.principal import Principal
 from samvad.service import SessionService
 from samvad.stores.base import SessionCursor
-from samvad.validation import check_id, check_object, check_session_id
-from samvad.web import openapi
+from samvad.validation import check_id, check_object, check_session_id, decode_path_segment
 from samvad.web.auth import authenticate
-from samvad.web.requests_json import read_json_object
-from samvad.web.services import services
-from samvad.web.wire import (
-    jsonable,
-    message_json,
-    profile_json,
-    session_json,
-    state_json,
-    status_fields,
+from samvad.web.requests_json import decode_body, read_json_object
+from samvad.web.schemas import (
+    ActiveSessions,
+    CreateSessionBody,
+    HistoryBody,
+    MessageAppended,
+    PreferencesSaved,
+    ProfileFound,
+    RecentHistory,
+    RefreshBody,
+    SessionCleared,
+    SessionDeleted,
+    SessionEnded,
+    SessionFound,
+    SessionPage,
+    SessionSaved,
+    StateFound,
+    StateSaved,
+    StatsFound,
+    UserCleared,
+    UserRefreshed,
+    WireResponse,
+    history_messages,
+    plain_json,
+    profile_view,
+    session_view,
+    state_view,
+    stats_view,
 )
+from samvad.web.services import services
 
 PREFIX = "/api/session"
 DEVICE_HEADER = "x-device-id"
-MAX_LANGUAGE_LENGTH = 64
 MAX_CURSOR_LENGTH = 1024
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 DEFAULT_HISTORY_LIMIT = 20
 
 
-def ok(**fields: Any) -> JSONResponse:
-    """A success response: ``{"success": true, ...fields}``."""
-    return JSONResponse({"success": True, **fields})
+_B = TypeVar("_B", bound=Struct)
+
+
+def ok(shape: Struct) -> Response:
+    """A success response: one of the ``{"success": true, ...}`` shapes of ``schemas``."""
+    return WireResponse(shape)
 
 
 # -- request parts -------------------------------------------------------------------
@@ -93,6 +114,10 @@ async def _body(request: Request) -> dict[str, Any]:
     return await read_json_object(request, limit=services(request).settings.max_body_bytes)
 
 
+async def _typed_body(request: Request, shape: type[_B]) -> _B:
+    return await decode_body(request, shape, limit=services(request).settings.max_body_bytes)
+
+
 def _int_query(request: Request, name: str, *, default: int, lo: int, hi: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
@@ -104,96 +129,71 @@ def _int_query(request: Request, name: str, *, default: int, lo: int, hi: int) -
     return int(raw)
 
 
-def _required(body: Mapping[str, Any], name: str) -> Any:
-    value = body.get(name)
-    if value is None:
-        raise InvalidField(name, "is required")
-    return value
-
-
-def _language(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidField("language", "must be a string")
-    if not value or len(value) > MAX_LANGUAGE_LENGTH or not value.isprintable():
-        raise InvalidField("language", f"must be 1 to {MAX_LANGUAGE_LENGTH} printable characters")
+def _language(value: str | None) -> str | None:
+    # Length and type are the body's shape; printable is past what a schema says.
+    if value is not None and not value.isprintable():
+        raise InvalidField("language", "must be 1 to 64 printable characters")
     return value
 
 
 # -- the original's endpoints --------------------------------------------------------
 
 
-async def save_state(request: Request) -> JSONResponse:
+async def save_state(request: Request) -> Response:
     """``POST /api/session/{userId}/state``: merge the body into the user's state."""
     principal = await _caller(request)
     user_id = _user_id(request)
     principal.require_user(user_id)
     body = check_object(await _body(request), "state")
     await _use_cases(request).save_state(principal, user_id, body)
-    return ok(message="User state saved successfully", userId=user_id)
+    return ok(StateSaved(user_id=user_id))
 
 
-async def get_state(request: Request) -> JSONResponse:
+async def get_state(request: Request) -> Response:
     """``GET /api/session/{userId}/state``."""
     principal = await _caller(request)
     user_id = _user_id(request)
     state = await _use_cases(request).get_state(principal, user_id)
-    return ok(userId=user_id, state=state_json(state))
+    return ok(StateFound(user_id=user_id, state=state_view(state)))
 
 
-async def get_profile(request: Request) -> JSONResponse:
+async def get_profile(request: Request) -> Response:
     """``GET /api/session/{userId}/profile``: the profile with its bounded history."""
     principal = await _caller(request)
     user_id = _user_id(request)
     profile = await _use_cases(request).get_profile(principal, user_id)
-    return ok(userId=user_id, profile=profile_json(profile))
+    return ok(ProfileFound(user_id=user_id, profile=profile_view(profile)))
 
 
-async def append_history(request: Request) -> JSONResponse:
+async def append_history(request: Request) -> Response:
     """``POST /api/session/{userId}/history``: append one message."""
     principal = await _caller(request)
     user_id = _user_id(request)
     principal.require_user(user_id)
-    body = await _body(request)
-    role_raw = _required(body, "role")
-    if not isinstance(role_raw, str):
-        raise InvalidField("role", "must be a string")
-    try:
-        role = Role(role_raw)
-    except ValueError:
-        allowed = ", ".join(r.value for r in Role)
-        raise InvalidField("role", f"must be one of {allowed}") from None
-    content = _required(body, "content")
-    if not isinstance(content, str):
-        raise InvalidField("content", "must be a string")
-    if not content:
-        raise InvalidField("content", "must not be empty")
-    session_id = body.get("sessionId")
+    body = await _typed_body(request, HistoryBody)
+    session_id = body.session_id
     if session_id is not None:
         session_id = check_session_id(session_id)
     message = await _use_cases(request).append_message(
-        principal, user_id, role=role, content=content, session_id=session_id
+        principal, user_id, role=body.role, content=body.content, session_id=session_id
     )
     return ok(
-        message="Message appended to history",
-        userId=user_id,
-        messageId=message.id,
-        timestamp=to_iso(message.timestamp),
+        MessageAppended(user_id=user_id, message_id=message.id, timestamp=to_iso(message.timestamp))
     )
 
 
-async def create_session(request: Request) -> JSONResponse:
+async def create_session(request: Request) -> Response:
     """``POST /api/session/create``: create a session, or update and re-activate it."""
     principal = await _caller(request)
-    body = await _body(request)
-    session_id = check_session_id(_required(body, "sessionId"))
-    user_id = check_id(_required(body, "userId"), "userId")
+    body = await _typed_body(request, CreateSessionBody)
+    session_id = check_session_id(body.session_id)
+    user_id = check_id(body.user_id, "userId")
     principal.require_user(user_id)
     bind_log_context(user_id=user_id, session_id=session_id)
-    language = _language(body.get("language"))
-    raw_metadata = body.get("metadata")
-    metadata = check_object(raw_metadata, "metadata") if raw_metadata is not None else {}
+    language = _language(body.language)
+    # Stored as the map field ``metadata`` of the session: one level below its root.
+    raw_metadata = body.metadata
+    metadata = check_object(raw_metadata, "metadata", depth=1) if raw_metadata is not None else {}
     device = request.headers.get(DEVICE_HEADER)
     if device is not None:
         metadata["deviceId"] = check_id(device, "X-Device-ID")
@@ -201,95 +201,102 @@ async def create_session(request: Request) -> JSONResponse:
         principal, session_id=session_id, user_id=user_id, language=language, metadata=metadata
     )
     return ok(
-        message="Session created/updated successfully",
-        sessionId=session_id,
-        userId=user_id,
-        session=session_json(session, session.status),
+        SessionSaved(
+            session_id=session_id,
+            user_id=user_id,
+            session=session_view(session, session.status),
+        )
     )
 
 
-async def get_session(request: Request) -> JSONResponse:
+async def get_session(request: Request) -> Response:
     """``GET /api/session/{sessionId}``."""
     principal = await _caller(request)
     session_id = _session_id(request)
     session, status = await _use_cases(request).get_session(principal, session_id)
-    return ok(session=session_json(session, status))
+    return ok(SessionFound(session=session_view(session, status)))
 
 
-async def end_session(request: Request) -> JSONResponse:
+async def end_session(request: Request) -> Response:
     """``PUT /api/session/{sessionId}/end``: ends the live side too, as ``end`` does."""
     principal = await _caller(request)
     session_id = _session_id(request)
     await _use_cases(request).end_session(principal, session_id)
-    return ok(message="Session ended successfully", sessionId=session_id)
+    return ok(SessionEnded(session_id=session_id))
 
 
-async def active_sessions(request: Request) -> JSONResponse:
+async def active_sessions(request: Request) -> Response:
     """``GET /api/session/user/{userId}/active``: active sessions, newest first."""
     principal = await _caller(request)
     user_id = _user_id(request)
     sessions = await _use_cases(request).active_sessions(principal, user_id)
     return ok(
-        userId=user_id,
-        count=len(sessions),
-        sessions=[session_json(s, SessionStatus.ACTIVE) for s in sessions],
+        ActiveSessions(
+            user_id=user_id,
+            count=len(sessions),
+            sessions=[session_view(s, SessionStatus.ACTIVE) for s in sessions],
+        )
     )
 
 
-async def refresh_user(request: Request) -> JSONResponse:
+async def refresh_user(request: Request) -> Response:
     """``POST /api/session/refresh``: erase everything of a user, live sessions included."""
     principal = await _caller(request)
-    body = await _body(request)
-    user_id = check_id(_required(body, "userId"), "userId")
+    body = await _typed_body(request, RefreshBody)
+    user_id = check_id(body.user_id, "userId")
     erased = await _use_cases(request).refresh_user(principal, user_id)
     return ok(
-        message="User data cleared successfully",
-        userId=user_id,
-        cleared={
-            "userState": erased.user_state,
-            "userProfile": erased.user_profile,
-            "sessions": erased.sessions,
-            "interruptions": erased.interruptions,
-        },
+        UserRefreshed(
+            user_id=user_id,
+            cleared=UserCleared(
+                user_state=erased.user_state,
+                user_profile=erased.user_profile,
+                sessions=erased.sessions,
+                interruptions=erased.interruptions,
+            ),
+        )
     )
 
 
-async def delete_session(request: Request) -> JSONResponse:
+async def delete_session(request: Request) -> Response:
     """``DELETE /api/session/{sessionId}``: the session, its interruptions and live channel."""
     principal = await _caller(request)
     session_id = _session_id(request)
     erased = await _use_cases(request).delete_session(principal, session_id)
     return ok(
-        message="Session cleared successfully",
-        sessionId=session_id,
-        cleared={"session": erased.session, "interruptions": erased.interruptions},
+        SessionDeleted(
+            session_id=session_id,
+            cleared=SessionCleared(session=erased.session, interruptions=erased.interruptions),
+        )
     )
 
 
-async def stats(request: Request) -> JSONResponse:
+async def stats(request: Request) -> Response:
     """``GET /api/session/stats``: count aggregations plus the persistence status.
 
     Global figures: with authentication on, for the service key only.
     """
     figures = await _use_cases(request).stats(await _caller(request))
     return ok(
-        stats={
-            "activeUsers": figures.active_users,
-            "activeSessions": figures.active_sessions,
-            "totalProfiles": figures.total_profiles,
-            "totalInterruptions": figures.total_interruptions,
-            "persistedInterruptions": figures.persisted_interruptions,
-            "liveInterruptions": figures.live_interruptions,
-            "source": figures.source,
-            **status_fields(figures.persistence),
-        }
+        StatsFound(
+            stats=stats_view(
+                active_users=figures.active_users,
+                active_sessions=figures.active_sessions,
+                total_profiles=figures.total_profiles,
+                total_interruptions=figures.total_interruptions,
+                persisted_interruptions=figures.persisted_interruptions,
+                live_interruptions=figures.live_interruptions,
+                source=figures.source,
+                status=figures.persistence,
+            )
+        )
     )
 
 
 # -- additions -----------------------------------------------------------------------
 
 
-async def list_sessions(request: Request) -> JSONResponse:
+async def list_sessions(request: Request) -> Response:
     """``GET /api/session/user/{userId}/sessions?status=&limit=&cursor=``."""
     principal = await _caller(request)
     user_id = _user_id(request)
@@ -317,14 +324,16 @@ async def list_sessions(request: Request) -> JSONResponse:
         principal, user_id, status=status, limit=limit, cursor=cursor
     )
     return ok(
-        userId=user_id,
-        count=len(sessions),
-        sessions=[session_json(s, effective) for s, effective in sessions],
-        nextCursor=next_cursor,
+        SessionPage(
+            user_id=user_id,
+            count=len(sessions),
+            sessions=[session_view(s, effective) for s, effective in sessions],
+            next_cursor=next_cursor,
+        )
     )
 
 
-async def recent_history(request: Request) -> JSONResponse:
+async def recent_history(request: Request) -> Response:
     """``GET /api/session/{userId}/history?limit=N``: the last N messages, oldest first."""
     principal = await _caller(request)
     user_id = _user_id(request)
@@ -333,57 +342,82 @@ async def recent_history(request: Request) -> JSONResponse:
     limit = _int_query(request, "limit", default=min(DEFAULT_HISTORY_LIMIT, cap), lo=1, hi=cap)
     messages, length = await _use_cases(request).recent_history(principal, user_id, limit)
     return ok(
-        userId=user_id,
-        count=len(messages),
-        historyLength=length,
-        messages=[message_json(m) for m in messages],
+        RecentHistory(
+            user_id=user_id,
+            count=len(messages),
+            history_length=length,
+            messages=history_messages(messages),
+        )
     )
 
 
-async def set_preferences(request: Request) -> JSONResponse:
+async def set_preferences(request: Request) -> Response:
     """``PUT /api/session/{userId}/preferences``: merge preferences key by key."""
     principal = await _caller(request)
     user_id = _user_id(request)
     principal.require_user(user_id)
-    prefs = check_object(await _body(request), "preferences")
+    # Stored as the map field ``preferences`` of the profile: one level below its root.
+    prefs = check_object(await _body(request), "preferences", depth=1)
     if not prefs:
         raise InvalidField("preferences", "must hold at least one key")
     merged = await _use_cases(request).set_preferences(principal, user_id, prefs)
-    return ok(
-        message="Preferences saved successfully", userId=user_id, preferences=jsonable(merged)
-    )
+    return ok(PreferencesSaved(user_id=user_id, preferences=plain_json(merged)))
 
 
 # One route per path, so a wrong method answers 405 with the full Allow header.
 
 
-async def user_state(request: Request) -> JSONResponse:
+async def user_state(request: Request) -> Response:
     """``GET`` or ``POST /api/session/{userId}/state``."""
     return await (save_state if request.method == "POST" else get_state)(request)
 
 
-async def history(request: Request) -> JSONResponse:
+async def history(request: Request) -> Response:
     """``GET`` or ``POST /api/session/{userId}/history``."""
     return await (append_history if request.method == "POST" else recent_history)(request)
 
 
-async def session(request: Request) -> JSONResponse:
+async def session(request: Request) -> Response:
     """``GET`` or ``DELETE /api/session/{sessionId}``."""
     return await (delete_session if request.method == "DELETE" else get_session)(request)
 
 
-async def openapi_document(request: Request) -> JSONResponse:
-    """``GET /openapi.json``."""
-    return JSONResponse(openapi.document())
-
-
-async def malformed_path(request: Request) -> JSONResponse:
+async def malformed_path(request: Request) -> Response:
     """Any request :class:`_MalformedPath` caught."""
+    segments = _raw_segments(request.scope)
+    for index, segment in enumerate(segments):
+        # Refused on the raw bytes: the server's own decoding turns bytes that
+        # are not UTF-8 into U+FFFD, so a%FFb and a%FEb would be one document.
+        decode_path_segment(segment, _path_field(segments, index))
     raise BadRequest("Identifiers in the path must not be empty or contain '/' (%2F)")
 
 
+def _raw_segments(scope: Scope) -> list[bytes]:
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    return raw.split(b"?", 1)[0][len(PREFIX) + 1 :].split(b"/")
+
+
+def _path_field(segments: list[bytes], index: int) -> str:
+    """Which id a path segment is (for the error message)."""
+    if segments[0] == b"user":
+        return "userId" if index == 1 else "path"
+    if index == 0:
+        user_paths = (b"state", b"profile", b"history", b"preferences")
+        return "userId" if len(segments) > 1 and segments[1] in user_paths else "sessionId"
+    return "path"
+
+
+def _is_utf8(segment: bytes) -> bool:
+    try:
+        decode_path_segment(segment, "path")
+    except InvalidField:
+        return False
+    return True
+
+
 class _MalformedPath(Route):
-    """Catches ``/api/session/...`` paths with an encoded ``/`` or an empty segment.
+    """Catches ``/api/session/...`` paths with an encoded ``/``, an empty segment or
+    percent-encoded bytes that are not UTF-8.
 
     The server decodes ``%2F`` before routing, so ``a%2Fstate`` would otherwise
     reach another endpoint as two segments; these answer 400 before any route
@@ -399,6 +433,8 @@ class _MalformedPath(Route):
             return Match.NONE, {}
         inner = text[len(PREFIX) + 1 :]
         if "%2f" in inner.lower() or inner.startswith("/") or "//" in inner:
+            return super().matches(scope)
+        if "%" in inner and not all(_is_utf8(seg) for seg in _raw_segments(scope)):
             return super().matches(scope)
         return Match.NONE, {}
 
@@ -416,7 +452,6 @@ def routes() -> list[BaseRoute]:
     p = PREFIX
     return [
         _MalformedPath(f"{p}/{{rest:path}}", malformed_path, methods=_ALL_METHODS),
-        Route("/openapi.json", openapi_document, methods=["GET"]),
         Route(f"{p}/stats", stats, methods=["GET"]),
         Route(f"{p}/create", create_session, methods=["POST"]),
         Route(f"{p}/refresh", refresh_user, methods=["POST"]),

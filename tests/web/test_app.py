@@ -32,7 +32,7 @@ async def test_unknown_routes_answer_with_the_json_error_shape() -> None:
         response = await http.get("/nope")
         wrong_method = await http.delete("/healthz")
     assert response.status_code == 404
-    assert response.json() == {"success": False, "error": "Not found"}
+    assert response.json() == {"success": False, "error": "Not found", "code": "not_found"}
     assert wrong_method.status_code == 405
     assert wrong_method.json()["success"] is False
 

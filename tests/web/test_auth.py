@@ -423,7 +423,11 @@ async def test_the_lifespan_owns_its_firebase_app_and_deletes_it(
         )
         assert refused.status_code == 401
         assert refused.headers["www-authenticate"].startswith("Bearer")
-        assert refused.json() == {"success": False, "error": "The ID token is not valid."}
+        assert refused.json() == {
+            "success": False,
+            "error": "The ID token is not valid.",
+            "code": "unauthorized",
+        }
         keyed = await http.get(f"{server.url}/api/session/stats", headers={"X-API-Key": KEY})
         assert keyed.status_code == 200
     assert set(firebase_admin._apps) == before

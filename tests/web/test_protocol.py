@@ -8,14 +8,21 @@ from datetime import UTC, datetime
 import pytest
 
 from samvad.clock import ManualClock
-from samvad.errors import FrameRejected
+from samvad.errors import (
+    BadFrame,
+    BadRequest,
+    FrameTooLarge,
+    InvalidField,
+    MalformedJson,
+    UnknownFrameType,
+)
 from samvad.models import Message, Role
+from samvad.web import schemas
 from samvad.web.protocol import (
     Close,
     CloseCode,
     ConnectionState,
     End,
-    ErrorCode,
     Interrupt,
     Ping,
     RateDecision,
@@ -35,7 +42,6 @@ from samvad.web.protocol import (
     plan_resume,
     resume_frame,
 )
-from samvad.web.wire import message_json
 
 T0 = datetime(2025, 1, 10, 17, 0, 0, tzinfo=UTC)
 
@@ -116,14 +122,14 @@ def test_start_frame_defaults() -> None:
         ({"userId": "u", "sessionId": "s", "resume": {}}, "resume.lastSeq is required"),
         ({"userId": "u", "sessionId": "s", "resume": {"lastSeq": -1}}, "lastSeq must be"),
         ({"userId": "u", "metadata": [1]}, "metadata must be an object"),
-        ({"userId": "u", "historyLimit": 1000}, "historyLimit must be between 0 and 100"),
+        ({"userId": "u", "historyLimit": 1000}, "historyLimit must be at most 100"),
         ({"userId": "u", "language": 7}, "language must be a string"),
     ],
 )
 def test_invalid_start_fields_are_named(fields: dict[str, object], needle: str) -> None:
-    with pytest.raises(FrameRejected) as caught:
+    with pytest.raises(BadRequest) as caught:
         parse_frame(frame(type="start", **fields))
-    assert caught.value.code == ErrorCode.INVALID_FIELD
+    assert caught.value.code == InvalidField.code
     assert needle in caught.value.message
 
 
@@ -141,9 +147,9 @@ def test_message_frame_parses_text_final_and_client_id() -> None:
     [{}, {"text": ""}, {"text": "   "}, {"text": 3}, {"text": "x", "final": "yes"}],
 )
 def test_message_frame_needs_non_empty_text(fields: dict[str, object]) -> None:
-    with pytest.raises(FrameRejected) as caught:
+    with pytest.raises(BadRequest) as caught:
         parse_frame(frame(type="message", **fields))
-    assert caught.value.code == ErrorCode.INVALID_FIELD
+    assert caught.value.code == InvalidField.code
 
 
 def test_interrupt_frame_takes_heard_chars_or_heard_text() -> None:
@@ -152,9 +158,9 @@ def test_interrupt_frame_takes_heard_chars_or_heard_text() -> None:
         heard_chars=3, reason="cough"
     )
     assert parse_frame(frame(type="interrupt", heardText="You")) == Interrupt(heard_text="You")
-    with pytest.raises(FrameRejected, match="cannot both be given"):
+    with pytest.raises(BadRequest, match="cannot both be given"):
         parse_frame(frame(type="interrupt", heardChars=3, heardText="You"))
-    with pytest.raises(FrameRejected, match="heardChars must be an integer"):
+    with pytest.raises(BadRequest, match="heardChars must be an integer"):
         parse_frame(frame(type="interrupt", heardChars=True))
 
 
@@ -164,27 +170,30 @@ def test_state_ping_and_end_frames() -> None:
     )
     assert parse_frame(frame(type="ping", ts=12.5)) == Ping(ts=12.5)
     assert parse_frame(frame(type="end")) == End()
-    with pytest.raises(FrameRejected, match="state must be an object"):
+    with pytest.raises(BadRequest, match="state must be an object"):
         parse_frame(frame(type="state", state="x"))
-    with pytest.raises(FrameRejected, match="state is required"):
+    with pytest.raises(BadRequest, match="state is required"):
         parse_frame(frame(type="state"))
-    with pytest.raises(FrameRejected, match="ts must be"):
+    with pytest.raises(BadRequest, match="ts must be"):
         parse_frame(frame(type="ping", ts=False))
 
 
 @pytest.mark.parametrize(
     ("data", "code"),
     [
-        ("{not json", ErrorCode.BAD_JSON),
-        ("[1, 2]", ErrorCode.BAD_FRAME),
-        ('{"text": "no type"}', ErrorCode.BAD_FRAME),
-        ('{"type": 5}', ErrorCode.BAD_FRAME),
-        ('{"type": "dance"}', ErrorCode.UNKNOWN_TYPE),
-        (b"\x00\x01", ErrorCode.BAD_FRAME),
+        ("{not json", MalformedJson.code),
+        ('{"type": "ping", "type": "message", "text": "x"}', MalformedJson.code),
+        ('{"type": "ping", "ts": NaN}', MalformedJson.code),
+        ("[" * 5000, MalformedJson.code),
+        ("[1, 2]", BadFrame.code),
+        ('{"text": "no type"}', BadFrame.code),
+        ('{"type": 5}', BadFrame.code),
+        ('{"type": "dance"}', UnknownFrameType.code),
+        (b"\x00\x01", BadFrame.code),
     ],
 )
 def test_malformed_frames_are_rejected_with_a_stable_code(data: str | bytes, code: str) -> None:
-    with pytest.raises(FrameRejected) as caught:
+    with pytest.raises(BadRequest) as caught:
         parse_frame(data)
     assert caught.value.code == code
 
@@ -241,9 +250,7 @@ def test_a_rejected_frame_leaves_the_connection_usable() -> None:
 def test_frames_over_the_limit_close_with_1009() -> None:
     proto = make_protocol(max_frame_bytes=100)
     received = proto.receive(frame(type="message", text="x" * 200))
-    assert received == Close(
-        CloseCode.MESSAGE_TOO_BIG, "frame over 100 bytes", ErrorCode.FRAME_TOO_LARGE
-    )
+    assert received == Close(CloseCode.MESSAGE_TOO_BIG, "frame over 100 bytes", FrameTooLarge.code)
 
 
 def test_frame_size_counts_utf8_bytes() -> None:
@@ -365,7 +372,7 @@ def test_resume_beyond_the_window_is_not_recovered() -> None:
 # -- server frames -----------------------------------------------------------------------
 
 
-def test_message_json_matches_the_rest_history_shape() -> None:
+def test_history_messages_have_the_rest_history_shape() -> None:
     m = Message(
         id="m1",
         role=Role.ASSISTANT,
@@ -375,7 +382,7 @@ def test_message_json_matches_the_rest_history_shape() -> None:
         interrupted=True,
         seq=2,
     )
-    assert message_json(m) == {
+    assert json.loads(schemas.encode(schemas.history_message(m))) == {
         "id": "m1",
         "role": "assistant",
         "content": "Hel",
@@ -396,6 +403,43 @@ def test_resume_frames_say_explicitly_when_not_recovered() -> None:
         "lastSeq": 3,
         "inFlight": None,
     }
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('{"type": "message", "text": "\\ud800"}', "text"),
+        ('{"type": "message", "text": "ok", "clientId": "\\udc00"}', "clientId"),
+        ('{"type": "state", "state": {"k": ["a", "\\ud83d"]}}', "state.k[1]"),
+        ('{"type": "ping", "ts": "\\udfff"}', "ts"),
+        ('{"type": "interrupt", "reason": "x\\ud800"}', "reason"),
+    ],
+)
+def test_lone_surrogates_are_refused_naming_the_field(text: str, field: str) -> None:
+    with pytest.raises(InvalidField) as caught:
+        parse_frame(text)
+    assert caught.value.message == f"{field} contains a lone surrogate (not valid Unicode)"
+
+
+def test_a_duplicate_type_key_is_refused_not_taken_as_the_last() -> None:
+    proto = make_protocol()
+    proto.started()
+    received = proto.receive('{"type": "ping", "type": "message", "text": "stored?"}')
+    assert isinstance(received, Reject)
+    assert received.error.code == "bad_json"
+    assert received.error.message == "Malformed JSON: the key 'type' appears twice in one object"
+
+
+def test_start_metadata_is_counted_from_the_session_document_root() -> None:
+    deep: dict[str, object] = {}
+    for _ in range(19):
+        deep = {"n": deep}
+    # metadata (level 1) + 19 maps + the innermost {} = level 21 in sessions/{id}
+    with pytest.raises(InvalidField, match="nests deeper than 20 levels"):
+        parse_frame(frame(type="start", userId="u", metadata={"d": deep}))
+    assert parse_frame(frame(type="start", userId="u", metadata=deep)) == Start(
+        user_id="u", metadata=deep
+    )
 
 
 def test_encode_keeps_non_ascii_text() -> None:

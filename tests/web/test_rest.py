@@ -21,9 +21,9 @@ from starlette.routing import Route
 from samvad.clock import Clock, ManualClock
 from samvad.config import Settings
 from samvad.interruptions import Interruption
+from samvad.web.apidocs import openapi_document as document
 from samvad.web.app import create_app
-from samvad.web.openapi import document
-from samvad.web.wire import jsonable
+from samvad.web.schemas import plain_json as jsonable
 from tests.support.server import LiveServer, live_server
 
 T0 = datetime(2025, 1, 10, 17, 0, tzinfo=UTC)
@@ -297,7 +297,11 @@ async def test_a_session_of_another_user_is_a_conflict_and_stays_as_it_was(
         "/api/session/create", json={"sessionId": "s1", "userId": "mallory", "language": "xx"}
     )
     assert response.status_code == 409
-    assert response.json() == {"success": False, "error": "session s1 belongs to another user"}
+    assert response.json() == {
+        "success": False,
+        "error": "session s1 belongs to another user",
+        "code": "conflict",
+    }
     response = await api.http.post(
         "/api/session/mallory/history", json={"role": "user", "content": "hi", "sessionId": "s1"}
     )
@@ -377,7 +381,11 @@ async def test_deleting_a_session_clears_it_and_its_interruptions(
     for method in ("GET", "DELETE"):
         response = await api.http.request(method, "/api/session/s1")
         assert response.status_code == 404
-        assert response.json() == {"success": False, "error": "Session not found"}
+        assert response.json() == {
+            "success": False,
+            "error": "Session not found",
+            "code": "not_found",
+        }
     response = await api.http.put("/api/session/s1/end")
     assert response.status_code == 404
 
@@ -563,6 +571,7 @@ async def test_reserved_words_are_routes_never_session_ids(memory_api: Api) -> N
             assert response.json() == {
                 "success": False,
                 "error": f"sessionId must not be the reserved word {word!r}",
+                "code": "invalid_field",
             }
         response = await http.post("/api/session/create", json={"sessionId": word, "userId": "u1"})
         assert response.status_code == 400
@@ -575,7 +584,11 @@ async def test_reserved_words_are_routes_never_session_ids(memory_api: Api) -> N
 async def test_a_method_a_path_does_not_take_is_405_with_allow(memory_api: Api) -> None:
     response = await memory_api.http.patch("/api/session/u1/state")
     assert response.status_code == 405
-    assert response.json() == {"success": False, "error": "Method not allowed"}
+    assert response.json() == {
+        "success": False,
+        "error": "Method not allowed",
+        "code": "method_not_allowed",
+    }
     assert set(response.headers["allow"].split(", ")) == {"GET", "HEAD", "POST"}
     response = await memory_api.http.post("/api/session/stats")
     assert response.status_code == 405

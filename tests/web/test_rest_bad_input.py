@@ -142,7 +142,7 @@ CASES = [
         "POST",
         STATE,
         400,
-        "Request body contains an invalid Unicode escape",
+        "x contains a lone surrogate (not valid Unicode)",
         content=b'{"x": "\\ud800"}',
     ),
     Case(
@@ -343,7 +343,8 @@ CASES = [
         "POST",
         STATE,
         400,
-        "state.deep" + ".n" * 21 + " nests deeper than 20 levels",
+        # state.deep is level 1: the map at .n * 20 is level 21, one past Firestore's limit
+        "state.deep" + ".n" * 20 + " nests deeper than 20 levels",
         {"deep": _nested(25)},
     ),
     Case(
@@ -409,6 +410,60 @@ CASES = [
         400,
         "Identifiers in the path must not be empty or contain '/' (%2F)",
         OK_MESSAGE,
+    ),
+    Case(
+        "path-user-id-invalid-utf8",
+        "GET",
+        "/api/session/a%FFb/state",
+        400,
+        "userId is not valid UTF-8 once percent-decoded",
+    ),
+    Case(
+        "path-session-id-invalid-utf8",
+        "DELETE",
+        "/api/session/s-alice%FE",
+        400,
+        "sessionId is not valid UTF-8 once percent-decoded",
+    ),
+    Case(
+        "path-lists-user-id-invalid-utf8",
+        "GET",
+        "/api/session/user/%C0%AFalice/sessions",
+        400,
+        "userId is not valid UTF-8 once percent-decoded",
+    ),
+    Case(
+        "preferences-too-deep-for-the-profile",
+        "PUT",
+        "/api/session/alice/preferences",
+        400,
+        # preferences is a map field of the profile: 20 levels inside it are 21 in Firestore
+        "preferences.deep" + ".n" * 19 + " nests deeper than 20 levels",
+        {"deep": _nested(19)},
+    ),
+    Case(
+        "create-metadata-too-deep-for-the-session",
+        "POST",
+        CREATE,
+        400,
+        "metadata.deep" + ".n" * 19 + " nests deeper than 20 levels",
+        {"sessionId": "s9", "userId": "alice", "metadata": {"deep": _nested(19)}},
+    ),
+    Case(
+        "history-null-session-id-is-none",
+        "POST",
+        HISTORY,
+        400,
+        "content must not be empty",
+        {"role": "user", "content": "", "sessionId": None},
+    ),
+    Case(
+        "state-duplicate-key",
+        "POST",
+        STATE,
+        400,
+        "Malformed JSON: the key 'language' appears twice in one object",
+        content=b'{"language": "hi", "language": "xx"}',
     ),
     Case(
         "path-session-id-white-space",
@@ -594,7 +649,7 @@ async def test_bad_input_is_refused_and_changes_nothing(seeded: Seeded, case: Ca
     assert response.status_code == case.status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"success", "error"}
+    assert set(body) == {"success", "error", "code"}
     assert body["success"] is False
     if case.error.endswith("..."):
         assert body["error"].startswith(case.error[:-3]), body["error"]
@@ -626,6 +681,7 @@ async def test_an_oversized_chunked_body_is_refused_without_a_length(seeded: See
     assert response.json() == {
         "success": False,
         "error": f"Request body is larger than {BODY_LIMIT} bytes",
+        "code": "payload_too_large",
     }
     await _flush(seeded.server)
     assert await _snapshot(seeded.firestore) == seeded.snapshot
@@ -643,7 +699,7 @@ async def test_an_oversized_chunked_body_is_refused_without_a_length(seeded: See
         (b"1" * 5000, "Malformed JSON: a number is too large"),
         (b"[" * 100_000, "Malformed JSON: nested too deeply"),
         (b'{"a": -Infinity}', "Malformed JSON: -Infinity is not valid JSON"),
-        (b'{"\\udc00": 1}', "Request body contains an invalid Unicode escape"),
+        (b'{"\\udc00": 1}', "body has a key with a lone surrogate"),
     ],
 )
 def test_parse_object_refuses_what_is_not_one_json_object(raw: bytes, message: str) -> None:
@@ -739,4 +795,4 @@ async def test_random_requests_never_get_a_500() -> None:
                 continue
             body = response.json()
             if response.status_code >= 400:
-                assert set(body) == {"success", "error"} and body["success"] is False
+                assert set(body) == {"success", "error", "code"} and body["success"] is False

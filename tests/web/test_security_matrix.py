@@ -93,6 +93,7 @@ EXPECTED: dict[tuple[str, str], dict[str, int]] = {
     ("GET", "/readyz"): _OPEN,
     ("GET", "/metrics"): _OPEN,
     ("GET", "/openapi.json"): _OPEN,
+    ("GET", "/asyncapi.json"): _OPEN,
 }
 
 #: The WebSocket: credential kind -> the answer to ``start`` (a close code, or "started").
