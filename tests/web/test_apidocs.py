@@ -11,15 +11,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import pytest
+import websockets
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
 from samvad.clock import to_iso
+from samvad.config import Settings
 from samvad.models import (
     Message,
     Mode,
@@ -31,6 +39,8 @@ from samvad.models import (
     UserState,
 )
 from samvad.web import schemas as s
+from samvad.web.apidocs import asyncapi_document, openapi_document
+from samvad.web.app import create_app
 from samvad.web.protocol import (
     ResumeFailure,
     ResumePlan,
@@ -48,6 +58,7 @@ from samvad.web.protocol import (
     started_frame,
     state_frame,
 )
+from tests.support.server import LiveServer, live_server
 
 # -- representative values ------------------------------------------------------------------
 
@@ -354,3 +365,145 @@ def test_stored_values_of_other_writers_render_as_plain_json() -> None:
         "ref": str(object),
         "list": [1, 2.5],
     }
+
+
+# -- the AsyncAPI document against the frames of a real session -------------------------------
+
+_DOC_URI = "urn:samvad:asyncapi"
+
+
+def _frame_validators(document: dict[str, Any]) -> dict[str, Draft202012Validator]:
+    """A validator per server frame type, from the document's own messages and schemas."""
+    registry: Registry[Any] = Registry().with_resource(
+        _DOC_URI, Resource(contents=document, specification=DRAFT202012)
+    )
+    messages = document["components"]["messages"]
+    validators = {}
+    for ref in document["operations"]["sendServerFrames"]["messages"]:
+        message = messages[ref["$ref"].rsplit("/", 1)[1]]
+        schema = {"$ref": _DOC_URI + message["payload"]["$ref"]}
+        validators[message["name"]] = Draft202012Validator(schema, registry=registry)
+    return validators
+
+
+class Frames:
+    """The frames one socket received, in order, with a wait for the next of a kind."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self._changed = asyncio.Condition()
+
+    async def collect(self, ws: Any, until: str = "ended") -> None:
+        async for text in ws:
+            frame = json.loads(text)
+            async with self._changed:
+                self.items.append(frame)
+                self._changed.notify_all()
+            if frame["type"] == until:
+                return
+
+    async def wait_for(self, kind: str, count: int = 1) -> dict[str, Any]:
+        def enough() -> bool:
+            return sum(f["type"] == kind for f in self.items) >= count
+
+        async with asyncio.timeout(10), self._changed:
+            await self._changed.wait_for(enough)
+        return [f for f in self.items if f["type"] == kind][count - 1]
+
+
+@pytest.fixture
+async def ws_server() -> AsyncIterator[LiveServer]:
+    settings = Settings(store="memory", ws_reply_chunk_delay=0.05)
+    async with live_server(create_app(settings)) as running:
+        yield running
+
+
+async def test_every_frame_of_a_real_session_matches_the_asyncapi_document(
+    ws_server: LiveServer,
+) -> None:
+    async with httpx.AsyncClient(base_url=ws_server.url) as http:
+        served = (await http.get("/asyncapi.json")).json()
+    assert served == asyncapi_document()
+    validators = _frame_validators(served)
+    assert len(validators) == len(s.SERVER_FRAMES)
+
+    url = f"{ws_server.ws_url}/ws"
+    start = {"type": "start", "userId": "u-async", "sessionId": "s-async", "language": "en"}
+    one, two, three = Frames(), Frames(), Frames()
+    async with websockets.connect(url) as ws1, websockets.connect(url) as ws2:
+        readers = [asyncio.create_task(one.collect(ws1)), asyncio.create_task(two.collect(ws2))]
+        await ws1.send(json.dumps({**start, "metadata": {"device": "phone"}}))
+        await one.wait_for("started")
+        await ws2.send(json.dumps(start))
+        await two.wait_for("started")
+        await ws1.send(json.dumps({"type": "message", "text": "one two three four five six"}))
+        await one.wait_for("reply.chunk")
+        await ws1.send(json.dumps({"type": "interrupt", "heardChars": 3}))
+        await one.wait_for("interrupted")
+        await ws2.send(json.dumps({"type": "message", "text": "hi", "clientId": "c-2"}))
+        last_seq = (await one.wait_for("reply.end"))["seq"]
+        await ws1.send(json.dumps({"type": "state", "state": {"topic": "loans", "n": [1, 2.5]}}))
+        await one.wait_for("state")
+        await ws1.send(json.dumps({"type": "ping", "ts": 12.5}))
+        await one.wait_for("pong")
+        await ws1.send(json.dumps({"type": "interrupt"}))  # nothing to interrupt: error
+        await one.wait_for("error")
+        async with websockets.connect(url) as ws3:
+            reader3 = asyncio.create_task(three.collect(ws3, until="resume"))
+            await ws3.send(json.dumps({**start, "resume": {"lastSeq": last_seq - 2}}))
+            await reader3
+        await ws1.send(json.dumps({"type": "end"}))
+        await asyncio.gather(*readers)
+
+    frames = one.items + two.items + three.items
+    seen = {frame["type"] for frame in frames}
+    assert seen == set(validators), set(validators) - seen
+    for frame in frames:
+        validators[frame["type"]].validate(frame)
+    resumed = next(f for f in three.items if f["type"] == "resume")
+    assert resumed["recovered"] is True and len(resumed["messages"]) == 2
+
+
+def test_the_frame_schemas_refuse_what_the_server_never_sends() -> None:
+    validators = _frame_validators(asyncapi_document())
+    ack = {"type": "ack", "seq": 1, "messageId": "m", "clientId": None, "timestamp": "t"}
+    validators["ack"].validate(ack)
+    for broken in (
+        {k: v for k, v in ack.items() if k != "messageId"},
+        {**ack, "seq": "1"},
+        {**ack, "type": "pong"},
+    ):
+        with pytest.raises(ValidationError):
+            validators["ack"].validate(broken)
+    with pytest.raises(ValidationError):
+        validators["reply.end"].validate({"type": "reply.end", "replyId": "r", "text": "x"})
+
+
+def test_the_documents_are_generated_from_the_shapes() -> None:
+    openapi = openapi_document()
+    schemas = openapi["components"]["schemas"]
+    # Every field of a response is required unless it may be left out.
+    assert schemas["HistoryMessage"]["required"] == ["id", "role", "content", "timestamp"]
+    assert set(schemas["SessionView"]["required"]) == set(schemas["SessionView"]["properties"])
+    assert schemas["ErrorBody"]["required"] == ["success", "error", "code"]
+    # What the decoders enforce is what the document says.
+    history_body = schemas["HistoryBody"]
+    assert history_body["required"] == ["role", "content"]
+    assert history_body["properties"]["content"]["minLength"] == 1
+    assert {"type": "null"} in history_body["properties"]["sessionId"]["anyOf"]
+    asyncapi = asyncapi_document()
+    assert asyncapi["asyncapi"] == "3.0.0"
+    client = asyncapi["operations"]["receiveClientFrames"]["messages"]
+    assert len(client) == len(s.CLIENT_FRAMES) == 6
+    start = asyncapi["components"]["schemas"]["StartFrame"]
+    assert start["required"] == ["type", "userId"]
+    assert start["properties"]["historyLimit"]["anyOf"][0]["maximum"] == 100
+
+
+async def test_both_documents_are_served() -> None:
+    async with (
+        live_server(create_app(Settings(store="memory"))) as server,
+        httpx.AsyncClient(base_url=server.url) as http,
+    ):
+        assert (await http.get("/openapi.json")).json() == openapi_document()
+        assert (await http.get("/asyncapi.json")).json() == asyncapi_document()
