@@ -100,6 +100,24 @@ ROWS = [
         '{"type": "message", "text": "\\ud800"}',
         same_message=False,  # content / text
     ),
+    Row(
+        "text-not-a-string",
+        "invalid_field",
+        "POST",
+        f"/api/session/{USER}/history",
+        '{"role": "user", "content": 42}',
+        '{"type": "message", "text": 42}',
+        same_message=False,  # content / text
+    ),
+    Row(
+        "text-empty",
+        "invalid_field",
+        "POST",
+        f"/api/session/{USER}/history",
+        '{"role": "user", "content": ""}',
+        '{"type": "message", "text": ""}',
+        same_message=False,
+    ),
     _state_row("lone-surrogate-in-state", "invalid_field", '{"k": ["ok", "\\udc00"]}', False),
     _state_row("lone-surrogate-key", "invalid_field", '{"\\ud83d": 1}', False),
     _state_row("nan", "bad_json", '{"x": NaN}'),
