@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,7 @@ from samvad.errors import (
     FrameTooLarge,
     InvalidField,
     MalformedJson,
+    SamvadError,
     UnknownFrameType,
 )
 from samvad.models import Message, Role
@@ -444,3 +447,21 @@ def test_start_metadata_is_counted_from_the_session_document_root() -> None:
 
 def test_encode_keeps_non_ascii_text() -> None:
     assert encode({"text": "नमस्ते"}) == '{"text":"नमस्ते"}'
+
+
+def test_the_documented_error_codes_are_the_error_classes_codes() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    table = docs.split("Error frames carry a stable `code`", 1)[1].split("\n\n", 2)[1]
+    documented = set(re.findall(r"^\| `([a-z_]+)`(?: / `([a-z_]+)`)?", table, re.M))
+    codes = {code for pair in documented for code in pair if code}
+    classes = {cls.code for cls in _subclasses(SamvadError)} | {SamvadError.code}
+    # Every documented code is an error class's; only REST-only ones are left undocumented.
+    assert codes <= classes, codes - classes
+    assert classes - codes <= {"bad_request", "not_found", "method_not_allowed"}
+
+
+def _subclasses(cls: type) -> set[type]:
+    found = set(cls.__subclasses__())
+    for sub in list(found):
+        found |= _subclasses(sub)
+    return found
