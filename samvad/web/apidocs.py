@@ -206,9 +206,10 @@ def _components(types: list[Any], ref_template: str) -> tuple[list[Schema], dict
         schema = components.get(shape.__name__)
         if schema is None:
             continue
-        schema["required"] = [
-            f.encode_name for f in msgspec.structs.fields(shape) if not _is_optional(f.type)
-        ]
+        fields = msgspec.structs.fields(shape)
+        names = {f.encode_name for f in fields}
+        tag = [name for name in schema.get("required", []) if name not in names]  # "type"
+        schema["required"] = tag + [f.encode_name for f in fields if not _is_optional(f.type)]
     return list(refs), components
 
 

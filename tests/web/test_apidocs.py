@@ -477,6 +477,8 @@ def test_the_frame_schemas_refuse_what_the_server_never_sends() -> None:
             validators["ack"].validate(broken)
     with pytest.raises(ValidationError):
         validators["reply.end"].validate({"type": "reply.end", "replyId": "r", "text": "x"})
+    with pytest.raises(ValidationError):
+        validators["ack"].validate({k: v for k, v in ack.items() if k != "type"})
 
 
 def test_the_documents_are_generated_from_the_shapes() -> None:
@@ -495,6 +497,13 @@ def test_the_documents_are_generated_from_the_shapes() -> None:
     assert asyncapi["asyncapi"] == "3.0.0"
     client = asyncapi["operations"]["receiveClientFrames"]["messages"]
     assert len(client) == len(s.CLIENT_FRAMES) == 6
+    assert asyncapi["components"]["schemas"]["AckFrame"]["required"] == [
+        "type",
+        "seq",
+        "messageId",
+        "clientId",
+        "timestamp",
+    ]
     start = asyncapi["components"]["schemas"]["StartFrame"]
     assert start["required"] == ["type", "userId"]
     assert start["properties"]["historyLimit"]["anyOf"][0]["maximum"] == 100
