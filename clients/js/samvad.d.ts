@@ -144,15 +144,15 @@ export type ErrorCode =
   | "session_ended"
   | "conflict"
   | "nothing_to_interrupt"
+  | "payload_too_large"
   | "backlog_full"
+  | "auth_unavailable"
   | "rate_limited"
   | "frame_too_large"
   | "unauthorized"
   | "forbidden"
   | "idle_timeout"
   | "start_timeout"
-  | "reply_failed"
-  | "slow_consumer"
   | "internal_error";
 
 export interface ErrorFrame {

@@ -61,15 +61,15 @@ export const ERROR_ACTIONS = Object.freeze({
   session_ended: { action: "new_session", fatal: true, description: "the session has ended" },
   conflict: { action: "choose_session", fatal: true, description: "the session belongs to another user" },
   nothing_to_interrupt: { action: "ignore", fatal: false, description: "no reply to cut" },
+  payload_too_large: { action: "fix_request", fatal: false, description: "a state merge past the size bound" },
   backlog_full: { action: "retry", fatal: false, description: "too many writes wait for Firestore; not stored" },
   rate_limited: { action: "slow_down", fatal: false, description: "too many frames; this one was dropped" },
   frame_too_large: { action: "fix_request", fatal: false, description: "a frame over the size limit" },
+  auth_unavailable: { action: "retry", fatal: false, description: "the token could not be checked right now" },
   unauthorized: { action: "reauthenticate", fatal: false, description: "token missing or invalid" },
   forbidden: { action: "sign_out", fatal: true, description: "token issued for another user" },
   idle_timeout: { action: "reconnect", fatal: false, description: "no frame for too long" },
   start_timeout: { action: "reconnect", fatal: false, description: "no start in time" },
-  reply_failed: { action: "retry", fatal: false, description: "the reply failed" },
-  slow_consumer: { action: "reconnect", fatal: false, description: "the client read too slowly" },
   internal_error: { action: "reconnect", fatal: false, description: "a server bug; resume" },
 });
 

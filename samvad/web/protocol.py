@@ -26,13 +26,23 @@ from samvad.conversation import last_seq as last_seq
 from samvad.conversation import plan_resume as plan_resume
 from samvad.errors import (
     AlreadyStarted,
+    AuthUnavailable,
+    BacklogFull,
     BadFrame,
+    Conflict,
+    Forbidden,
     FrameTooLarge,
+    IdleTimeout,
     InvalidField,
+    MalformedJson,
+    NothingToInterrupt,
     NotStarted,
+    PayloadTooLarge,
     RateLimited,
     SamvadError,
     SessionEnded,
+    StartTimeout,
+    Unauthorized,
     UnknownFrameType,
 )
 from samvad.models import Message, Mode, UserState
@@ -60,6 +70,33 @@ class CloseCode(IntEnum):
     FORBIDDEN = 4403  # the token is for another user
     IDLE_TIMEOUT = 4408  # no frame for ``ws_idle_timeout`` s, or no start in ``ws_start_timeout`` s
     SESSION_ERASED = 4410  # the session (or its user) was erased: deleted or refreshed
+
+
+#: The errors ``error`` frames report, by class; their ``code``s are the frames' codes
+#: (``docs/protocol.md`` lists them, clients map them to actions).
+FRAME_ERRORS: tuple[type[SamvadError], ...] = (
+    MalformedJson,
+    BadFrame,
+    UnknownFrameType,
+    InvalidField,
+    NotStarted,
+    AlreadyStarted,
+    SessionEnded,
+    Conflict,
+    NothingToInterrupt,
+    PayloadTooLarge,
+    BacklogFull,
+    RateLimited,
+    FrameTooLarge,
+    AuthUnavailable,
+    Unauthorized,
+    Forbidden,
+    IdleTimeout,
+    StartTimeout,
+    SamvadError,
+)
+#: The ``code`` of every error frame.
+ERROR_CODES: frozenset[str] = frozenset(error.code for error in FRAME_ERRORS)
 
 
 # -- connection state ------------------------------------------------------------
