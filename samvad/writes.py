@@ -51,7 +51,9 @@ class FieldsWrite:
 
     ``defaults`` are written only where the stored document lacks the field
     (``createdAt``). A ``touch`` write only refreshes low-value fields such as
-    ``lastActivity`` and may wait longer before it is flushed.
+    ``lastActivity`` and may wait longer before it is flushed. A ``must_exist``
+    write changes a document only if it exists: ending or touching a session
+    that another instance erased must not re-create it.
     """
 
     collection: str
@@ -61,6 +63,7 @@ class FieldsWrite:
     session_id: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     touch: bool = False
+    must_exist: bool = False
 
     @property
     def key(self) -> Key:
@@ -78,6 +81,14 @@ class FieldsWrite:
         for name, value in later.defaults.items():
             self.defaults.setdefault(name, value)
         self.touch = self.touch and later.touch
+        # Folded into a write that may create the document, it may create it too.
+        self.must_exist = self.must_exist and later.must_exist
+
+    def result(self, doc: Mapping[str, Any] | None) -> Document | None:
+        """The document after this write, or None when it needs one and there is none."""
+        if doc is None and self.must_exist:
+            return None
+        return self.apply_to(doc)
 
     def apply_to(self, doc: Mapping[str, Any] | None) -> Document:
         """The document after this write; the semantics every store implements."""

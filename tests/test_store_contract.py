@@ -91,6 +91,23 @@ async def test_defaults_are_written_only_where_missing(store: Store) -> None:
     assert await store.get(SESSIONS, "s1") == {"userId": "u1", "createdAt": T0, "language": "hi"}
 
 
+@pytest.mark.parametrize("with_defaults", [False, True])
+async def test_a_must_exist_write_never_creates_the_document(
+    store: Store, with_defaults: bool
+) -> None:
+    update = fields(SESSIONS, "s1", "u1", status="ended")
+    update.must_exist = True
+    if with_defaults:
+        update.defaults = {"createdAt": T0}
+    await store.write_fields(update)
+    assert await store.get(SESSIONS, "s1") is None
+    await store.write_fields(fields(SESSIONS, "s1", "u1", userId="u1", status="active"))
+    await store.write_fields(update)
+    doc = await store.get(SESSIONS, "s1")
+    assert doc is not None
+    assert doc["status"] == "ended"
+
+
 async def test_timestamps_round_trip_as_utc(store: Store) -> None:
     await store.write_fields(fields(STATES, "u1", "u1", updatedAt=T0))
     doc = await store.get(STATES, "u1")

@@ -249,7 +249,7 @@ class FirestoreStore(Store):
         ref = self._doc(write.collection, write.doc_id)
         # Each top-level field is replaced whole (merge on nested maps would
         # keep keys the client removed); FieldPath quotes names with dots.
-        if not write.defaults:
+        if not write.defaults and not write.must_exist:
 
             async def plain() -> None:
                 await ref.set(write.fields, merge=_merge_paths(write.fields), **self._kw())
@@ -259,6 +259,8 @@ class FirestoreStore(Store):
 
         async def with_defaults(transaction: Any) -> None:
             snapshot = await ref.get(transaction=transaction, **self._kw())
+            if write.must_exist and not snapshot.exists:
+                return  # erased (perhaps by another instance): do not re-create it
             stored = snapshot.to_dict() if snapshot.exists else {}
             fields = {name: value for name, value in write.defaults.items() if name not in stored}
             fields.update(write.fields)

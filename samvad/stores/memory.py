@@ -57,7 +57,10 @@ class MemoryStore(Store):
 
     async def write_fields(self, write: FieldsWrite) -> None:
         docs = self._docs(write.collection)
-        docs[write.doc_id] = copy.deepcopy(write.apply_to(docs.get(write.doc_id)))
+        doc = write.result(docs.get(write.doc_id))
+        if doc is None:
+            return  # must_exist, and it does not
+        docs[write.doc_id] = copy.deepcopy(doc)
         self.writes += 1
 
     async def write_profile(self, write: ProfileWrite, *, now: datetime) -> Profile:
