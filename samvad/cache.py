@@ -77,6 +77,13 @@ class ViewCache(Generic[K, V]):
         self._data.pop(key, None)
         self._absent.pop(key, None)
 
+    def invalidate(self, key: K) -> None:
+        """Forget ``key`` and disown a load of it in flight: its answer, read
+        before whatever made the entry wrong, is still returned to whoever waits
+        for it but not cached; the next get loads afresh."""
+        self.discard(key)
+        self._loading.pop(key, None)
+
     def items(self) -> Iterator[tuple[K, V]]:
         """A snapshot of the live entries."""
         for key, entry in list(self._data.items()):
@@ -105,8 +112,11 @@ class ViewCache(Generic[K, V]):
         return await asyncio.shield(task)
 
     async def _load(self, key: K, load: Loader[V]) -> V | None:
+        task = asyncio.current_task()
         try:
             value, complete = await load()
+            if self._loading.get(key) is not task:
+                return value  # invalidated while it ran: not cached
             if value is not None:
                 self._data[key] = Cached(value, complete)
                 self._absent.pop(key, None)
@@ -115,4 +125,5 @@ class ViewCache(Generic[K, V]):
                 self._absent[key] = complete
             return value
         finally:
-            self._loading.pop(key, None)
+            if self._loading.get(key) is task:
+                del self._loading[key]

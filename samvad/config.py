@@ -125,6 +125,14 @@ class Settings:
     #: The Firebase Web API key the demo page signs in with (a public identifier, not a secret).
     demo_firebase_api_key: str | None = None
 
+    # Several instances (samvad.coherence, docs/deploy.md)
+    #: Announce writes to, and hear them from, other instances on one Firestore.
+    coherence: bool = True
+    #: Seconds between the change-feed documents of a busy instance.
+    coherence_interval: float = 0.05
+    #: Worker processes of ``samvad serve`` sharing its port (each a full instance).
+    workers: int = 1
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read settings from ``environ`` (default: ``os.environ``)."""
@@ -227,6 +235,11 @@ class Settings:
             access_log=env.flag("SAMVAD_ACCESS_LOG", d.access_log),
             demo=cast(DemoMode, env.choice("SAMVAD_DEMO", d.demo, ("auto", "on", "off"))),
             demo_firebase_api_key=env.optional("SAMVAD_DEMO_FIREBASE_API_KEY"),
+            coherence=env.flag("SAMVAD_COHERENCE", d.coherence),
+            coherence_interval=env.number(
+                "SAMVAD_COHERENCE_INTERVAL_SECONDS", d.coherence_interval, lo=0.005, hi=5.0
+            ),
+            workers=env.integer("SAMVAD_WORKERS", d.workers, lo=1, hi=64),
         )._checked()
 
     def replace(self, **changes: object) -> Settings:

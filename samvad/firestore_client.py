@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 from google.auth.credentials import AnonymousCredentials
-from google.cloud.firestore import AsyncClient
+from google.cloud.firestore import AsyncClient, Client
 from google.cloud.firestore_v1 import base_client
 
 from samvad.config import Settings
@@ -124,6 +124,34 @@ def make_client(
                 credentials=credentials,
             )
         return SamvadAsyncClient(project=project, database=database)
+
+
+def sync_client_from_settings(settings: Settings) -> Client:
+    """A synchronous ``Client`` like :func:`client_from_settings`'s, for what the
+    async client lacks: real-time listeners (``on_snapshot``, used by
+    ``samvad.coherence``). Its calls block: run them in a thread."""
+    client_from_settings(settings)  # the same checks, the same message
+    if settings.emulator_host:
+        with _emulator_env(settings.emulator_host):
+            return Client(
+                project=settings.project or _LOCAL_PROJECT,
+                database=settings.database,
+                credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            )
+    with _emulator_env(None):
+        if settings.credentials_file:
+            from google.oauth2 import service_account
+
+            credentials = service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
+                os.path.expanduser(settings.credentials_file),
+                scopes=list(Client.SCOPE),
+            )
+            return Client(
+                project=settings.project or credentials.project_id,
+                database=settings.database,
+                credentials=credentials,
+            )
+        return Client(project=settings.project, database=settings.database)
 
 
 def client_from_settings(settings: Settings) -> AsyncClient:

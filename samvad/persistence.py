@@ -31,7 +31,7 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -70,6 +70,7 @@ from samvad.models import (
     StoreCounts,
     UserState,
 )
+from samvad.overlay import RemoteWrites
 from samvad.stores.base import HistoryBounds, SessionCursor, Store
 from samvad.writebehind import FlushObserver, Read, WriteBehind, WriteBehindConfig
 from samvad.writes import (
@@ -88,6 +89,12 @@ __all__ = ["CacheStats", "Persistence", "SessionErasure", "UserErasure", "new_id
 logger = logging.getLogger(__name__)
 
 _MAX_SESSIONS_LISTED = 100
+#: Seconds another instance's write is laid over loads here: far longer than
+#: its write-behind takes to flush it (about a second) unless it is in an outage.
+REMOTE_WRITES_TTL = 60.0
+#: Seconds an erase another instance announced holds loads here at most, when
+#: its end is never announced (that instance died during it).
+REMOTE_ERASE_HOLD = 30.0
 
 
 def new_id() -> str:
@@ -167,6 +174,10 @@ class Persistence:
         self.profiles: ViewCache[str, Profile] = ViewCache(maxsize=size, ttl=ttl, timer=timer)
         self.sessions: ViewCache[str, Session] = ViewCache(maxsize=size, ttl=ttl, timer=timer)
         self._background: set[asyncio.Task[Any]] = set()
+        # Coherence across instances (samvad.coherence): who hears of each
+        # write, and what other instances wrote and erased.
+        self._taps: list[Callable[[Write], None]] = []
+        self.remote = RemoteWrites(ttl=REMOTE_WRITES_TTL, hold=REMOTE_ERASE_HOLD, timer=timer)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -231,24 +242,28 @@ class Persistence:
 
     def _submit(self, write: Write) -> None:
         self.writes.submit(write)
+        for tap in self._taps:
+            tap(write)
 
     # -- loading with the overlay ------------------------------------------
 
     def _read_doc(
         self, collection: str, doc_id: str, barriers: tuple[Barrier, ...]
     ) -> Awaitable[Read[Document | None]]:
-        """The stored document and the unconfirmed writes to lay over it."""
+        """The stored document and the unconfirmed writes to lay over it (other
+        instances' first, then this one's)."""
+        pending = partial(self._unconfirmed, (collection, doc_id))
+        if self.remote.erased(barriers):
+            return self._remotely_erased(pending)
         return self.writes.read(
-            partial(self.store.get, collection, doc_id),
-            barriers=barriers,
-            pending=partial(self.writes.pending_writes, (collection, doc_id)),
+            partial(self.store.get, collection, doc_id), barriers=barriers, pending=pending
         )
 
     @staticmethod
     def _overlay_fields(doc: Document | None, writes: list[Write]) -> Document | None:
         for write in writes:
             if isinstance(write, FieldsWrite):
-                doc = write.apply_to(doc)
+                doc = write.result(doc)
         return doc
 
     def _overlay_profile(self, profile: Profile | None, writes: list[Write]) -> Profile | None:
@@ -429,7 +444,7 @@ class Persistence:
             read = await self._read_doc(SESSIONS, session_id, (session_barrier(session_id),))
             doc = read.value
             owner = doc.get("userId") if doc is not None else None
-            if isinstance(owner, str) and self.writes.erased((user_barrier(owner),)):
+            if isinstance(owner, str) and self._erased((user_barrier(owner),)):
                 # Its user's erase is pending: the stored session is gone.
                 doc = None
             doc = self._overlay_fields(doc, read.writes)
@@ -437,7 +452,9 @@ class Persistence:
 
         return await self.sessions.get(session_id, load, want_complete=self._want_complete())
 
-    def _write_session(self, session: Session, *, touch: bool = False) -> None:
+    def _write_session(
+        self, session: Session, *, touch: bool = False, must_exist: bool = False
+    ) -> None:
         fields = encode_session(session)
         created_at = fields.pop("createdAt")
         self._submit(
@@ -449,6 +466,9 @@ class Persistence:
                 fields=fields,
                 defaults={"createdAt": created_at},
                 touch=touch,
+                # Only a save (re)creates a session; an update of one that was
+                # erased meanwhile (on any instance) must not bring it back.
+                must_exist=must_exist,
             )
         )
         cached = self.sessions.peek(session.id)
@@ -505,7 +525,7 @@ class Persistence:
             last_activity=now,
             expire_at=self._expiry(now),
         )
-        self._write_session(session)
+        self._write_session(session, must_exist=True)
         return session
 
     async def touch_session(self, session_id: str) -> Session | None:
@@ -515,7 +535,7 @@ class Persistence:
             return None
         now = self._now()
         session = dataclasses.replace(existing, last_activity=now, expire_at=self._expiry(now))
-        self._write_session(session, touch=True)
+        self._write_session(session, touch=True, must_exist=True)
         return session
 
     async def mark_abandoned(self, session_id: str) -> Session | None:
@@ -524,7 +544,7 @@ class Persistence:
         if existing is None or existing.status is not SessionStatus.ACTIVE:
             return existing
         session = dataclasses.replace(existing, status=SessionStatus.ABANDONED)
-        self._write_session(session)
+        self._write_session(session, must_exist=True)
         return session
 
     async def list_sessions(
@@ -538,13 +558,24 @@ class Persistence:
         """A user's sessions, most recent activity first, with a cursor for the next page."""
         limit = max(1, min(limit, _MAX_SESSIONS_LISTED))
         wb = self.writes
-        read = await wb.read(
-            partial(
-                self.store.list_sessions, user_id=user_id, status=status, limit=limit, cursor=cursor
-            ),
-            barriers=(user_barrier(user_id),),
-            pending=partial(self._pending_fields, SESSIONS, user_id),
-        )
+
+        def pending() -> list[Write]:
+            return [*self.remote.session_writes(user_id), *self._pending_fields(SESSIONS, user_id)]
+
+        if self.remote.erased((user_barrier(user_id),)):
+            read: Read[Any] = await self._remotely_erased(pending)
+        else:
+            read = await wb.read(
+                partial(
+                    self.store.list_sessions,
+                    user_id=user_id,
+                    status=status,
+                    limit=limit,
+                    cursor=cursor,
+                ),
+                barriers=(user_barrier(user_id),),
+                pending=pending,
+            )
         rows: dict[str, Document] = {}
         next_cursor: SessionCursor | None = None
         if read.value is not None:
@@ -557,11 +588,13 @@ class Persistence:
                     rows[session_id] = encode_session(session)
         for write in read.writes:
             assert isinstance(write, FieldsWrite)
-            rows[write.doc_id] = write.apply_to(rows.get(write.doc_id))
+            doc = write.result(rows.get(write.doc_id))
+            if doc is not None:
+                rows[write.doc_id] = doc
         sessions = [
             decode_session(session_id, doc)
             for session_id, doc in rows.items()
-            if doc.get("userId") == user_id and not wb.erased((session_barrier(session_id),))
+            if doc.get("userId") == user_id and not self._erased((session_barrier(session_id),))
         ]
         if status is not None:
             sessions = [s for s in sessions if s.status is status]
@@ -679,6 +712,113 @@ class Persistence:
         self._submit(Erase(EraseScope.SESSION, session_id))
         self.sessions.discard(session_id)
         return SessionErasure(session=session is not None)
+
+    # -- coherence across instances (samvad.coherence) --------------------------
+
+    def add_write_tap(self, tap: Callable[[Write], None]) -> None:
+        """Call ``tap`` with each write submitted here, right after it is queued.
+
+        The write-behind goes on folding later writes into a queued one: a tap
+        that keeps a write must copy it.
+        """
+        self._taps.append(tap)
+
+    def _unconfirmed(self, key: tuple[str, str]) -> list[Write]:
+        return [*self.remote.writes(key), *self.writes.pending_writes(key)]
+
+    def _erased(self, barriers: tuple[Barrier, ...]) -> bool:
+        """An erase here or on another instance is pending for one of ``barriers``."""
+        return self.writes.erased(barriers) or self.remote.erased(barriers)
+
+    async def _remotely_erased(self, pending: Callable[[], list[Write]]) -> Read[Any]:
+        # What the store holds is being erased by another instance: only what
+        # was written since counts, as behind an erase of this instance's own.
+        return Read(value=None, writes=pending(), stored=False, erased=True)
+
+    def apply_remote(self, write: FieldsWrite | ProfileWrite) -> None:
+        """Another instance made ``write``: lay it over the cached view, and over
+        loads until that instance has surely flushed it."""
+        if self.remote.erased(write.barriers):
+            return  # made before an erase that is still going on
+        self.remote.add(write)
+        if isinstance(write, ProfileWrite):
+            self._adopt_committed()
+            cached_profile = self.profiles.peek(write.user_id)
+            if cached_profile is None:
+                self.profiles.invalidate(write.user_id)  # perhaps cached as absent
+                return
+            view = self._profile_with(cached_profile.value, write, self._now())
+            self.profiles.put(write.user_id, view, complete=cached_profile.complete)
+            return
+        if write.collection == STATES:
+            cached_state = self.states.peek(write.doc_id)
+            if cached_state is None:
+                self.states.invalidate(write.doc_id)
+                return
+            state = cached_state.value
+            doc = write.result(
+                {**state.data, "updatedAt": state.updated_at, "isActive": state.is_active}
+            )
+            if doc is not None:
+                self.states.put(
+                    write.doc_id, decode_state(write.doc_id, doc), complete=cached_state.complete
+                )
+        elif write.collection == SESSIONS:
+            cached_session = self.sessions.peek(write.doc_id)
+            if cached_session is None:
+                self.sessions.invalidate(write.doc_id)
+                return
+            doc = write.result(encode_session(cached_session.value))
+            if doc is not None:
+                self.sessions.put(
+                    write.doc_id,
+                    decode_session(write.doc_id, doc),
+                    complete=cached_session.complete,
+                )
+
+    def invalidate_remote(self, collection: str, doc_id: str) -> None:
+        """Another instance changed a document in a way it could not describe
+        (too large to announce): read it again on next use."""
+        caches: dict[str, ViewCache[str, Any]] = {
+            STATES: self.states,
+            PROFILES: self.profiles,
+            SESSIONS: self.sessions,
+        }
+        cache = caches.get(collection)
+        if cache is not None:
+            cache.invalidate(doc_id)
+
+    def remote_erase(self, scope: EraseScope, target_id: str) -> int:
+        """Another instance is erasing a user or a session: serve nothing of it
+        from here again, and drop what this instance would still write of it.
+
+        Returns how many queued writes were dropped. Until :meth:`remote_erase_done`
+        loads treat the stored documents as gone.
+        """
+        barrier = Erase(scope, target_id).barrier
+        self.remote.erase(barrier)
+        dropped = self.writes.forget(barrier)
+        self._invalidate_erased(scope, target_id)
+        logger.info(
+            "erase of %s %s on another instance: %d writes dropped", scope.value, target_id, dropped
+        )
+        return dropped
+
+    def remote_erase_done(self, scope: EraseScope, target_id: str) -> None:
+        """The other instance's erase is done in the store."""
+        self.remote.done(Erase(scope, target_id).barrier)
+        # Anything loaded while it ran may have read what it then deleted.
+        self._invalidate_erased(scope, target_id)
+
+    def _invalidate_erased(self, scope: EraseScope, target_id: str) -> None:
+        if scope is EraseScope.SESSION:
+            self.sessions.invalidate(target_id)
+            return
+        self.states.invalidate(target_id)
+        self.profiles.invalidate(target_id)
+        for session_id, session in self.sessions.items():
+            if session.user_id == target_id:
+                self.sessions.invalidate(session_id)
 
     # -- stats -----------------------------------------------------------------
 

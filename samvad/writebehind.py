@@ -246,6 +246,28 @@ class WriteBehind:
         """True while an erase covering any of ``barriers`` has not completed."""
         return self._barriers.raised(barriers)
 
+    def forget(self, barrier: Barrier) -> int:
+        """Drop the queued writes and kept commits behind ``barrier``, without an
+        erase of the store; returns how many writes were dropped.
+
+        For an erase another instance made (``samvad.coherence``): it deletes
+        what is in the store, and what this instance still holds of the erased
+        user or session must never be written after it. A write in flight is
+        left to land (it may race the other instance's erase).
+        """
+        dropped = 0
+        for key, entry in list(self._queued.items()):
+            if barrier in entry.write.barriers:
+                del self._queued[key]
+                self._parked.discard(key)
+                dropped += 1
+        for key, (_, barriers) in list(self._committed.items()):
+            if barrier in barriers:
+                del self._committed[key]
+        if not self._queued and not self._inflight:
+            self._empty.set()
+        return dropped
+
     def take_committed_profiles(self) -> tuple[Profile, ...]:
         """The profiles committed since the last call, the newest per user.
 

@@ -37,7 +37,12 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "stores": ("samvad.stores",),
     "write-behind": ("samvad.barriers", "samvad.journal", "samvad.writebehind"),
-    "persistence": ("samvad.coherence", "samvad.lifecycle", "samvad.persistence"),
+    "persistence": (
+        "samvad.coherence",
+        "samvad.lifecycle",
+        "samvad.overlay",
+        "samvad.persistence",
+    ),
     "service": ("samvad.service",),
     "conversation": ("samvad.conversation",),
     "agents": ("samvad.adk", "samvad.responders"),

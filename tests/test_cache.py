@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -202,3 +203,29 @@ async def test_clear_forgets_absence_too() -> None:
     cache.clear()
     await cache.get("k", load)
     assert loads == 2
+
+
+async def test_a_load_invalidated_while_it_runs_is_returned_but_not_cached() -> None:
+    cache = make(ManualClock())
+    release = asyncio.Event()
+
+    def loader(answer: str) -> Callable[[], Awaitable[tuple[str | None, bool]]]:
+        async def load() -> tuple[str | None, bool]:
+            await release.wait()
+            return answer, True
+
+        return load
+
+    stale = asyncio.create_task(cache.get("k", loader("before")))
+    await asyncio.sleep(0)
+    cache.invalidate("k")  # what that load reads is wrong already
+    # A caller after the invalidation is not joined to the disowned load.
+    fresh = asyncio.create_task(cache.get("k", loader("after")))
+    await asyncio.sleep(0)
+    release.set()
+    assert await stale == "before"
+    assert await fresh == "after"
+    entry = cache.peek("k")
+    assert entry is not None
+    assert entry.value == "after"
+    assert cache.misses == 2

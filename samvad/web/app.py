@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from samvad import __version__
 from samvad.clock import Clock, SystemClock
+from samvad.coherence import Coherence
 from samvad.config import AUTH_EMULATOR_VARIABLE, Settings, auth_emulator_host
 from samvad.interruptions import InterruptionStack
 from samvad.models import Role
@@ -71,6 +72,18 @@ async def readyz(request: Request) -> Response:
 async def _close_persistence(persistence: Persistence) -> None:
     left = await persistence.close()
     logger.info("Samvad stopped; %d writes left unflushed", left)
+
+
+async def _open_coherence(settings: Settings, persistence: Persistence) -> Coherence | None:
+    coherence = Coherence.for_settings(settings, persistence)
+    if coherence is None:
+        return None
+    try:
+        await coherence.start()
+    except Exception:
+        # Serving possibly stale views beats not serving; say so loudly.
+        logger.exception("coherence across instances did not start")
+    return coherence
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -132,6 +145,11 @@ def create_app(
             )
             await persistence.start()
             stack.push_async_callback(_close_persistence, persistence)
+            # Other instances on this Firestore: hear their writes (samvad.coherence);
+            # closed before the write-behind's last flush.
+            coherence = await _open_coherence(settings, persistence)
+            if coherence is not None:
+                stack.push_async_callback(coherence.close)
             interruptions = InterruptionStack()
             service = SessionService(
                 persistence,
@@ -155,6 +173,7 @@ def create_app(
                 service=service,
                 hub=hub,
                 verify_token=verify,
+                coherence=coherence,
             )
             stack.callback(
                 metrics.add_source(

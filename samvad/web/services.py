@@ -14,6 +14,7 @@ from datetime import datetime
 from starlette.requests import HTTPConnection
 
 from samvad.clock import Clock
+from samvad.coherence import Coherence
 from samvad.config import Settings
 from samvad.interruptions import InterruptionStack
 from samvad.persistence import Persistence
@@ -87,6 +88,9 @@ class Services:
     #: Checks Firebase ID tokens when ``settings.auth`` is not ``off``
     #: (``samvad.web.auth``); None when authentication is off.
     verify_token: TokenVerifier | None
+    #: Coherence with other instances on the same Firestore (``samvad.coherence``);
+    #: None with the memory store or ``SAMVAD_COHERENCE`` off.
+    coherence: Coherence | None = None
 
 
 def services(connection: HTTPConnection) -> Services:
