@@ -433,7 +433,8 @@ class Persistence:
             cached = self.profiles.peek(user_id)
             if cached is None:
                 continue
-            view = self._overlay_profile(committed, self.writes.pending_writes((PROFILES, user_id)))
+            # Other instances' writes the commit may predate, then this one's.
+            view = self._overlay_profile(committed, self._unconfirmed((PROFILES, user_id)))
             if view is not None:
                 self.profiles.put(user_id, view, complete=cached.complete)
 
