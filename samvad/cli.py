@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         help="persistence backend (SAMVAD_STORE, default auto)",
     )
     serve.add_argument("--log-format", choices=["text", "json"], help="SAMVAD_LOG_FORMAT")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes sharing the port, each a full instance (SAMVAD_WORKERS, default 1)",
+    )
     return parser
 
 
@@ -81,11 +86,11 @@ def _embedded_emulator(settings: Settings, stack: ExitStack) -> Settings:
 
 def serve(args: argparse.Namespace) -> int:
     from samvad.logs import configure_logging
-    from samvad.server import run
+    from samvad.server import run, run_workers
     from samvad.web.app import create_app
 
     overrides: dict[str, Any] = {}
-    for name in ("host", "port", "store", "log_format"):
+    for name in ("host", "port", "store", "log_format", "workers"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
@@ -96,8 +101,28 @@ def serve(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         if settings.store == "auto" and not settings.firestore_configured:
             settings = _embedded_emulator(settings, stack)
-        run(create_app(settings), settings)
+        if settings.workers != 1:
+            _check_workers(settings)
+            run_workers(settings)
+        else:
+            run(create_app(settings), settings)
     return 0
+
+
+def _check_workers(settings: Settings) -> None:
+    """Several workers are several instances: they must share one truth."""
+    if settings.workers < 1:
+        raise ConfigError(f"--workers must be at least 1; got {settings.workers}")
+    if settings.store == "memory" or not settings.firestore_configured:
+        raise ConfigError(
+            f"--workers {settings.workers} needs Firestore (each worker is an instance with "
+            "its own memory): set GOOGLE_CLOUD_PROJECT or FIRESTORE_EMULATOR_HOST, or use 1 worker"
+        )
+    if not settings.coherence:
+        raise ConfigError(
+            f"--workers {settings.workers} with SAMVAD_COHERENCE off would let each worker "
+            "serve its own stale copy: turn coherence on or use 1 worker"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

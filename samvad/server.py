@@ -5,11 +5,18 @@ connections still open), stop accepting connections, close every WebSocket with
 1001 ("going away", so clients reconnect elsewhere) instead of uvicorn's 1012,
 let in-flight requests finish, then the lifespan flushes pending writes within
 ``SAMVAD_SHUTDOWN_FLUSH_SECONDS``, and the process exits 0.
+
+With ``--workers N`` (:func:`run_workers`) a supervisor process binds the port
+and starts N worker processes that share it, each a full instance (its own
+write-behind, caches and change-feed listener, ``samvad.coherence``). On
+SIGTERM or SIGINT the supervisor passes SIGTERM to every worker, each drains
+as above, and the supervisor exits 0 once all have.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import signal
@@ -19,6 +26,8 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from samvad.config import Settings
 
@@ -28,9 +37,16 @@ logger = logging.getLogger(__name__)
 class SamvadServer(uvicorn.Server):
     """uvicorn's server, closing WebSockets with 1001 and exiting 0 on a signal."""
 
-    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+    def __init__(self, config: uvicorn.Config, app: Starlette | None = None) -> None:
         super().__init__(config)
-        self._app = app
+        # A worker's app is made by the config's factory, inside the worker.
+        self._given_app = app
+
+    @property
+    def _app(self) -> Any:
+        if self._given_app is not None:
+            return self._given_app
+        return _starlette_in(getattr(self.config, "loaded_app", None))
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -53,7 +69,7 @@ class SamvadServer(uvicorn.Server):
         tune_gc()
 
     def _not_ready(self) -> None:
-        readiness = getattr(self._app.state, "readiness", None)
+        readiness = getattr(getattr(self._app, "state", None), "readiness", None)
         if readiness is not None:
             readiness.mark_stopping()
 
@@ -61,7 +77,7 @@ class SamvadServer(uvicorn.Server):
         self._not_ready()
         for server in self.servers:
             server.close()
-        svc = getattr(self._app.state, "services", None)
+        svc = getattr(getattr(self._app, "state", None), "services", None)
         if svc is not None:
             try:
                 await svc.hub.close_all(code=1001, reason="server shutting down")
@@ -86,7 +102,7 @@ def tune_gc() -> None:
     gc.set_threshold(700, 10, 10_000)
 
 
-def uvicorn_config(app: Starlette, settings: Settings, **overrides: Any) -> uvicorn.Config:
+def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
     """The uvicorn configuration Samvad runs with."""
     options: dict[str, Any] = {
         "host": settings.host,
@@ -109,3 +125,99 @@ def run(app: Starlette, settings: Settings) -> None:
     """Serve ``app`` until a signal, then drain (see module docstring)."""
     server = SamvadServer(uvicorn_config(app, settings), app)
     server.run()
+
+
+def _starlette_in(app: Any) -> Starlette | None:
+    """The Starlette app inside uvicorn's wrappers (proxy headers and the like)."""
+    for _ in range(10):
+        if app is None or isinstance(app, Starlette):
+            return app
+        app = getattr(app, "app", None)
+    return None
+
+
+# -- several workers on one port -------------------------------------------------------
+
+
+def _worker_app(settings: Settings) -> Starlette:
+    """The app of one worker process (the config's factory, called in the worker)."""
+    from samvad.logs import configure_logging
+    from samvad.web.app import create_app
+
+    # A spawned worker starts with Python's logging unconfigured.
+    configure_logging(settings)
+    return create_app(settings)
+
+
+class _WorkerProcess(Process):
+    """uvicorn's worker process, serving with :class:`SamvadServer`."""
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = SamvadServer(self.config)
+        return self._server
+
+
+class _Workers(Multiprocess):
+    """uvicorn's supervisor, starting :class:`_WorkerProcess` workers.
+
+    It replaces a worker that dies, like uvicorn's; the signals that resize
+    or restart the pool (SIGTTIN, SIGTTOU, SIGHUP) are not supported.
+    """
+
+    def _new(self) -> _WorkerProcess:
+        process = _WorkerProcess(self.config, self.sockets)
+        process.start()
+        return process
+
+    def init_processes(self) -> None:
+        for _ in range(self.processes_num):
+            self.processes.append(self._new())
+
+    def keep_subprocess_alive(self) -> None:
+        if self.should_exit.is_set():
+            return
+        for index, process in enumerate(self.processes):
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            process.kill()
+            process.join()
+            if process.exitcode == STARTUP_FAILURE:
+                logger.error("worker %s failed to start: stopping", process.pid)
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            logger.warning(
+                "worker %s died (exit %s): starting another", process.pid, process.exitcode
+            )
+            self.processes[index] = self._new()
+
+    def handle_hup(self) -> None:
+        logger.warning("SIGHUP: restarting workers is not supported; ignored")
+
+    def handle_ttin(self) -> None:
+        logger.warning("SIGTTIN: adding workers is not supported; ignored")
+
+    def handle_ttou(self) -> None:
+        logger.warning("SIGTTOU: removing workers is not supported; ignored")
+
+
+def run_workers(settings: Settings) -> None:
+    """Serve with ``settings.workers`` processes sharing one port, until a signal."""
+    config = uvicorn_config(
+        functools.partial(_worker_app, settings),
+        settings,
+        factory=True,
+        workers=settings.workers,
+    )
+    socket = config.bind_socket()
+    logger.info(
+        "Samvad supervisor: %d workers on %s:%d", settings.workers, settings.host, settings.port
+    )
+    try:
+        _Workers(config, sockets=[socket]).run()
+    finally:
+        socket.close()
+    logger.info("Samvad supervisor: every worker has stopped")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -39,7 +40,14 @@ from samvad.web.metrics import (
     readiness_metrics,
 )
 from samvad.web.middleware import RequestContextMiddleware, WebSocketOriginMiddleware
-from samvad.web.schemas import Health, NotReady, Ready, WireResponse, persistence_view
+from samvad.web.schemas import (
+    Health,
+    InstanceView,
+    NotReady,
+    Ready,
+    WireResponse,
+    persistence_view,
+)
 from samvad.web.services import Readiness, Services, services
 
 logger = logging.getLogger(__name__)
@@ -50,8 +58,14 @@ StoreFactory = Callable[[Settings], Store]
 async def healthz(request: Request) -> Response:
     """Liveness, with the persistence mode and the write backlog."""
     svc = services(request)
+    coherence = svc.coherence
+    feed = coherence.feed.instance_id if coherence is not None else None
     return WireResponse(
-        Health(version=__version__, persistence=persistence_view(svc.persistence.status()))
+        Health(
+            version=__version__,
+            persistence=persistence_view(svc.persistence.status()),
+            instance=InstanceView(pid=os.getpid(), feed=feed),
+        )
     )
 
 

@@ -353,12 +353,21 @@ class StatsFound(_Ok, kw_only=True):
     stats: Stats
 
 
+class InstanceView(_Shape, kw_only=True):
+    """Which process answered (one of several workers or instances)."""
+
+    pid: int
+    #: This instance's id in the change feed; None when coherence is off.
+    feed: str | None
+
+
 class Health(_Shape, kw_only=True):
     """``GET /healthz``."""
 
     status: Literal["ok"] = "ok"
     version: str
     persistence: PersistenceView
+    instance: InstanceView
 
 
 class Ready(_Shape, kw_only=True):
