@@ -5,6 +5,13 @@ The ids of the request or connection being served live in context variables
 (set by ``samvad.web.middleware``, the REST handlers and the WebSocket glue);
 :class:`ContextFilter` copies them onto every record, so JSON lines carry
 ``request_id``, ``user_id`` and ``session_id`` without each call passing them.
+
+JSON lines are what Cloud Logging reads from a container's output: besides
+``level`` they carry ``severity`` (the field it reads; it ignores ``level``)
+and, for a request that came with a trace header (``X-Cloud-Trace-Context``
+on Cloud Run, or W3C ``traceparent``), ``logging.googleapis.com/trace``,
+``.../spanId`` and ``.../trace_sampled``, which group a request's lines under
+its trace in the console.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +33,57 @@ request_id_var: ContextVar[str | None] = ContextVar("samvad_request_id", default
 user_id_var: ContextVar[str | None] = ContextVar("samvad_user_id", default=None)
 #: The session the request or connection is about.
 session_id_var: ContextVar[str | None] = ContextVar("samvad_session_id", default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    """The trace a request belongs to (from its trace header)."""
+
+    trace_id: str
+    span_id: str | None = None
+    sampled: bool = False
+
+
+#: The trace of the request being served, when it came with a trace header.
+trace_var: ContextVar[TraceContext | None] = ContextVar("samvad_trace", default=None)
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def parse_trace(headers: Iterable[tuple[bytes, bytes]]) -> TraceContext | None:
+    """The trace named by ``X-Cloud-Trace-Context`` or ``traceparent`` (None when
+    neither is there or well formed); the first is what Cloud Run sets."""
+    cloud: bytes | None = None
+    w3c: bytes | None = None
+    for name, value in headers:
+        if name == b"x-cloud-trace-context":
+            cloud = value
+        elif name == b"traceparent":
+            w3c = value
+    if cloud is not None:
+        # TRACE_ID/SPAN_ID;o=OPTIONS, span and options optional.
+        text = cloud.decode("latin-1")
+        trace, _, rest = text.partition("/")
+        span, _, options = rest.partition(";")
+        if len(trace) == 32 and _HEX.issuperset(trace):
+            return TraceContext(
+                trace_id=trace.lower(),
+                # Cloud Logging wants the span as 16 hex digits; the header has it in decimal.
+                span_id=format(int(span), "016x")
+                if span.isdigit() and 0 < int(span) < 2**64
+                else None,
+                sampled=options == "o=1",
+            )
+    if w3c is not None:
+        # VERSION-TRACEID-PARENTID-FLAGS
+        parts = w3c.decode("latin-1").split("-")
+        if len(parts) == 4 and len(parts[1]) == 32 and _HEX.issuperset(parts[1]):
+            parent = parts[2] if len(parts[2]) == 16 and _HEX.issuperset(parts[2]) else None
+            flags = parts[3]
+            sampled = len(flags) == 2 and _HEX.issuperset(flags) and int(flags, 16) & 1 == 1
+            return TraceContext(trace_id=parts[1].lower(), span_id=parent, sampled=sampled)
+    return None
+
 
 _CONTEXT = (
     ("request_id", request_id_var),
@@ -50,19 +110,50 @@ class ContextFilter(logging.Filter):
             value = var.get()
             if value is not None and not hasattr(record, name):
                 setattr(record, name, value)
+        trace = trace_var.get()
+        if trace is not None and not hasattr(record, "_trace"):
+            record._trace = trace
         return True
 
 
+#: Python's level names as Cloud Logging severities.
+_SEVERITY = {"WARN": "WARNING", "FATAL": "CRITICAL"}
+
+TRACE_KEY = "logging.googleapis.com/trace"
+SPAN_KEY = "logging.googleapis.com/spanId"
+SAMPLED_KEY = "logging.googleapis.com/trace_sampled"
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and extra fields."""
+    """One JSON object per line: time, severity (and level), logger, message, the
+    trace of the request (Cloud Logging's fields), and extra fields.
+
+    ``project`` makes the trace a full resource name
+    (``projects/P/traces/T``), as Cloud Logging wants it.
+    """
+
+    def __init__(self, *, project: str | None = None) -> None:
+        super().__init__()
+        self._project = project
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "severity": _SEVERITY.get(record.levelname, record.levelname),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        trace: TraceContext | None = getattr(record, "_trace", None)
+        if trace is not None:
+            entry[TRACE_KEY] = (
+                f"projects/{self._project}/traces/{trace.trace_id}"
+                if self._project
+                else trace.trace_id
+            )
+            if trace.span_id is not None:
+                entry[SPAN_KEY] = trace.span_id
+            entry[SAMPLED_KEY] = trace.sampled
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
@@ -76,7 +167,7 @@ def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())
     if settings.log_format == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(project=settings.project))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from samvad.logs import request_id_var, session_id_var, user_id_var
+from samvad.logs import parse_trace, request_id_var, session_id_var, trace_var, user_id_var
 from samvad.web.metrics import UNMATCHED_ROUTE, Metrics
 
 logger = logging.getLogger("samvad.access")
@@ -64,9 +64,11 @@ class RequestContextMiddleware:
         if kind == "websocket":
             request_id = _request_id(scope)
             token = request_id_var.set(request_id)
+            trace_token = trace_var.set(parse_trace(scope.get("headers", ())))
             try:
                 await self.app(scope, receive, self._count_accept(send))
             finally:
+                trace_var.reset(trace_token)
                 request_id_var.reset(token)
             return
         if kind != "http":
@@ -77,6 +79,8 @@ class RequestContextMiddleware:
         header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
         status = 500
         request_token = request_id_var.set(request_id)
+        # Cloud Logging groups a request's log lines under its trace (samvad.logs).
+        trace_token = trace_var.set(parse_trace(scope.get("headers", ())))
         user_token = user_id_var.set(None)
         session_token = session_id_var.set(None)
         started = time.perf_counter()
@@ -111,6 +115,7 @@ class RequestContextMiddleware:
             session_id_var.reset(session_token)
             user_id_var.reset(user_token)
             request_id_var.reset(request_token)
+            trace_var.reset(trace_token)
 
     def _count_accept(self, send: Send) -> Send:
         opened = self.metrics.ws_opened
