@@ -84,6 +84,11 @@ class ViewCache(Generic[K, V]):
         self.discard(key)
         self._loading.pop(key, None)
 
+    def invalidate_all(self) -> None:
+        """:meth:`invalidate` every key."""
+        self.clear()
+        self._loading.clear()
+
     def items(self) -> Iterator[tuple[K, V]]:
         """A snapshot of the live entries."""
         for key, entry in list(self._data.items()):

@@ -811,6 +811,11 @@ class Persistence:
         # Anything loaded while it ran may have read what it then deleted.
         self._invalidate_erased(scope, target_id)
 
+    def drop_caches(self) -> None:
+        """Forget every cached view (what other instances did is not fully known)."""
+        for cache in (self.states, self.profiles, self.sessions):
+            cache.invalidate_all()
+
     def _invalidate_erased(self, scope: EraseScope, target_id: str) -> None:
         if scope is EraseScope.SESSION:
             self.sessions.invalidate(target_id)

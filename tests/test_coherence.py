@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 import pytest
-from google.cloud.firestore import AsyncClient
+from google.cloud.firestore import SERVER_TIMESTAMP, AsyncClient
 
-from samvad.coherence import CHANGES, ChangeFeed, Coherence, CoherenceConfig
+from samvad.coherence import CHANGES, ChangeFeed, Coherence, CoherenceConfig, encode_events
 from samvad.config import Settings
 from samvad.documents import PROFILES, SESSIONS, STATES
 from samvad.firestore_client import client_from_settings, make_client, sync_client_from_settings
@@ -414,3 +414,41 @@ async def until_true(check: Callable[[], bool], *, deadline: float = DEADLINE) -
         if time.monotonic() > end:
             raise AssertionError(f"not within {deadline} s")
         await asyncio.sleep(0.01)
+
+
+async def test_feed_documents_the_listener_missed_are_read_and_applied_in_order(
+    firestore_emulator: str, firestore_project: str, firestore_client: AsyncClient
+) -> None:
+    settings = Settings(emulator_host=firestore_emulator, project=firestore_project)
+    received: list[dict[str, Any]] = []
+    # A window of one document: a commit of several shows the listener only the newest.
+    feed = ChangeFeed(
+        lambda: client_from_settings(settings),
+        lambda: sync_client_from_settings(settings),
+        config=CoherenceConfig(window=1),
+    )
+    await feed.start(received.extend)
+    try:
+
+        def doc(seq: int) -> dict[str, Any]:
+            event = {"k": "f", "c": STATES, "id": "u1", "u": "u1", "f": {"n": seq}}
+            return {
+                "instance": "other",
+                "seq": seq,
+                "at": SERVER_TIMESTAMP,
+                "events": encode_events([event]),
+            }
+
+        feed_docs = firestore_client.collection(CHANGES)
+        await feed_docs.document().set(doc(1))
+        await until_true(lambda: len(received) == 1)
+        batch = firestore_client.batch()
+        for seq in range(2, 7):
+            batch.set(feed_docs.document(), doc(seq))
+        await batch.commit()
+        await until_true(lambda: len(received) == 6)
+        assert [event["f"]["n"] for event in received] == [1, 2, 3, 4, 5, 6]
+        assert feed.stats.gaps >= 1
+        assert feed.stats.lost == 0
+    finally:
+        await feed.close()

@@ -11,6 +11,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -41,6 +42,7 @@ from samvad.web.metrics import (
 )
 from samvad.web.middleware import RequestContextMiddleware, WebSocketOriginMiddleware
 from samvad.web.schemas import (
+    FeedView,
     Health,
     InstanceView,
     NotReady,
@@ -59,7 +61,7 @@ async def healthz(request: Request) -> Response:
     """Liveness, with the persistence mode and the write backlog."""
     svc = services(request)
     coherence = svc.coherence
-    feed = coherence.feed.instance_id if coherence is not None else None
+    feed = msgspec.convert(coherence.status(), FeedView) if coherence is not None else None
     return WireResponse(
         Health(
             version=__version__,

@@ -353,12 +353,33 @@ class StatsFound(_Ok, kw_only=True):
     stats: Stats
 
 
+class FeedView(_Shape, kw_only=True):
+    """The change feed that keeps instances coherent: what went out and came in."""
+
+    instance: str
+    docs_published: int
+    events_published: int
+    docs_received: int
+    events_received: int
+    docs_deleted: int
+    publish_failures: int
+    events_dropped: int
+    listener_restarts: int
+    gaps_filled: int
+    docs_filled: int
+    lost: int
+    listening: bool
+    #: Server time of a feed document to its arrival here (recent ones).
+    lag_p50_ms: int | None
+    lag_p99_ms: int | None
+
+
 class InstanceView(_Shape, kw_only=True):
     """Which process answered (one of several workers or instances)."""
 
     pid: int
-    #: This instance's id in the change feed; None when coherence is off.
-    feed: str | None
+    #: This instance's change feed; None when coherence is off.
+    feed: FeedView | None
 
 
 class Health(_Shape, kw_only=True):
