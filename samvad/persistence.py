@@ -739,8 +739,8 @@ class Persistence:
     def apply_remote(self, write: FieldsWrite | ProfileWrite) -> None:
         """Another instance made ``write``: lay it over the cached view, and over
         loads until that instance has surely flushed it."""
-        if self.remote.erased(write.barriers):
-            return  # made before an erase that is still going on
+        # An instance announces its writes in order: one heard after its erase
+        # of the same user was made after it, and counts.
         self.remote.add(write)
         if isinstance(write, ProfileWrite):
             self._adopt_committed()

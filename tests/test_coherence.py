@@ -224,13 +224,15 @@ async def test_an_erasure_on_one_instance_is_honoured_by_the_others(
     # At once, before B can have heard: B's end of the session it still caches
     # must not re-create the deleted document (it did, with every field).
     await http.put(b + f"/api/session/{session}/end")
+    # And what A writes right after its erasure is new data, which B must get.
+    (await http.post(a + f"/api/session/{user}/state", json={"again": 1})).raise_for_status()
 
-    for path in (
-        f"/api/session/{user}/state",
-        f"/api/session/{user}/profile",
-        f"/api/session/{session}",
-    ):
+    for path in (f"/api/session/{user}/profile", f"/api/session/{session}"):
         await until(lambda p=path: get_json(http, b + p), lambda r: r[0] == 404)
+    await until(
+        lambda: get_json(http, b + f"/api/session/{user}/state"),
+        lambda r: r[0] == 200 and r[1]["state"].get("again") == 1 and "secret" not in r[1]["state"],
+    )
     active = await get_json(http, b + f"/api/session/user/{user}/active")
     assert active[1]["count"] == 0
 
@@ -243,6 +245,7 @@ async def test_an_erasure_on_one_instance_is_honoured_by_the_others(
     assert state is not None
     assert "secret" not in state
     assert state["fresh"] == 2
+    assert state["again"] == 1
     profile = (await firestore.collection(PROFILES).document(user).get()).to_dict()
     assert profile is not None
     assert [m["content"] for m in profile["conversationHistory"]] == ["after"]
@@ -254,6 +257,7 @@ async def test_an_erasure_on_one_instance_is_honoured_by_the_others(
             lambda r: r[0] == 200 and "secret" not in r[1]["state"],
         )
         assert seen["state"]["fresh"] == 2
+        assert seen["state"]["again"] == 1
         _, seen = await until(
             lambda i=instance: get_json(http, i.url + f"/api/session/{user}/profile"),
             lambda r: (
