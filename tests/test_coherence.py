@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,16 @@ import httpx
 import pytest
 from google.cloud.firestore import SERVER_TIMESTAMP, AsyncClient
 
-from samvad.coherence import CHANGES, ChangeFeed, Coherence, CoherenceConfig, encode_events
+from samvad.coherence import (
+    CHANGES,
+    MAX_DOC_CHARS,
+    ChangeFeed,
+    Coherence,
+    CoherenceConfig,
+    Outbox,
+    decode_events,
+    encode_events,
+)
 from samvad.config import Settings
 from samvad.documents import PROFILES, SESSIONS, STATES
 from samvad.firestore_client import client_from_settings, make_client, sync_client_from_settings
@@ -28,6 +38,7 @@ from samvad.models import Role
 from samvad.persistence import Persistence
 from samvad.stores.base import HistoryBounds
 from samvad.stores.firestore import FirestoreStore
+from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite
 from tests.support.firestore import close_client, make_emulator_client
 from tests.support.serve import ServeProcess, start_serve
 
@@ -456,3 +467,46 @@ async def test_feed_documents_the_listener_missed_are_read_and_applied_in_order(
         assert feed.stats.lost == 0
     finally:
         await feed.close()
+
+
+# -- the outbox (no I/O) ----------------------------------------------------------------
+
+
+def test_the_outbox_folds_writes_per_document_but_never_across_an_erasure() -> None:
+    outbox = Outbox()
+    outbox.add(FieldsWrite(collection=STATES, doc_id="u1", user_id="u1", fields={"a": 1}))
+    outbox.add(FieldsWrite(collection=STATES, doc_id="u1", user_id="u1", fields={"b": 2}))
+    outbox.add(Erase(EraseScope.USER, "u1"))
+    outbox.add(FieldsWrite(collection=STATES, doc_id="u1", user_id="u1", fields={"c": 3}))
+    texts, count = outbox.drain()
+    assert count == 3
+    events = [event for text in texts for event in decode_events(text)]
+    assert [e["k"] for e in events] == ["f", "e", "f"]
+    assert events[0]["f"] == {"a": 1, "b": 2}
+    assert events[2]["f"] == {"c": 3}
+    assert outbox.drain() == ([], 0)
+
+
+def test_the_outbox_keeps_its_own_copy_of_a_write() -> None:
+    outbox = Outbox()
+    write = ProfileWrite(user_id="u1", append=[], preferences={"x": 1})
+    outbox.add(write)
+    write.preferences["y"] = 2  # the write-behind folds later writes into its own
+    texts, _ = outbox.drain()
+    assert decode_events(texts[0])[0]["pr"] == {"x": 1}
+
+
+def test_a_write_too_large_to_announce_is_announced_as_read_it_again() -> None:
+    outbox = Outbox()
+    huge = "x" * (MAX_DOC_CHARS + 10)
+    outbox.add(FieldsWrite(collection=STATES, doc_id="u1", user_id="u1", fields={"big": huge}))
+    outbox.add(FieldsWrite(collection=STATES, doc_id="u2", user_id="u2", fields={"n": 1}))
+    texts, count = outbox.drain()
+    assert count == 2
+    assert all(len(text) <= MAX_DOC_CHARS for text in texts)
+    events = [event for text in texts for event in decode_events(text)]
+    assert events[0] == {"k": "i", "c": STATES, "id": "u1", "u": "u1"}
+    assert events[1]["f"] == {"n": 1}
+    # Datetimes travel as datetimes.
+    when = datetime(2025, 1, 10, 17, 0, tzinfo=UTC)
+    assert decode_events(encode_events([{"at": when}])) == [{"at": when}]
