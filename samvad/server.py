@@ -16,6 +16,7 @@ as above, and the supervisor exits 0 once all have.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import gc
 import logging
@@ -139,14 +140,18 @@ def _starlette_in(app: Any) -> Starlette | None:
 # -- several workers on one port -------------------------------------------------------
 
 
-def _worker_app(settings: Settings) -> Starlette:
-    """The app of one worker process (the config's factory, called in the worker)."""
+def _worker_app(settings: Settings, index: int) -> Starlette:
+    """The app of worker ``index`` (the config's factory, called in the worker).
+
+    Each worker keeps what it writes to disk in ``$SAMVAD_DATA_DIR/worker-<index>``:
+    a worker that replaces a dead one takes over its directory.
+    """
     from samvad.logs import configure_logging
     from samvad.web.app import create_app
 
     # A spawned worker starts with Python's logging unconfigured.
     configure_logging(settings)
-    return create_app(settings)
+    return create_app(settings.replace(data_dir=settings.data_dir / f"worker-{index}"))
 
 
 class _WorkerProcess(Process):
@@ -166,14 +171,20 @@ class _Workers(Multiprocess):
     or restart the pool (SIGTTIN, SIGTTOU, SIGHUP) are not supported.
     """
 
-    def _new(self) -> _WorkerProcess:
-        process = _WorkerProcess(self.config, self.sockets)
+    def __init__(self, config: uvicorn.Config, settings: Settings, sockets: list[Any]) -> None:
+        super().__init__(config, sockets)
+        self.settings = settings
+
+    def _new(self, index: int) -> _WorkerProcess:
+        config = copy.copy(self.config)
+        config.app = functools.partial(_worker_app, self.settings, index)
+        process = _WorkerProcess(config, self.sockets)
         process.start()
         return process
 
     def init_processes(self) -> None:
-        for _ in range(self.processes_num):
-            self.processes.append(self._new())
+        for index in range(self.processes_num):
+            self.processes.append(self._new(index))
 
     def keep_subprocess_alive(self) -> None:
         if self.should_exit.is_set():
@@ -192,7 +203,7 @@ class _Workers(Multiprocess):
             logger.warning(
                 "worker %s died (exit %s): starting another", process.pid, process.exitcode
             )
-            self.processes[index] = self._new()
+            self.processes[index] = self._new(index)
 
     def handle_hup(self) -> None:
         logger.warning("SIGHUP: restarting workers is not supported; ignored")
@@ -207,7 +218,7 @@ class _Workers(Multiprocess):
 def run_workers(settings: Settings) -> None:
     """Serve with ``settings.workers`` processes sharing one port, until a signal."""
     config = uvicorn_config(
-        functools.partial(_worker_app, settings),
+        functools.partial(_worker_app, settings, 0),  # each worker gets its own (_Workers._new)
         settings,
         factory=True,
         workers=settings.workers,
@@ -217,7 +228,7 @@ def run_workers(settings: Settings) -> None:
         "Samvad supervisor: %d workers on %s:%d", settings.workers, settings.host, settings.port
     )
     try:
-        _Workers(config, sockets=[socket]).run()
+        _Workers(config, settings, sockets=[socket]).run()
     finally:
         socket.close()
     logger.info("Samvad supervisor: every worker has stopped")
