@@ -283,11 +283,12 @@ class Outbox:
             return
         self._open[write.key] = _copy(write)
         if len(self) > self._max:
+            # The feed cannot be written (Firestore unreachable for long): what
+            # was not announced is replaced by "drop everything cached", which
+            # is always true and takes one event.
             self._close()
-            drop = len(self._done) - self._max
-            if drop > 0:
-                del self._done[:drop]
-                self.dropped += drop
+            self.dropped += len(self._done)
+            self._done = [{"k": "r"}]
 
     def add_event(self, event: dict[str, Any]) -> None:
         """Announce ``event`` (an erase being done) after what was added before."""
@@ -757,6 +758,8 @@ class Coherence:
                 persistence.remote_erase_done(EraseScope(event["scope"]), str(event["id"]))
             elif kind == "i":
                 persistence.invalidate_remote(str(event.get("c")), str(event.get("id")))
+            elif kind == "r":
+                persistence.drop_caches()
 
     def _tell(self, change: RemoteChange) -> None:
         for subscriber in self._subscribers:

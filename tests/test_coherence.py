@@ -510,3 +510,14 @@ def test_a_write_too_large_to_announce_is_announced_as_read_it_again() -> None:
     # Datetimes travel as datetimes.
     when = datetime(2025, 1, 10, 17, 0, tzinfo=UTC)
     assert decode_events(encode_events([{"at": when}])) == [{"at": when}]
+
+
+def test_an_outbox_that_overflows_announces_that_nothing_cached_holds() -> None:
+    outbox = Outbox(max_events=3)
+    for i in range(5):
+        outbox.add(FieldsWrite(collection=STATES, doc_id=f"u{i}", user_id=f"u{i}", fields={}))
+    texts, count = outbox.drain()
+    events = [event for text in texts for event in decode_events(text)]
+    assert events[0] == {"k": "r"}  # whatever else follows, the others drop their caches
+    assert count == len(events) <= 4
+    assert outbox.dropped >= 3
