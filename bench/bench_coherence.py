@@ -153,16 +153,19 @@ async def _cost(a: str, b: str, users: int, per_hour: float, duration: float) ->
         rate = users * per_hour / 3600.0
         began = time.monotonic()
         sent = 0
+        running: set[asyncio.Task[None]] = set()
         while (elapsed := time.monotonic() - began) < duration:
-            due = int(elapsed * rate)
-            batch = []
-            while sent < due:
+            # Writes go out on schedule; a slow answer does not hold the next ones back.
+            while sent < int(elapsed * rate):
                 user = ids[sent % users]
-                batch.append(call(http, "POST", f"{a}/api/session/{user}/state", json={"v": sent}))
+                url = f"{a}/api/session/{user}/state"
+                task = asyncio.create_task(call(http, "POST", url, json={"v": sent}))
+                running.add(task)
+                task.add_done_callback(running.discard)
                 sent += 1
-            await asyncio.gather(*batch)
             await asyncio.sleep(0.01)
-        await asyncio.sleep(2)  # the last feed documents arrive
+        await asyncio.gather(*running)
+        await asyncio.sleep(5)  # the last feed documents arrive
         span = time.monotonic() - began
         after_b = (await http.get(f"{b}/healthz")).json()["instance"]["feed"]
         after_a = (await http.get(f"{a}/healthz")).json()["instance"]["feed"]
