@@ -376,6 +376,9 @@ class ChangeFeed:
         self._sources: dict[str, _Source] = {}
         self._since: datetime | None = None
         self._seq = 0
+        # Feed documents built but not yet written: (id, seq, events).
+        self._unsent: list[tuple[str, int, str]] = []
+        self._unsent_events = 0
         self._on_lost: Callable[[], None] | None = None
         self._mine: deque[tuple[float, str]] = deque()
         self._wake = asyncio.Event()
@@ -438,34 +441,49 @@ class ChangeFeed:
     # -- publishing ------------------------------------------------------------------
 
     async def _publish_loop(self) -> None:
+        failures = 0
         while True:
             await self._wake.wait()
             self._wake.clear()
             try:
                 await self._publish()
-            except Exception:
-                logger.warning("coherence: publishing to the change feed failed", exc_info=True)
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                logger.warning(
+                    "coherence: publishing to the change feed failed (%s); retrying",
+                    type(exc).__name__,
+                )
+                self._wake.set()
+                await asyncio.sleep(min(5.0, self.config.interval * 2**failures))
             # One document per interval at most, whatever the load.
             await asyncio.sleep(self.config.interval)
 
     async def _publish(self) -> None:
-        texts, count = self.outbox.drain()
-        self.stats.events_dropped = self.outbox.dropped
-        if not texts or self._client is None:
+        client = self._client
+        if client is None:
             return
+        if not self._unsent:
+            texts, count = self.outbox.drain()
+            self.stats.events_dropped = self.outbox.dropped
+            if not texts:
+                return
+            # Ids and numbers are fixed before the first attempt: a retry after
+            # a failure (or a commit whose answer was lost) writes the same
+            # documents again, never a gap or a second copy.
+            for text in texts:
+                self._seq += 1
+                self._unsent.append((client.collection(CHANGES).document().id, self._seq, text))
+            self._unsent_events = count
         expire = datetime.now(UTC) + timedelta(seconds=self.config.retention * 2)
-        batch = self._client.batch()
-        refs = []
-        for text in texts:
-            ref = self._client.collection(CHANGES).document()
-            refs.append(ref)
-            self._seq += 1
+        batch = client.batch()
+        for doc_id, seq, text in self._unsent:
             batch.set(
-                ref,
+                client.collection(CHANGES).document(doc_id),
                 {
                     "instance": self.instance_id,
                     # Numbered per instance: a listener sees what it missed.
-                    "seq": self._seq,
+                    "seq": seq,
                     "at": firestore.SERVER_TIMESTAMP,
                     "expireAt": expire,
                     "events": text,
@@ -478,9 +496,12 @@ class ChangeFeed:
             self.stats.publish_failures += 1
             raise
         now = self.clock.monotonic()
-        self._mine.extend((now, ref.id) for ref in refs)
-        self.stats.docs_published += len(refs)
-        self.stats.events_published += count
+        self._mine.extend((now, doc_id) for doc_id, _, _ in self._unsent)
+        self.stats.docs_published += len(self._unsent)
+        self.stats.events_published += self._unsent_events
+        self._unsent = []
+        if len(self.outbox):
+            self._wake.set()  # gathered while this batch was retried
 
     async def _janitor_loop(self) -> None:
         while True:

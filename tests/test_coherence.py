@@ -39,6 +39,7 @@ from samvad.persistence import Persistence
 from samvad.stores.base import HistoryBounds
 from samvad.stores.firestore import FirestoreStore
 from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite
+from tests.support.faultproxy import FaultProxy
 from tests.support.firestore import close_client, make_emulator_client
 from tests.support.serve import ServeProcess, start_serve
 
@@ -521,3 +522,38 @@ def test_an_outbox_that_overflows_announces_that_nothing_cached_holds() -> None:
     assert events[0] == {"k": "r"}  # whatever else follows, the others drop their caches
     assert count == len(events) <= 4
     assert outbox.dropped >= 3
+
+
+async def test_an_announcement_made_while_firestore_is_unreachable_arrives_once_it_is_back(
+    firestore_emulator: str, firestore_project: str, fault_proxy: FaultProxy
+) -> None:
+    direct = Settings(emulator_host=firestore_emulator, project=firestore_project)
+    proxied = direct.replace(emulator_host=fault_proxy.host_port, firestore_deadline=1.0)
+    heard: list[dict[str, Any]] = []
+    listener = ChangeFeed(
+        lambda: client_from_settings(direct), lambda: sync_client_from_settings(direct)
+    )
+    # The publisher writes through the proxy; both listen directly.
+    publisher = ChangeFeed(
+        lambda: client_from_settings(proxied),
+        lambda: sync_client_from_settings(direct),
+        config=CoherenceConfig(deadline=1.0),
+    )
+    await listener.start(heard.extend)
+    await publisher.start(lambda events: None)
+    try:
+        fault_proxy.cut()
+        publisher.publish(
+            FieldsWrite(collection=STATES, doc_id="u1", user_id="u1", fields={"n": 1})
+        )
+        await until_true(lambda: publisher.stats.publish_failures >= 1)
+        publisher.publish(
+            FieldsWrite(collection=STATES, doc_id="u2", user_id="u2", fields={"n": 2})
+        )
+        fault_proxy.restore()
+        await until_true(lambda: len(heard) == 2, deadline=30)
+        assert [event["id"] for event in heard] == ["u1", "u2"]
+        assert listener.stats.lost == 0  # the numbering has no hole
+    finally:
+        await publisher.close()
+        await listener.close()
