@@ -44,7 +44,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "samvad.persistence",
     ),
     "service": ("samvad.service",),
-    "conversation": ("samvad.conversation",),
+    "conversation": ("samvad.conversation", "samvad.fanout"),
     "agents": ("samvad.adk", "samvad.responders"),
     "web": ("samvad.web",),
     "entry points": (

@@ -23,6 +23,7 @@ from samvad import __version__
 from samvad.clock import Clock, SystemClock
 from samvad.coherence import Coherence
 from samvad.config import AUTH_EMULATOR_VARIABLE, Settings, auth_emulator_host
+from samvad.fanout import RemoteFanOut
 from samvad.interruptions import InterruptionStack
 from samvad.models import Role
 from samvad.persistence import Persistence
@@ -178,6 +179,11 @@ def create_app(
             hub = realtime.Hub(service, settings=settings, metrics=metrics, verify_token=verify)
             service.bind_live(hub.engine)
             stack.push_async_callback(hub.close_all, code=1001, reason="server shutting down")
+            if coherence is not None:
+                # What other instances tell their devices, the devices here hear too.
+                fanout = RemoteFanOut(hub.engine, persistence)
+                coherence.subscribe(fanout)
+                stack.push_async_callback(fanout.close)
             svc = Services(
                 settings=settings,
                 clock=clock,
