@@ -412,8 +412,10 @@ class ChangeFeed:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # One short try: the write-behind's own flush, next, must keep its deadline.
         with contextlib.suppress(Exception):
-            await self._publish()
+            async with asyncio.timeout(min(1.0, self.config.deadline)):
+                await self._publish()
         watch, self._watch = self._watch, None
         if watch is not None:
             await asyncio.to_thread(watch.unsubscribe)
