@@ -223,7 +223,14 @@ NEW: dict[str, Callable[[], bytes]] = {
     ),
     "stats": lambda: s.encode(_stats("firestore", STATUS, 42, 58, 1234, 5678, 0, 5678)),
     "stats_memory": lambda: s.encode(_stats("memory", STATUS_DOWN, 0, 0, 0, 1, 0, 1)),
-    "health": lambda: s.encode(s.Health(version="0.1.0", persistence=s.persistence_view(STATUS))),
+    # Today's fields, then ``instance`` (added for several workers: additive).
+    "health": lambda: s.encode(
+        s.Health(
+            version="0.1.0",
+            persistence=s.persistence_view(STATUS),
+            instance=s.InstanceView(pid=1, feed=None),
+        )
+    ),
     "ready": lambda: s.encode(s.Ready(mode=Mode.MEMORY)),
     "not_ready": lambda: s.encode(s.NotReady()),
     "frame_started": lambda: _frame(
@@ -310,7 +317,7 @@ GOLDEN = {
     "session_deleted": b'{"success":true,"message":"Session cleared successfully","sessionId":"s1","cleared":{"session":true,"interruptions":3}}',  # noqa: E501
     "stats": b'{"success":true,"stats":{"activeUsers":42,"activeSessions":58,"totalProfiles":1234,"totalInterruptions":5678,"persistedInterruptions":0,"liveInterruptions":5678,"source":"firestore","mode":"firestore","backend":"firestore","pendingWrites":3,"pendingInFlight":1,"oldestPendingAgeSeconds":0.042,"replayLagSeconds":12.0,"writesIssued":10,"writeFailures":2,"modeSince":"2025-01-10T17:00:00.123Z","lastError":null}}',  # noqa: E501
     "stats_memory": b'{"success":true,"stats":{"activeUsers":0,"activeSessions":0,"totalProfiles":0,"totalInterruptions":1,"persistedInterruptions":0,"liveInterruptions":1,"source":"memory","mode":"memory","backend":"firestore","pendingWrites":0,"pendingInFlight":0,"oldestPendingAgeSeconds":0.0,"replayLagSeconds":0.0,"writesIssued":0,"writeFailures":5,"modeSince":"2025-01-10T17:00:00.123Z","lastError":"UNAVAILABLE: connection refused"}}',  # noqa: E501
-    "health": b'{"status":"ok","version":"0.1.0","persistence":{"mode":"firestore","backend":"firestore","pendingWrites":3,"pendingInFlight":1,"oldestPendingAgeSeconds":0.042,"replayLagSeconds":12.0,"writesIssued":10,"writeFailures":2,"modeSince":"2025-01-10T17:00:00.123Z","lastError":null}}',  # noqa: E501
+    "health": b'{"status":"ok","version":"0.1.0","persistence":{"mode":"firestore","backend":"firestore","pendingWrites":3,"pendingInFlight":1,"oldestPendingAgeSeconds":0.042,"replayLagSeconds":12.0,"writesIssued":10,"writeFailures":2,"modeSince":"2025-01-10T17:00:00.123Z","lastError":null},"instance":{"pid":1,"feed":null}}',  # noqa: E501
     "ready": b'{"ready":true,"mode":"memory"}',
     "not_ready": b'{"ready":false}',
     "frame_started": b'{"type":"started","protocol":1,"sessionId":"s1","userId":"u1","mode":"firestore","state":{"language":"en","ctx":{"topic":"loans","n":[1,2.5,null,true,-0.0,0.001]},"big":9223372036854775807,"neg":-9223372036854775808,"f":0.1,"x":1.5e+300,"empty":{},"list":[],"emoji\xf0\x9f\x99\x82":"\xc3\xa9","updatedAt":"2025-01-10T17:00:00.123Z","isActive":true},"history":[{"id":"m2","role":"user","content":"hi","timestamp":"2025-01-10T17:00:00.123Z"},{"id":"m1","role":"assistant","content":"\xe0\xa4\xa8\xe0\xa4\xae\xe0\xa4\xb8\xe0\xa5\x8d\xe0\xa4\xa4\xe0\xa5\x87 \\"quoted\\" \\\\ \\n\\t\\u0000 \xe2\x80\xa8 \xf0\x9f\x99\x82 </script>","timestamp":"2025-01-10T17:00:00.123Z","sessionId":"s1","interrupted":true,"seq":7}],"lastSeq":7,"resumed":true,"limits":{"maxFrameBytes":65536,"ratePerSecond":20.0,"rateBurst":40,"idleTimeoutSeconds":120.0,"resumeWindow":200}}',  # noqa: E501
