@@ -55,6 +55,12 @@ class Settings:
     credentials_file: str | None = None
     data_dir: Path = Path(".samvad")
 
+    # Write-ahead journal (``$SAMVAD_DATA_DIR/journal``; see docs/persistence.md)
+    journal: bool = True
+    journal_max_bytes: int = 256 * 1024 * 1024
+    #: Seconds between exports of the embedded emulator's data (0: only at a clean stop).
+    emulator_export_interval: float = 60.0
+
     # Cache
     cache_ttl: float = 1800.0
     cache_max_entries: int = 50_000
@@ -157,6 +163,13 @@ class Settings:
             emulator_host=env.optional("FIRESTORE_EMULATOR_HOST"),
             credentials_file=env.file("GOOGLE_APPLICATION_CREDENTIALS"),
             data_dir=Path(env.text("SAMVAD_DATA_DIR", str(d.data_dir))),
+            journal=env.flag("SAMVAD_JOURNAL", d.journal),
+            journal_max_bytes=env.integer(
+                "SAMVAD_JOURNAL_MAX_BYTES", d.journal_max_bytes, lo=1024 * 1024
+            ),
+            emulator_export_interval=env.number(
+                "SAMVAD_EMULATOR_EXPORT_INTERVAL_SECONDS", d.emulator_export_interval, lo=0.0
+            ),
             cache_ttl=env.number("SAMVAD_CACHE_TTL_SECONDS", d.cache_ttl, lo=1.0),
             cache_max_entries=env.integer("SAMVAD_CACHE_MAX_ENTRIES", d.cache_max_entries, lo=1),
             history_cap=env.integer("SAMVAD_HISTORY_CAP", d.history_cap, lo=1, hi=10_000),
@@ -282,6 +295,11 @@ class Settings:
             max_fields=self.max_object_fields,
             max_bytes=self.max_merged_object_bytes,
         )
+
+    @property
+    def journal_dir(self) -> Path:
+        """Where the write-ahead journal lives."""
+        return self.data_dir / "journal"
 
     @property
     def firestore_configured(self) -> bool:

@@ -1,0 +1,573 @@
+"""The write-ahead journal, on real files (and one real ``kill -9``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from samvad.clock import ManualClock
+from samvad.errors import BacklogFull, BadRequest
+from samvad.journal import (
+    BATCH_END,
+    CONFIRMED_FILE,
+    HEADER_SIZE,
+    Journal,
+    JournalConfig,
+    JournalCorrupt,
+    JournalUnavailable,
+    decode_write,
+    encode_write,
+    frame,
+)
+from samvad.models import Message, Role
+from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite, Write
+
+REPO = Path(__file__).resolve().parent.parent
+T0 = datetime(2025, 1, 10, 17, 0, 0, 123000, tzinfo=UTC)
+
+
+def state_write(user: str, n: int) -> FieldsWrite:
+    return FieldsWrite(
+        collection="user_states",
+        doc_id=user,
+        user_id=user,
+        fields={"n": n, "updatedAt": T0, "isActive": True},
+    )
+
+
+def message_write(user: str, n: int) -> ProfileWrite:
+    message = Message(id=f"m{n:05d}", role=Role.USER, content=f"message {n}", timestamp=T0, seq=n)
+    return ProfileWrite(user_id=user, append=[message])
+
+
+class FsyncProbe:
+    """``os.fsync`` that records which thread called it on what, and can hold or fail."""
+
+    def __init__(self) -> None:
+        self.files = 0
+        self.dirs = 0
+        self.threads: set[int] = set()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+        self.fail: OSError | None = None
+
+    def __call__(self, fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            self.dirs += 1
+            os.fsync(fd)
+            return
+        self.threads.add(threading.get_ident())
+        self.files += 1
+        self.entered.set()
+        self.release.wait(timeout=30)
+        if self.fail is not None:
+            raise self.fail
+        os.fsync(fd)
+
+    def hold(self) -> None:
+        self.entered.clear()
+        self.release.clear()
+
+
+OpenJournal = Callable[..., Journal]
+
+
+@pytest.fixture
+def journal_dir(tmp_path: Path) -> Path:
+    return tmp_path / "journal"
+
+
+@pytest.fixture
+async def opened(journal_dir: Path) -> AsyncIterator[OpenJournal]:
+    """Open journals on ``journal_dir`` (started), closed at the end of the test."""
+    journals: list[Journal] = []
+
+    def open_journal(**options: object) -> Journal:
+        config = options.pop("config", JournalConfig(checkpoint_interval=0))
+        journal = Journal.open(journal_dir, config=config, **options)  # type: ignore[arg-type]
+        journal.start()
+        journals.append(journal)
+        return journal
+
+    yield open_journal
+    for journal in journals:
+        await journal.close()
+
+
+def segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.wal"))
+
+
+async def append_all(journal: Journal, writes: list[Write]) -> list[int]:
+    futures = [journal.append(write) for write in writes]
+    return list(await asyncio.gather(*futures))
+
+
+# -- encoding --------------------------------------------------------------------
+
+
+def test_every_write_type_round_trips_with_timestamps_and_awkward_values() -> None:
+    tricky = {"$date": "2025-01-01", "nested": {"list": [1, 2.5, None, True, "ॐ"]}}
+    writes: list[Write] = [
+        FieldsWrite(
+            collection="sessions",
+            doc_id="s1",
+            user_id="u1",
+            fields={"metadata": tricky, "lastActivity": T0},
+            session_id="s1",
+            defaults={"createdAt": T0},
+            touch=True,
+        ),
+        ProfileWrite(
+            user_id="u1",
+            append=[
+                Message(
+                    id="m1",
+                    role=Role.ASSISTANT,
+                    content="partial",
+                    timestamp=T0,
+                    session_id="s1",
+                    interrupted=True,
+                    seq=7,
+                )
+            ],
+            preferences={"voice": "calm"},
+            cap=50,
+        ),
+        Erase(EraseScope.USER, "u1"),
+        Erase(EraseScope.SESSION, "s1"),
+    ]
+    for write in writes:
+        assert decode_write(encode_write(write)) == write
+
+
+def test_a_value_msgpack_cannot_hold_is_a_bad_request() -> None:
+    write = FieldsWrite(collection="user_states", doc_id="u", user_id="u", fields={"n": 2**70})
+    with pytest.raises(BadRequest):
+        encode_write(write)
+
+
+# -- appending and recovering ---------------------------------------------------
+
+
+async def test_appended_writes_come_back_in_order_after_a_restart(
+    opened: OpenJournal, journal_dir: Path
+) -> None:
+    journal = opened()
+    writes: list[Write] = []
+    for n in range(50):
+        writes.append(state_write("u1", n))
+        writes.append(message_write("u2", n))
+    writes.append(Erase(EraseScope.USER, "u1"))
+    seqs = await append_all(journal, writes)
+    assert seqs == list(range(1, len(writes) + 1))
+    await journal.close()
+
+    again = opened()
+    assert [r.seq for r in again.recovered] == seqs
+    assert [r.write for r in again.recovered] == writes
+    # Numbering goes on after the recovered records.
+    assert await again.append(state_write("u3", 0)) == len(writes) + 1
+
+
+async def test_the_write_is_serialised_when_appended_not_when_written(
+    opened: OpenJournal,
+) -> None:
+    journal = opened()
+    write = state_write("u1", 1)
+    future = journal.append(write)
+    write.fields["n"] = 999  # the write-behind coalesces into the same object later
+    await future
+    await journal.close()
+    assert opened().recovered[0].write == state_write("u1", 1)
+
+
+async def test_writers_wait_for_the_fsync_which_runs_off_the_event_loop(
+    opened: OpenJournal,
+) -> None:
+    probe = FsyncProbe()
+    journal = opened(fsync=probe)
+    probe.hold()
+    future = journal.append(state_write("u1", 1))
+    assert await asyncio.to_thread(probe.entered.wait, 30)
+    await asyncio.sleep(0)  # let any premature resolution reach the loop
+    assert not future.done(), "acknowledged before the fsync returned"
+    probe.release.set()
+    assert await future == 1
+    assert threading.get_ident() not in probe.threads
+    assert probe.threads == {journal.writer_thread_id}
+
+
+async def test_writes_queued_during_an_fsync_share_the_next_one(opened: OpenJournal) -> None:
+    probe = FsyncProbe()
+    journal = opened(fsync=probe)
+    probe.hold()
+    first = journal.append(state_write("u0", 0))
+    assert await asyncio.to_thread(probe.entered.wait, 30)
+    rest = [journal.append(message_write("u1", n)) for n in range(200)]
+    probe.release.set()
+    await asyncio.gather(first, *rest)
+
+    stats = journal.stats()
+    assert probe.files == 2, "one fsync for the first record, one for the 200 behind it"
+    assert stats.batches == 2
+    assert stats.records_appended == 201
+    assert stats.bytes_appended == sum(p.stat().st_size for p in segments(journal.directory))
+
+
+async def test_a_batch_is_bounded_in_records(opened: OpenJournal) -> None:
+    probe = FsyncProbe()
+    journal = opened(fsync=probe, config=JournalConfig(max_batch_records=10))
+    probe.hold()
+    first = journal.append(state_write("u0", 0))
+    assert await asyncio.to_thread(probe.entered.wait, 30)
+    rest = [journal.append(state_write("u1", n)) for n in range(25)]
+    probe.release.set()
+    await asyncio.gather(first, *rest)
+    assert probe.files == 1 + 3
+
+
+async def test_a_caller_that_gives_up_waiting_does_not_unjournal_its_write(
+    opened: OpenJournal,
+) -> None:
+    probe = FsyncProbe()
+    journal = opened(fsync=probe)
+    probe.hold()
+    future = journal.append(state_write("u1", 1))
+    future.cancel()
+    probe.release.set()
+    await journal.close()
+    assert [r.seq for r in opened().recovered] == [1]
+
+
+# -- torn and corrupt files -----------------------------------------------------------
+
+
+async def write_batches(opened: OpenJournal, batches: int, per_batch: int) -> Path:
+    """Append ``batches`` batches of ``per_batch`` records; return the segment file."""
+    probe = FsyncProbe()
+    journal = opened(fsync=probe)
+    n = 0
+    for _ in range(batches):
+        probe.hold()
+        futures = [journal.append(state_write("u1", n + i)) for i in range(per_batch)]
+        n += per_batch
+        probe.release.set()
+        await asyncio.gather(*futures)
+    await journal.close()
+    assert journal.stats().batches == batches
+    [segment] = segments(journal.directory)
+    return segment
+
+
+def record_offsets(segment: Path) -> list[int]:
+    data = segment.read_bytes()
+    offsets, pos = [], 0
+    while pos < len(data):
+        offsets.append(pos)
+        length = int.from_bytes(data[pos + 8 : pos + 12], "little")
+        pos += HEADER_SIZE + length
+    return offsets
+
+
+@pytest.mark.parametrize("cut", [1, HEADER_SIZE - 1, HEADER_SIZE + 3])
+async def test_a_torn_last_record_is_truncated_and_its_batch_dropped(
+    opened: OpenJournal, cut: int
+) -> None:
+    segment = await write_batches(opened, batches=3, per_batch=1)
+    offsets = record_offsets(segment)
+    with segment.open("r+b") as handle:
+        handle.truncate(offsets[2] + cut)
+
+    journal = opened()
+
+    assert [r.seq for r in journal.recovered] == [1, 2]
+    assert segment.stat().st_size == offsets[2], "the torn tail is cut off"
+    assert await journal.append(state_write("u1", 9)) == 3
+
+
+async def test_an_incomplete_last_batch_is_dropped_whole(opened: OpenJournal) -> None:
+    segment = await write_batches(opened, batches=2, per_batch=3)
+    size = segment.stat().st_size
+    # Two records of a third batch reached the disk, its batch end did not.
+    payload = encode_write(state_write("u1", 99))
+    with segment.open("ab") as handle:
+        handle.write(frame(7, payload) + frame(8, payload))
+
+    journal = opened()
+
+    assert [r.seq for r in journal.recovered] == [1, 2, 3, 4, 5, 6]
+    assert segment.stat().st_size == size
+
+
+async def test_garbage_after_the_last_batch_is_dropped(opened: OpenJournal) -> None:
+    segment = await write_batches(opened, batches=2, per_batch=2)
+    size = segment.stat().st_size
+    with segment.open("ab") as handle:
+        handle.write(b"\x00" * 4096)
+
+    assert [r.seq for r in opened().recovered] == [1, 2, 3, 4]
+    assert segment.stat().st_size == size
+
+
+async def test_a_bad_checksum_in_the_last_batch_is_a_torn_tail(opened: OpenJournal) -> None:
+    segment = await write_batches(opened, batches=2, per_batch=2)
+    offsets = record_offsets(segment)
+    flip_byte(segment, offsets[3] + HEADER_SIZE + 1)
+
+    assert [r.seq for r in opened().recovered] == [1, 2]
+    assert segment.stat().st_size == offsets[2]
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with path.open("r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+async def test_a_corrupt_record_before_a_complete_batch_names_file_and_offset(
+    opened: OpenJournal, journal_dir: Path
+) -> None:
+    segment = await write_batches(opened, batches=3, per_batch=2)
+    offsets = record_offsets(segment)
+    flip_byte(segment, offsets[2] + HEADER_SIZE + 2)
+    size = segment.stat().st_size
+
+    with pytest.raises(JournalCorrupt) as caught:
+        Journal.open(journal_dir)
+
+    assert caught.value.path == segment
+    assert caught.value.offset == offsets[2]
+    assert str(segment) in str(caught.value)
+    assert f"offset {offsets[2]}" in str(caught.value)
+    assert segment.stat().st_size == size, "a damaged journal is never truncated"
+
+
+async def test_a_corrupt_length_is_reported_not_taken_for_a_torn_tail(
+    opened: OpenJournal, journal_dir: Path
+) -> None:
+    segment = await write_batches(opened, batches=3, per_batch=1)
+    offsets = record_offsets(segment)
+    # A length that points past the end of the file, in the first record.
+    with segment.open("r+b") as handle:
+        handle.seek(offsets[0] + 8)
+        handle.write((10_000_000).to_bytes(4, "little"))
+
+    with pytest.raises(JournalCorrupt) as caught:
+        Journal.open(journal_dir)
+    assert caught.value.offset == 0
+
+
+async def test_damage_in_an_older_segment_is_reported(
+    opened: OpenJournal, journal_dir: Path
+) -> None:
+    journal = opened(config=JournalConfig(segment_bytes=HEADER_SIZE + 1, checkpoint_interval=0))
+    for n in range(3):
+        await journal.append(state_write("u1", n))
+    await journal.close()
+    first = segments(journal_dir)[0]
+    flip_byte(first, HEADER_SIZE + 1)
+
+    with pytest.raises(JournalCorrupt) as caught:
+        Journal.open(journal_dir)
+    assert caught.value.path == first
+
+
+def test_an_empty_directory_is_a_fresh_journal(journal_dir: Path) -> None:
+    journal = Journal.open(journal_dir)
+    assert journal.recovered == ()
+    assert journal_dir.is_dir()
+
+
+# -- confirmations, segments and the bound ---------------------------------------------
+
+
+async def test_only_a_confirmed_prefix_is_forgotten(opened: OpenJournal, journal_dir: Path) -> None:
+    journal = opened()
+    await append_all(journal, [state_write("u1", n) for n in range(6)])
+
+    journal.confirm([1, 2, 4, 6])
+    assert journal.confirmed_through == 2
+    journal.confirm([3])
+    assert journal.confirmed_through == 4
+    await journal.checkpoint()
+    assert (journal_dir / CONFIRMED_FILE).read_text().strip() == "4"
+    await journal.close()
+
+    assert [r.seq for r in opened().recovered] == [5, 6]
+
+
+async def test_confirmed_segments_are_deleted_and_their_space_freed(
+    opened: OpenJournal, journal_dir: Path
+) -> None:
+    record = HEADER_SIZE + len(encode_write(state_write("u1", 0)))
+    journal = opened(config=JournalConfig(segment_bytes=2 * record, checkpoint_interval=0))
+    seqs = await append_all(journal, [state_write("u1", 0)])
+    for n in range(1, 8):
+        seqs += await append_all(journal, [state_write("u1", n)])
+    assert len(segments(journal_dir)) == 4
+    assert journal.stats().live_bytes == 8 * record
+
+    journal.confirm(seqs[:5])
+    await journal.checkpoint()
+    assert len(segments(journal_dir)) == 2, "the two segments of records 1-4 are gone"
+    assert journal.stats().live_bytes == 4 * record
+
+    journal.confirm(seqs[5:])
+    await journal.checkpoint()
+    assert segments(journal_dir) == []
+    assert journal.stats().live_bytes == 0
+    await journal.close()
+    assert opened().recovered == ()
+
+
+async def test_at_the_bound_writes_are_refused_before_they_are_acknowledged(
+    opened: OpenJournal,
+) -> None:
+    record = HEADER_SIZE + len(encode_write(state_write("u1", 0)))
+    erase = HEADER_SIZE + len(encode_write(Erase(EraseScope.USER, "u1")))
+    journal = opened(
+        config=JournalConfig(
+            max_bytes=3 * record, erase_reserve=erase, segment_bytes=record, checkpoint_interval=0
+        )
+    )
+    seqs = await append_all(journal, [state_write("u1", n) for n in range(3)])
+
+    with pytest.raises(BacklogFull):
+        journal.append(state_write("u1", 3))
+    # An erasure still gets in (it is what lets data go), once.
+    await journal.append(Erase(EraseScope.USER, "u1"))
+    with pytest.raises(BacklogFull):
+        journal.append(Erase(EraseScope.USER, "u2"))
+    assert journal.stats().records_appended == 4, "nothing refused was written"
+
+    journal.confirm([*seqs, 4])
+    await journal.checkpoint()
+    assert await journal.append(state_write("u1", 4)) == 5
+
+
+async def test_a_failed_fsync_fails_the_batch_and_every_later_write(
+    opened: OpenJournal, journal_dir: Path
+) -> None:
+    probe = FsyncProbe()
+    journal = opened(fsync=probe)
+    assert await journal.append(state_write("u1", 1)) == 1
+    probe.fail = OSError(5, "Input/output error")
+
+    with pytest.raises(JournalUnavailable):
+        await journal.append(state_write("u1", 2))
+    with pytest.raises(JournalUnavailable):
+        journal.append(state_write("u1", 3))
+    assert JournalUnavailable.status_code == 503
+
+
+async def test_the_checkpoint_waits_for_its_interval_on_the_injected_clock(
+    opened: OpenJournal, journal_dir: Path
+) -> None:
+    clock = ManualClock()
+    journal = opened(clock=clock, config=JournalConfig(checkpoint_interval=10))
+    await journal.append(state_write("u1", 0))
+    journal.confirm([1])
+    # Two more round trips through the writer thread: had it checkpointed
+    # after the first, the file would exist by the time the second returns.
+    await journal.append(state_write("u1", 1))
+    await journal.append(state_write("u1", 2))
+    assert not (journal_dir / CONFIRMED_FILE).exists()
+
+    clock.advance(10)
+    await journal.append(state_write("u1", 3))
+    await journal.append(state_write("u1", 4))
+    assert (journal_dir / CONFIRMED_FILE).read_text().strip() == "1"
+
+
+async def test_a_stale_checkpoint_replays_confirmed_records_again_in_order(
+    opened: OpenJournal, journal_dir: Path
+) -> None:
+    journal = opened()
+    await append_all(journal, [state_write("u1", n) for n in range(4)])
+    journal.confirm([1, 2])
+    await journal.checkpoint()
+    await journal.close()
+    (journal_dir / CONFIRMED_FILE).write_text("not a number\n")
+
+    assert [r.seq for r in opened().recovered] == [1, 2, 3, 4]
+
+
+# -- a real crash ------------------------------------------------------------------
+
+_CRASHER = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from tests.test_journal import message_write
+from samvad.journal import Journal
+
+async def main() -> None:
+    journal = Journal.open(Path(sys.argv[1]))
+    journal.start()
+    pending = set()
+    acked = 0
+    for n in range(int(sys.argv[2])):
+        pending.add(journal.append(message_write("u1", n)))
+        if len(pending) >= 50:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            acked += len(done)
+    if pending:
+        done, _ = await asyncio.wait(pending)
+        acked += len(done)
+    print(acked, flush=True)
+    # More writes on their way to the disk when the process dies.
+    for n in range(int(sys.argv[2]), int(sys.argv[2]) + 500):
+        journal.append(message_write("u1", n))
+    await asyncio.sleep(0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+def test_every_acknowledged_write_survives_kill_9(journal_dir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _CRASHER, str(journal_dir), "2000"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == -9, result.stderr
+    assert result.stdout.strip() == "2000"
+
+    recovered = [r.write for r in Journal.open(journal_dir).recovered]
+
+    assert recovered[:2000] == [message_write("u1", n) for n in range(2000)]
+    # Of the unacknowledged writes, whatever made it is a prefix, in order.
+    assert recovered[2000:] == [message_write("u1", n) for n in range(2000, len(recovered))]
+
+
+def test_batch_end_flag_marks_the_last_record_of_a_batch() -> None:
+    # The on-disk format other tests rely on.
+    record = frame(1, b"x", BATCH_END)
+    assert record[:4] == b"\xd5SJ1"
+    assert record[HEADER_SIZE - 1] == BATCH_END
+
+
+def test_the_journal_is_on_by_default_in_the_data_dir_and_can_be_turned_off() -> None:
+    from samvad.config import Settings
+
+    default = Settings.from_env({})
+    assert default.journal is True
+    assert default.journal_dir == Path(".samvad", "journal")
+    custom = Settings.from_env({"SAMVAD_DATA_DIR": "var/samvad", "SAMVAD_JOURNAL": "off"})
+    assert custom.journal is False
+    assert custom.journal_dir == Path("var/samvad", "journal")
