@@ -72,14 +72,19 @@ def _embedded_emulator(settings: Settings, stack: ExitStack) -> Settings:
     except (EmulatorStartError, ValueError):
         logger.exception("The local Firestore emulator did not start: running memory-only")
         return settings.replace(store="memory")
-    # stop() exports the project's data into data_dir; the next start imports it.
+    # stop() exports the project's data into data_dir; the next start imports
+    # it. Should this process die without stopping it, the emulator's watchdog
+    # exports and stops it instead.
     stack.callback(emulator.stop)
+    if settings.emulator_export_interval > 0:
+        emulator.export_periodically(settings.emulator_export_interval)
     logger.info(
         "No Firestore configured: started the local Firestore emulator at %s "
-        "(project %s, data kept in %s)",
+        "(project %s, data kept in %s, process group %d)",
         emulator.host_port,
         project,
         data_dir,
+        emulator.pgid,
     )
     return settings.replace(store="firestore", emulator_host=emulator.host_port, project=project)
 

@@ -17,6 +17,15 @@ Facts about emulator 1.19.9 that shape this module:
   and seeds *every* project the emulator serves with that data.
 - ``--rules`` and ``--import-data`` are passed through a bash script that
   re-splits its arguments, so their paths must not contain whitespace.
+- The emulator answers its HTTP root before it serves documents; readiness
+  is a document read that gets a Firestore answer (``NOT_FOUND`` counts).
+
+The emulator never outlives the process that started it: a *watchdog*
+process holds the read end of a pipe whose only write end this process keeps.
+However this process ends, ``kill -9`` included, the kernel closes that end;
+the watchdog then exports the data (with ``data_dir``) and kills the whole
+process group. A parent-death signal (``PR_SET_PDEATHSIG``) would reach only
+the ``gcloud`` launcher, not the JVM it starts.
 """
 
 from __future__ import annotations
@@ -32,10 +41,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Self
@@ -50,6 +60,9 @@ _READY_LINE = "Dev App Server is now running"
 _BIND_ERRORS = ("BindException", "Address already in use")
 _EXPORT_PREFIX = "samvad-export-"
 _METADATA_SUFFIX = ".overall_export_metadata"
+# Written after an export completed: a kill during an export leaves none.
+_COMPLETE_MARKER = "samvad-export-complete"
+_WATCHDOG_EXPORT_TIMEOUT = 30.0
 _HTTP_TIMEOUT = 5.0
 _POLL_INTERVAL = 0.05
 _TAIL_BYTES = 4000
@@ -155,7 +168,94 @@ def _check_path_arg(name: str, path: Path) -> None:
 def _latest_export(data_dir: Path) -> Path | None:
     """The metadata file of the newest complete export in ``data_dir``."""
     exports = sorted(data_dir.glob(f"{_EXPORT_PREFIX}*/*{_METADATA_SUFFIX}"))
-    return exports[-1] if exports else None
+    complete = [m for m in exports if (m.parent / _COMPLETE_MARKER).is_file()]
+    # A data directory from before the marker existed has unmarked exports only.
+    chosen = complete or exports
+    return chosen[-1] if chosen else None
+
+
+def export_data(host_port: str, project: str, data_dir: Path, *, timeout: float = 60.0) -> Path:
+    """Export ``project`` from the emulator at ``host_port`` into ``data_dir``.
+
+    Returns the new export's metadata file (what ``--import-data`` takes);
+    older exports are removed once the new one is complete.
+    """
+    name = f"{_EXPORT_PREFIX}{time.time_ns()}"
+    body = {
+        "database": f"projects/{project}/databases/(default)",
+        "export_directory": str(data_dir),
+        "export_name": name,
+    }
+    _http(host_port, "POST", f"/emulator/v1/projects/{project}:export", body, timeout=timeout)
+    metadata = data_dir / name / f"{name}{_METADATA_SUFFIX}"
+    if not metadata.is_file():
+        raise RuntimeError(f"the emulator reported an export but {metadata} is missing")
+    (metadata.parent / _COMPLETE_MARKER).touch()
+    for old in data_dir.glob(f"{_EXPORT_PREFIX}*"):
+        if old.name != name and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return metadata
+
+
+def _start_watchdog(
+    pgid: int, host_port: str, project: str, data_dir: Path | None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the watchdog of the group ``pgid``; returns it and the pipe end to keep open."""
+    read_end, write_end = os.pipe()  # neither end is inherited by other children
+    try:
+        watchdog = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from samvad.emulator import _watchdog; sys.exit(_watchdog())",
+                str(pgid),
+                host_port,
+                project,
+                str(data_dir) if data_dir is not None else "",
+            ],
+            stdin=read_end,
+            env=_importable_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl-C is for the server, which
+            # stops the emulator itself.
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    return watchdog, write_end
+
+
+def _importable_env() -> dict[str, str]:
+    """The environment, with this package importable however it was found."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _watchdog() -> int:
+    """Body of the watchdog process (see the module docstring); argv: pgid host_port project dir."""
+    pgid, host_port, project, data_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            if not os.read(0, 4096):
+                break  # every write end is closed: the owner is gone
+        except InterruptedError:
+            continue
+    if not _group_alive(pgid):
+        return 0  # stopped by its owner
+    if data_dir:
+        # The owner died without stopping the emulator: keep what it holds.
+        with contextlib.suppress(Exception):
+            export_data(host_port, project, Path(data_dir), timeout=_WATCHDOG_EXPORT_TIMEOUT)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    return 0
 
 
 class FirestoreEmulator:
@@ -175,6 +275,8 @@ class FirestoreEmulator:
         owns_log: bool,
         data_dir: Path | None,
         project: str,
+        watchdog: subprocess.Popen[bytes] | None = None,
+        watchdog_pipe: int | None = None,
     ) -> None:
         # Private: use FirestoreEmulator.start(), which does the I/O.
         self._process = process
@@ -187,6 +289,11 @@ class FirestoreEmulator:
         self._data_dir = data_dir
         self._project = project
         self._stopped = False
+        self._watchdog = watchdog
+        self._watchdog_pipe = watchdog_pipe
+        self._export_lock = threading.Lock()
+        self._exporter: threading.Thread | None = None
+        self._exporter_stop = threading.Event()
 
     @classmethod
     def start(
@@ -300,6 +407,15 @@ class FirestoreEmulator:
                 start_new_session=True,
             )
         logger.debug("started emulator group %d on %s:%d", process.pid, host, port)
+        try:
+            watchdog, pipe = _start_watchdog(
+                process.pid, _join_host_port(host, port), project, data_dir
+            )
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
         return cls(
             process=process,
             host=host,
@@ -309,6 +425,8 @@ class FirestoreEmulator:
             owns_log=owns_log,
             data_dir=data_dir,
             project=project,
+            watchdog=watchdog,
+            watchdog_pipe=pipe,
         )
 
     @property
@@ -352,21 +470,39 @@ class FirestoreEmulator:
         """
         if self._data_dir is None:
             raise RuntimeError('Cannot export: the emulator was started without "data_dir".')
-        project = project or self._project
-        name = f"{_EXPORT_PREFIX}{time.time_ns()}"
-        body = {
-            "database": f"projects/{project}/databases/(default)",
-            "export_directory": str(self._data_dir),
-            "export_name": name,
-        }
-        _http(self.host_port, "POST", f"/emulator/v1/projects/{project}:export", body)
-        metadata = self._data_dir / name / f"{name}{_METADATA_SUFFIX}"
-        if not metadata.is_file():
-            raise RuntimeError(f"the emulator reported an export but {metadata} is missing")
-        for old in self._data_dir.glob(f"{_EXPORT_PREFIX}*"):
-            if old.name != name and old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-        return metadata
+        with self._export_lock:
+            return export_data(self.host_port, project or self._project, self._data_dir)
+
+    def export_periodically(
+        self, interval: float, on_exported: Callable[[float], None] | None = None
+    ) -> None:
+        """Export every ``interval`` seconds on a background thread until :meth:`stop`.
+
+        ``on_exported(started)`` is called after each successful export with
+        the ``time.monotonic()`` at which it began: every write the emulator
+        acknowledged before that moment is in the export.
+        """
+        if self._data_dir is None:
+            raise RuntimeError('Cannot export: the emulator was started without "data_dir".')
+        if self._exporter is not None:
+            raise RuntimeError("The emulator already exports periodically.")
+
+        def run() -> None:
+            while not self._exporter_stop.wait(interval):
+                started = time.monotonic()
+                try:
+                    self.export()
+                except Exception:
+                    logger.warning("periodic export of the emulator's data failed", exc_info=True)
+                    continue
+                if on_exported is not None:
+                    try:
+                        on_exported(started)
+                    except Exception:
+                        logger.exception("the export listener failed")
+
+        self._exporter = threading.Thread(target=run, name="samvad-emulator-export", daemon=True)
+        self._exporter.start()
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the process group, exporting to ``data_dir`` first if one was given.
@@ -378,6 +514,9 @@ class FirestoreEmulator:
             return
         self._stopped = True
         deadline = time.monotonic() + timeout
+        self._exporter_stop.set()
+        if self._exporter is not None:
+            self._exporter.join(timeout)
         try:
             if self.is_running():
                 if self._data_dir is not None:
@@ -420,6 +559,25 @@ class FirestoreEmulator:
         # The bash script and the JVM are reparented to init once the
         # launcher is gone; wait until init has reaped them.
         self._wait_gone(time.monotonic() + 5.0)
+        self._release_watchdog()
+
+    def _release_watchdog(self) -> None:
+        """Let the watchdog go once the group is gone (it then finds nothing to do)."""
+        if self._watchdog_pipe is not None:
+            os.close(self._watchdog_pipe)
+            self._watchdog_pipe = None
+        if self._watchdog is not None:
+            try:
+                self._watchdog.wait(5.0)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
+                self._watchdog.wait()
+            self._watchdog = None
+
+    @property
+    def watchdog_pid(self) -> int | None:
+        """The watchdog process's id while it runs."""
+        return self._watchdog.pid if self._watchdog is not None else None
 
     def _wait_gone(self, deadline: float) -> bool:
         while True:
@@ -440,7 +598,7 @@ class FirestoreEmulator:
                 )
             # The log line proves that *our* JVM bound the port; the HTTP check
             # that it serves. Either alone could be fooled by another server.
-            if _READY_LINE in self._log_tail(None) and self._http_ok():
+            if _READY_LINE in self._log_tail(None) and self._http_ok() and self._store_answers():
                 return
             if time.monotonic() >= deadline:
                 raise EmulatorStartError(
@@ -455,6 +613,17 @@ class FirestoreEmulator:
                 return bool(response.read().strip() == b"Ok")
         except (OSError, ValueError):
             return False
+
+    def _store_answers(self) -> bool:
+        """Whether a document read gets a Firestore answer (found or ``NOT_FOUND``)."""
+        path = f"/v1/projects/{self._project}/databases/(default)/documents/_samvad/ready"
+        try:
+            _http(self.host_port, "GET", path, timeout=2.0)
+        except RuntimeError as exc:
+            return "NOT_FOUND" in str(exc)
+        except (OSError, ValueError):
+            return False
+        return True
 
     def _log_tail(self, limit: int | None = _TAIL_BYTES) -> str:
         """This run's output: its last ``limit`` bytes, or all of it with ``None``."""

@@ -4,6 +4,7 @@ across restarts, and a graceful SIGTERM that exits 0."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -197,3 +198,68 @@ def test_serve_on_the_firestore_emulator_with_the_switch_starts_and_warns(
         GOOGLE_CLOUD_PROJECT=firestore_project,
     )
     assert NOT_VERIFIED in log
+
+
+def _wait_group_gone(pgid: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, f"the emulator's process group {pgid} outlived serve"
+        time.sleep(0.05)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass  # gone meanwhile
+    return found
+
+
+@pytest.mark.firestore
+def test_kill_9_of_serve_leaves_no_emulator_and_the_next_start_has_the_data(
+    tmp_path: Path,
+) -> None:
+    if find_gcloud() is None:
+        emulator_missing("the Firestore emulator is not installed")
+    data_dir = tmp_path / "data"
+    first = start_serve(tmp_path, "first", SAMVAD_DATA_DIR=str(data_dir))
+    try:
+        pgid = int(re.findall(r"process group (\d+)", first.output())[0])
+        assert httpx.post(first.url + "/api/session/u1/state", json={"mood": "calm"}).is_success
+        for n in range(20):
+            sent = httpx.post(
+                first.url + "/api/session/u1/history", json={"role": "user", "content": f"m{n}"}
+            )
+            assert sent.is_success
+        # Until the write-ahead journal is wired in, only what reached the
+        # emulator is safe from kill -9: wait for the write-behind to drain.
+        deadline = time.monotonic() + 30
+        while httpx.get(first.url + "/healthz").json()["persistence"]["pendingWrites"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    _wait_group_gone(pgid)
+    assert _processes_mentioning(str(data_dir.resolve())) == []
+
+    second = start_serve(tmp_path, "second", SAMVAD_DATA_DIR=str(data_dir))
+    try:
+        # Ready means the store answers: the very first reads see the data.
+        health = httpx.get(second.url + "/healthz").json()
+        assert health["persistence"]["mode"] == "firestore"
+        state = httpx.get(second.url + "/api/session/u1/state").json()
+        assert state["state"]["mood"] == "calm"
+        profile = httpx.get(second.url + "/api/session/u1/profile").json()
+        history = profile["profile"]["conversationHistory"]
+        assert [m["content"] for m in history] == [f"m{n}" for n in range(20)]
+    finally:
+        assert second.stop() == 0

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +22,8 @@ from samvad import emulator as emulator_module
 from samvad.emulator import (
     EmulatorStartError,
     FirestoreEmulator,
+    _http,
+    _latest_export,
     find_gcloud,
     free_port,
     wipe_project,
@@ -30,6 +37,7 @@ pytestmark = pytest.mark.firestore
 # emulator; only calls that are expected to fail get the short deadline.
 FIRST_CALL_TIMEOUT = 15.0
 RECOVERY_DEADLINE = 20.0
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -233,6 +241,103 @@ def test_stop_leaves_no_process_of_the_group_alive() -> None:
     assert not emulator.is_running()
     with pytest.raises(ProcessLookupError):
         os.killpg(pgid, 0)
+    assert emulator.watchdog_pid is None, "the watchdog was let go and reaped"
+
+
+def rest_doc(project: str, path: str) -> str:
+    return f"/v1/projects/{project}/databases/(default)/documents/{path}"
+
+
+def wait_gone(pgid: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, f"process group {pgid} still alive"
+        time.sleep(0.05)
+
+
+_OWNER = """
+import json, sys, threading
+from pathlib import Path
+from samvad.emulator import FirestoreEmulator, _http
+emulator = FirestoreEmulator.start(data_dir=Path(sys.argv[1]), project="p1")
+_http(emulator.host_port, "PATCH", "/v1/projects/p1/databases/(default)/documents/items/a",
+      {"fields": {"n": {"integerValue": "7"}}})
+print(json.dumps({"pgid": emulator.pgid, "watchdog": emulator.watchdog_pid}), flush=True)
+threading.Event().wait()
+"""
+
+
+@pytest.mark.usefixtures("own_emulator_allowed")
+def test_kill_9_of_the_owner_kills_the_whole_group_after_exporting(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER, str(data_dir)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+    )
+    assert owner.stdout is not None
+    with owner.stdout:
+        try:
+            started = json.loads(owner.stdout.readline())
+            os.killpg(started["pgid"], 0)  # the emulator runs
+        finally:
+            owner.send_signal(signal.SIGKILL)
+            owner.wait()
+
+    # The launcher, its script and the JVM: every process of the group dies.
+    wait_gone(started["pgid"])
+    wait_gone(started["watchdog"])
+
+    # What the emulator held when its owner died was exported first.
+    with FirestoreEmulator.start(data_dir=data_dir, project="p1") as again:
+        doc = json.loads(_http(again.host_port, "GET", rest_doc("p1", "items/a")))
+    assert doc["fields"] == {"n": {"integerValue": "7"}}
+
+
+@pytest.mark.usefixtures("own_emulator_allowed")
+def test_periodic_exports_report_when_each_began(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    exported: list[float] = []
+    done = threading.Event()
+
+    def on_exported(started: float) -> None:
+        exported.append(started)
+        done.set()
+
+    with FirestoreEmulator.start(data_dir=data_dir, project="p1") as emulator:
+        _http(
+            emulator.host_port,
+            "PATCH",
+            rest_doc("p1", "items/b"),
+            {"fields": {"n": {"integerValue": "1"}}},
+        )
+        written = time.monotonic()
+        emulator.export_periodically(0.01, on_exported)
+        assert done.wait(60)
+        with pytest.raises(RuntimeError, match="already"):
+            emulator.export_periodically(0.01)
+
+    assert exported[0] > written
+    latest = _latest_export(data_dir)
+    assert latest is not None
+    assert (latest.parent / "samvad-export-complete").is_file()
+
+
+def test_an_export_cut_short_is_never_imported(tmp_path: Path) -> None:
+    for name, complete in (("samvad-export-1", True), ("samvad-export-2", False)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / f"{name}.overall_export_metadata").touch()
+        if complete:
+            (folder / "samvad-export-complete").touch()
+
+    latest = _latest_export(tmp_path)
+
+    assert latest == tmp_path / "samvad-export-1" / "samvad-export-1.overall_export_metadata"
 
 
 @pytest.mark.usefixtures("own_emulator_allowed")
