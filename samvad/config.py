@@ -55,8 +55,10 @@ class Settings:
     credentials_file: str | None = None
     data_dir: Path = Path(".samvad")
 
-    # Write-ahead journal (``$SAMVAD_DATA_DIR/journal``; see docs/persistence.md)
-    journal: bool = True
+    # Write-ahead journal (``$SAMVAD_DATA_DIR/journal``; see docs/persistence.md).
+    # On by default for a process (``from_env``); settings built in code (tests,
+    # embedding) ask for it, so that they never share a journal by accident.
+    journal: bool = False
     journal_max_bytes: int = 256 * 1024 * 1024
     #: Seconds between exports of the embedded emulator's data (0: only at a clean stop).
     emulator_export_interval: float = 60.0
@@ -163,7 +165,7 @@ class Settings:
             emulator_host=env.optional("FIRESTORE_EMULATOR_HOST"),
             credentials_file=env.file("GOOGLE_APPLICATION_CREDENTIALS"),
             data_dir=Path(env.text("SAMVAD_DATA_DIR", str(d.data_dir))),
-            journal=env.flag("SAMVAD_JOURNAL", d.journal),
+            journal=env.flag("SAMVAD_JOURNAL", True),
             journal_max_bytes=env.integer(
                 "SAMVAD_JOURNAL_MAX_BYTES", d.journal_max_bytes, lo=1024 * 1024
             ),

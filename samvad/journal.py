@@ -399,6 +399,7 @@ class Journal:
         self._counters = _Counters()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._last_future: asyncio.Future[int] | None = None
         #: Ident of the writer thread (tests check that the disk is written off the loop).
         self.writer_thread_id: int | None = None
 
@@ -527,7 +528,27 @@ class Journal:
             state.queue.append(_Pending(seq, frame(seq, payload), erase, future))
             self._outstanding.append(seq)
             self._wake.notify()
+        self._last_future = future
         return future
+
+    @property
+    def last_appended(self) -> int:
+        """The sequence number of the newest record (0 before the first)."""
+        return self._next_seq - 1
+
+    async def sync(self) -> None:
+        """Return once every record appended so far is on disk.
+
+        Raises :class:`JournalUnavailable` if one of them could not be written.
+        Records become durable in order, so waiting for the newest is enough.
+        """
+        future = self._last_future
+        if future is None:
+            return
+        if not future.done():
+            await asyncio.shield(future)
+        elif not future.cancelled() and future.exception() is not None:
+            raise JournalUnavailable("The write-ahead journal cannot write to its disk.")
 
     def confirm(self, seqs: Iterable[int]) -> None:
         """Mark records Firestore has; their space is freed once all before them are too."""

@@ -58,6 +58,7 @@ from samvad.documents import (
 from samvad.errors import Conflict
 from samvad.history import new_message_id
 from samvad.interruptions import Interruption
+from samvad.journal import Journal, JournalConfig
 from samvad.models import (
     Message,
     Mode,
@@ -153,6 +154,9 @@ class Persistence:
                 "The store bounds history differently from the settings "
                 f"({store.bounds} against cap={s.history_cap}, max_bytes={s.history_max_bytes})."
             )
+        #: The write-ahead journal, open from :meth:`start` when enabled (and the
+        #: store is durable: replaying into a memory store would keep nothing).
+        self.journal: Journal | None = None
         self.writes = WriteBehind(
             store,
             config=WriteBehindConfig(
@@ -167,6 +171,7 @@ class Persistence:
             ),
             clock=self.clock,
             on_flush=on_flush,
+            confirm=self._confirm_journal,
         )
         timer = self.clock.monotonic
         size, ttl = s.cache_max_entries, s.cache_ttl
@@ -182,14 +187,50 @@ class Persistence:
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the journal and queue what it holds unconfirmed, then start the write-behind."""
+        s = self.settings
+        if s.journal and self.store.durable:
+            journal = await asyncio.to_thread(
+                Journal.open,
+                s.journal_dir,
+                config=JournalConfig(max_bytes=s.journal_max_bytes),
+                clock=self.clock,
+            )
+            journal.start()
+            self.journal = journal
+            for record in journal.recovered:
+                # Acknowledged before the last stop: queued again in their
+                # original order, before anything new.
+                self.writes.submit(record.write, journal_seq=record.seq, replay=True)
+            journal.recovered = ()
         await self.writes.start()
 
     async def close(self) -> int:
-        """Flush pending writes within the shutdown deadline; returns how many were left."""
+        """Flush pending writes within the shutdown deadline; returns how many were left.
+
+        With the journal, writes left over are replayed at the next start.
+        """
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*list(self._background), return_exceptions=True)
-        return await self.writes.close(self.settings.shutdown_flush_deadline)
+        left = await self.writes.close(self.settings.shutdown_flush_deadline)
+        if self.journal is not None:
+            await self.journal.close()
+        return left
+
+    def _confirm_journal(self, seqs: list[int]) -> None:
+        if self.journal is not None:
+            self.journal.confirm(seqs)
+
+    async def durable(self) -> None:
+        """Return once every write submitted so far is in the journal on disk.
+
+        Without a journal, at once. Raises
+        :class:`~samvad.journal.JournalUnavailable` if one could not be written:
+        such a write must not be acknowledged.
+        """
+        if self.journal is not None:
+            await self.journal.sync()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -241,7 +282,15 @@ class Persistence:
         return truncate_ms(self.clock.now())
 
     def _submit(self, write: Write) -> None:
-        self.writes.submit(write)
+        journal = self.journal
+        if journal is None:
+            self.writes.submit(write)
+        else:
+            # Refused writes are refused before they are journalled: a record in
+            # the journal is a write that will be replayed.
+            self.writes.admit(write)
+            journal.append(write)
+            self.writes.submit(write, journal_seq=journal.last_appended)
         for tap in self._taps:
             tap(write)
 

@@ -21,6 +21,10 @@ flushes writes to the store:
   queue: not while an erase of what it reads is pending, again if an erase
   comes in during the read, and with the writes to lay over the answer (those
   pending before the read included, though they may be confirmed meanwhile).
+* **Journal** — a write may carry the sequence number of its write-ahead
+  journal record (``samvad.journal``); an entry keeps the numbers of every
+  write folded into it and hands them to ``confirm`` once the store has them
+  (or once an erase made them moot), so the journal can forget them.
 * **Commits** — the profile each profile write committed (other instances'
   appends merged in) is kept for the layer above to take
   (:meth:`WriteBehind.take_committed_profiles`) unless an erase covers it.
@@ -51,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+Confirm = Callable[[list[int]], None]
+"""Told the journal sequence numbers of writes that no longer need replaying."""
+
 FlushObserver = Callable[[str, float, bool], None]
 """Called after every store write with (collection or operation, seconds, succeeded).
 
@@ -73,6 +80,8 @@ class _Entry:
     attempts: int = 0
     #: For an erase in flight: the mark :meth:`Barriers.erase_started` gave it.
     erase_mark: int = -1
+    #: Journal sequence numbers of the writes folded into this entry.
+    journal: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,11 +134,13 @@ class WriteBehind:
         config: WriteBehindConfig | None = None,
         clock: Clock | None = None,
         on_flush: FlushObserver | None = None,
+        confirm: Confirm | None = None,
     ) -> None:
         self._store = store
         self._config = config or WriteBehindConfig()
         self._clock = clock or SystemClock()
         self._on_flush = on_flush
+        self._confirm = confirm
 
         self._queued: dict[Key, _Entry] = {}
         self._inflight: dict[Key, _Entry] = {}
@@ -181,18 +192,37 @@ class WriteBehind:
             else:
                 logger.warning("Memory-only store: data is lost when the process ends")
 
-    def submit(self, write: Write) -> None:
-        """Queue ``write``; returns at once. Raises :class:`BacklogFull` at the bound."""
+    def admit(self, write: Write) -> None:
+        """Raise :class:`BacklogFull` if :meth:`submit` would refuse ``write``."""
         if self._closed:
             raise RuntimeError("Cannot submit a write once the write-behind queue is closed.")
+        if (
+            not isinstance(write, Erase)
+            and self.pending_count >= self._config.max_pending
+            and write.key not in self._queued
+        ):
+            raise BacklogFull("Too many writes are waiting for Firestore; try again shortly.")
+
+    def submit(self, write: Write, *, journal_seq: int | None = None, replay: bool = False) -> None:
+        """Queue ``write``; returns at once. Raises :class:`BacklogFull` at the bound.
+
+        ``journal_seq`` is the write's journal record; ``replay`` (a write
+        acknowledged before a restart) bypasses the bound.
+        """
+        if not replay:
+            self.admit(write)
         now = self._clock.monotonic()
         key = write.key
+        moot: list[int] = []
         if isinstance(write, Erase):
-            self._submit_erase(write)
-        elif self.pending_count >= self._config.max_pending and key not in self._queued:
-            raise BacklogFull("Too many writes are waiting for Firestore; try again shortly.")
+            moot = self._submit_erase(write)
         entry = self._queued.get(key)
+        if moot:
+            # The erase deletes whatever these writes did: nothing to replay.
+            self._confirmed(moot)
         if entry is not None:
+            if journal_seq is not None:
+                entry.journal.append(journal_seq)
             entry.write.absorb(write)  # type: ignore[arg-type]  # same key, same type
             if not write.touch:
                 entry.lag_from = min(entry.lag_from, now)
@@ -210,6 +240,7 @@ class WriteBehind:
             first_at=now,
             due_at=self._due(key, now, write.touch),
             lag_from=now + (self._config.touch_interval if write.touch else 0.0),
+            journal=[] if journal_seq is None else [journal_seq],
         )
         self._queued[key] = entry
         self._empty.clear()
@@ -429,19 +460,30 @@ class WriteBehind:
             due = max(due, last + self._config.flush_interval)
         return due
 
-    def _submit_erase(self, erase: Erase) -> None:
+    def _submit_erase(self, erase: Erase) -> list[int]:
         """Drop the queued writes and commits ``erase`` covers and mark the point
         in the order before which every write it covers is void (also those in
-        flight)."""
+        flight). Returns the journal numbers of the writes dropped."""
         barrier = erase.barrier
+        dropped: list[int] = []
         for key, entry in list(self._queued.items()):
             if barrier in entry.write.barriers:
                 del self._queued[key]
                 self._parked.discard(key)
+                dropped.extend(entry.journal)
         for key, (_, barriers) in list(self._committed.items()):
             if barrier in barriers:
                 del self._committed[key]
         self._barriers.erase_submitted(barrier, next(self._seq))
+        return dropped
+
+    def _confirmed(self, seqs: list[int]) -> None:
+        if seqs and self._confirm is not None:
+            try:
+                self._confirm(seqs)
+            except Exception:
+                # Only the journal's space is at stake: it replays them again.
+                logger.exception("confirming journal records failed")
 
     def _reschedule_all(self) -> None:
         """Make every queued write due now, in submission order."""
@@ -596,6 +638,7 @@ class WriteBehind:
         write = entry.write
         if isinstance(write, Erase):
             self._barriers.erase_done(write.barrier, entry.erase_mark)
+        self._confirmed(entry.journal)
 
     def _requeue(
         self,
@@ -610,12 +653,14 @@ class WriteBehind:
         if self._covered(entry):
             # Erased while in flight: the erase waited for this write, which
             # failed; the write is simply gone, as the erase asked.
+            self._confirmed(entry.journal)
             return
         if exc is not None:
             self._last_error = type(exc).__name__
         newer = self._queued.pop(key, None)
         if newer is not None:
             write.absorb(newer.write)  # type: ignore[arg-type]  # same key, same type
+            entry.journal.extend(newer.journal)
         failed_before = entry.attempts > 0
         entry.attempts += 1
         now = self._clock.monotonic()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from samvad.clock import ManualClock
+from samvad.config import Settings
 from samvad.errors import BacklogFull, BadRequest
 from samvad.journal import (
     BATCH_END,
@@ -29,7 +30,10 @@ from samvad.journal import (
     frame,
 )
 from samvad.models import Message, Role
+from samvad.persistence import Persistence
+from samvad.stores.memory import MemoryStore
 from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite, Write
+from tests.support.stores import FlakyStore
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2025, 1, 10, 17, 0, 0, 123000, tzinfo=UTC)
@@ -563,11 +567,104 @@ def test_batch_end_flag_marks_the_last_record_of_a_batch() -> None:
 
 
 def test_the_journal_is_on_by_default_in_the_data_dir_and_can_be_turned_off() -> None:
-    from samvad.config import Settings
-
     default = Settings.from_env({})
     assert default.journal is True
     assert default.journal_dir == Path(".samvad", "journal")
     custom = Settings.from_env({"SAMVAD_DATA_DIR": "var/samvad", "SAMVAD_JOURNAL": "off"})
     assert custom.journal is False
     assert custom.journal_dir == Path("var/samvad", "journal")
+
+
+# -- wired into the persistence layer ---------------------------------------------
+
+
+def journalled(tmp_path: Path) -> Settings:
+    return Settings(
+        store="memory",
+        journal=True,
+        data_dir=tmp_path / "data",
+        flush_linger=0.0,
+        shutdown_flush_deadline=0.0,
+        retry_max_backoff=0.01,
+    )
+
+
+async def test_writes_left_unflushed_are_replayed_in_order_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    clock = ManualClock()
+    store = FlakyStore()
+    store.down = True
+    first = Persistence(store, settings=journalled(tmp_path), clock=clock)
+    await first.start()
+    first.save_state("u1", {"n": 1})
+    for n in range(5):
+        first.append_message("u1", role=Role.USER, content=f"m{n}")
+    first.save_state("u1", {"n": 2})
+    await first.durable()
+    assert await first.close() == 2  # the store never answered
+
+    store.down = False
+    second = Persistence(store, settings=journalled(tmp_path), clock=clock)
+    await second.start()
+    await asyncio.wait_for(second.writes.flush(), 10)
+    assert (await store.get("user_states", "u1") or {})["n"] == 2
+    profile = await store.get("user_profiles", "u1") or {}
+    assert [m["content"] for m in profile["conversationHistory"]] == [f"m{n}" for n in range(5)]
+    await second.close()
+
+    assert second.journal is not None and second.journal.stats().unconfirmed == 0
+    third = Persistence(store, settings=journalled(tmp_path), clock=clock)
+    await third.start()
+    assert third.writes.pending_count == 0, "confirmed writes are not replayed again"
+    await third.close()
+
+
+async def test_an_erase_makes_the_writes_it_drops_moot_for_the_journal(tmp_path: Path) -> None:
+    clock = ManualClock()
+    store = FlakyStore()
+    store.down = True
+    p = Persistence(store, settings=journalled(tmp_path), clock=clock)
+    await p.start()
+    p.save_state("u1", {"n": 1})
+    p.append_message("u1", role=Role.USER, content="gone")
+    await p.erase_user("u1")
+    await p.durable()
+    journal = p.journal
+    assert journal is not None
+    assert journal.stats().unconfirmed == 1, "only the erase itself waits for the store"
+
+    store.down = False
+    await asyncio.wait_for(p.writes.flush(), 10)
+    assert journal.stats().unconfirmed == 0
+    await p.close()
+
+
+async def test_a_write_refused_at_the_backlog_bound_is_not_journalled(tmp_path: Path) -> None:
+    clock = ManualClock()
+    store = FlakyStore()
+    store.down = True
+    settings = journalled(tmp_path).replace(max_pending_documents=1)
+    p = Persistence(store, settings=settings, clock=clock)
+    await p.start()
+    p.save_state("u1", {"n": 1})
+    with pytest.raises(BacklogFull):
+        p.save_state("u2", {"n": 1})
+    await p.durable()
+    assert p.journal is not None and p.journal.stats().records_appended == 1
+    await p.close()
+
+
+async def test_without_a_durable_store_or_when_off_there_is_no_journal(tmp_path: Path) -> None:
+    clock = ManualClock()
+    memory = Persistence(MemoryStore(), settings=journalled(tmp_path), clock=clock)
+    off = Persistence(
+        FlakyStore(), settings=journalled(tmp_path).replace(journal=False), clock=clock
+    )
+    for p in (memory, off):
+        await p.start()
+        p.save_state("u1", {"n": 1})
+        await p.durable()
+        assert p.journal is None
+        await p.close()
+    assert not (tmp_path / "data" / "journal").exists()

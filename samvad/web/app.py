@@ -33,6 +33,7 @@ from samvad.stores.base import Store
 from samvad.stores.factory import build_store
 from samvad.web import apidocs, demo, realtime, rest
 from samvad.web.auth import FirebaseTokenVerifier, TokenVerifier
+from samvad.web.durable import DurableResponsesMiddleware
 from samvad.web.http_errors import EXCEPTION_HANDLERS
 from samvad.web.metrics import (
     CONTENT_TYPE,
@@ -296,4 +297,6 @@ def _middleware(settings: Settings, metrics: Metrics) -> list[Middleware]:
             allowed_origins=(*settings.cors_origins, *settings.ws_origins),
         )
     )
+    # Innermost: a write is acknowledged only once the journal has it.
+    stack.append(Middleware(DurableResponsesMiddleware))
     return stack
