@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -197,8 +198,31 @@ def export_data(host_port: str, project: str, data_dir: Path, *, timeout: float 
     return metadata
 
 
+def _lock_data_dir(data_dir: Path, timeout: float) -> int:
+    """Take the data directory's lock, waiting up to ``timeout`` seconds; returns its fd.
+
+    The lock is shared with the emulator's watchdog, so it is free again only
+    once both this process and the watchdog are gone: a server restarted after
+    ``kill -9`` waits until the watchdog's export of the old emulator is done.
+    """
+    fd = os.open(data_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise EmulatorStartError(
+                    f"the data directory {str(data_dir)!r} is in use by another emulator "
+                    f"(or by its watchdog, exporting) after {timeout:g} s"
+                ) from None
+            time.sleep(_POLL_INTERVAL)
+
+
 def _start_watchdog(
-    pgid: int, host_port: str, project: str, data_dir: Path | None
+    pgid: int, host_port: str, project: str, data_dir: Path | None, lock_fd: int | None
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start the watchdog of the group ``pgid``; returns it and the pipe end to keep open."""
     read_end, write_end = os.pipe()  # neither end is inherited by other children
@@ -214,6 +238,7 @@ def _start_watchdog(
                 str(data_dir) if data_dir is not None else "",
             ],
             stdin=read_end,
+            pass_fds=() if lock_fd is None else (lock_fd,),
             env=_importable_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -277,6 +302,7 @@ class FirestoreEmulator:
         project: str,
         watchdog: subprocess.Popen[bytes] | None = None,
         watchdog_pipe: int | None = None,
+        lock_fd: int | None = None,
     ) -> None:
         # Private: use FirestoreEmulator.start(), which does the I/O.
         self._process = process
@@ -291,6 +317,9 @@ class FirestoreEmulator:
         self._stopped = False
         self._watchdog = watchdog
         self._watchdog_pipe = watchdog_pipe
+        # The data directory's lock (see _lock_data_dir); the start() that
+        # took it closes it if no emulator comes of it.
+        self._lock_fd = lock_fd
         self._export_lock = threading.Lock()
         self._exporter: threading.Thread | None = None
         self._exporter_stop = threading.Event()
@@ -335,14 +364,47 @@ class FirestoreEmulator:
             if not rules.is_file():
                 raise FileNotFoundError(f"rules file {str(rules)!r} does not exist")
             args.append(f"--rules={rules}")
+        lock_fd: int | None = None
         if data_dir is not None:
             data_dir = data_dir.resolve()
             _check_path_arg("data_dir", data_dir)
             data_dir.mkdir(parents=True, exist_ok=True)
+            lock_fd = _lock_data_dir(data_dir, ready_timeout)
             previous = _latest_export(data_dir)
             if previous is not None:
                 args.append(f"--import-data={previous}")
+        try:
+            return cls._start_locked(
+                gcloud,
+                args,
+                host=host,
+                port=port,
+                data_dir=data_dir,
+                lock_fd=lock_fd,
+                ready_timeout=ready_timeout,
+                log_path=log_path,
+                project=project,
+            )
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
 
+    @classmethod
+    def _start_locked(
+        cls,
+        gcloud: str,
+        args: list[str],
+        *,
+        host: str,
+        port: int,
+        data_dir: Path | None,
+        lock_fd: int | None,
+        ready_timeout: float,
+        log_path: Path | None,
+        project: str,
+    ) -> FirestoreEmulator:
+        """The rest of :meth:`start`, once the data directory is locked."""
         owns_log = log_path is None
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix="firestore-emulator-", suffix=".log")
@@ -361,6 +423,7 @@ class FirestoreEmulator:
                 owns_log=owns_log,
                 data_dir=data_dir,
                 project=project,
+                lock_fd=lock_fd,
             )
             try:
                 emulator._wait_ready(ready_timeout)
@@ -392,6 +455,7 @@ class FirestoreEmulator:
         owns_log: bool,
         data_dir: Path | None,
         project: str,
+        lock_fd: int | None = None,
     ) -> FirestoreEmulator:
         env = dict(os.environ)
         env["CLOUDSDK_CORE_DISABLE_PROMPTS"] = "1"
@@ -409,7 +473,7 @@ class FirestoreEmulator:
         logger.debug("started emulator group %d on %s:%d", process.pid, host, port)
         try:
             watchdog, pipe = _start_watchdog(
-                process.pid, _join_host_port(host, port), project, data_dir
+                process.pid, _join_host_port(host, port), project, data_dir, lock_fd
             )
         except BaseException:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -427,6 +491,7 @@ class FirestoreEmulator:
             project=project,
             watchdog=watchdog,
             watchdog_pipe=pipe,
+            lock_fd=lock_fd,
         )
 
     @property
@@ -529,6 +594,9 @@ class FirestoreEmulator:
             self._kill()
             if self._owns_log:
                 self._log_path.unlink(missing_ok=True)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     def __enter__(self) -> Self:
         return self

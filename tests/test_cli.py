@@ -239,12 +239,8 @@ def test_kill_9_of_serve_leaves_no_emulator_and_the_next_start_has_the_data(
                 first.url + "/api/session/u1/history", json={"role": "user", "content": f"m{n}"}
             )
             assert sent.is_success
-        # Until the write-ahead journal is wired in, only what reached the
-        # emulator is safe from kill -9: wait for the write-behind to drain.
-        deadline = time.monotonic() + 30
-        while httpx.get(first.url + "/healthz").json()["persistence"]["pendingWrites"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        # Killed at once: some of it is only in the emulator (exported by the
+        # watchdog), some only in the journal (replayed at the next start).
     finally:
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
 

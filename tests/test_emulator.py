@@ -327,6 +327,19 @@ def test_periodic_exports_report_when_each_began(tmp_path: Path) -> None:
     assert (latest.parent / "samvad-export-complete").is_file()
 
 
+@pytest.mark.usefixtures("own_emulator_allowed")
+def test_one_data_directory_serves_one_emulator_at_a_time(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with (
+        FirestoreEmulator.start(data_dir=data_dir, project="p1"),
+        pytest.raises(EmulatorStartError, match="in use"),
+    ):
+        FirestoreEmulator.start(data_dir=data_dir, project="p1", ready_timeout=0.2)
+    # Free again once the first one (and its watchdog) are gone.
+    with FirestoreEmulator.start(data_dir=data_dir, project="p1") as again:
+        assert again.is_running()
+
+
 def test_an_export_cut_short_is_never_imported(tmp_path: Path) -> None:
     for name, complete in (("samvad-export-1", True), ("samvad-export-2", False)):
         folder = tmp_path / name
