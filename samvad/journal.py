@@ -180,7 +180,8 @@ def encode_write(write: Write) -> bytes:
     """``write`` as msgpack; datetimes become msgpack timestamps, so nothing is ambiguous.
 
     Raises :class:`~samvad.errors.BadRequest` for a value msgpack cannot hold
-    (an integer beyond 64 bits), which Firestore would refuse too.
+    (an integer beyond 64 bits, a string with a lone surrogate), which
+    Firestore would refuse too.
     """
     record: _Record
     if isinstance(write, FieldsWrite):
@@ -199,8 +200,9 @@ def encode_write(write: Write) -> bytes:
         record = _EraseRecord(write.scope, write.target_id)
     try:
         return _encoder.encode(record)
-    except (OverflowError, TypeError) as exc:
-        raise BadRequest(f"a value cannot be stored: {exc}") from exc
+    except (OverflowError, TypeError, UnicodeEncodeError) as exc:
+        # Never echo the value (it may be content): name the kind of problem.
+        raise BadRequest(f"a value cannot be stored ({type(exc).__name__})") from exc
 
 
 def decode_write(payload: bytes) -> Write:

@@ -136,3 +136,5 @@ class PersistenceStatus:
     write_failures: int
     mode_since: datetime
     last_error: str | None = None
+    #: Changes Firestore refused for their content, set aside in the dead-letter.
+    writes_set_aside: int = 0

@@ -29,17 +29,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from samvad.cache import ViewCache
-from samvad.clock import Clock, SystemClock, truncate_ms
+from samvad.clock import Clock, SystemClock, to_iso, truncate_ms
 from samvad.config import Settings
 from samvad.documents import (
     INTERRUPTIONS,
@@ -79,6 +82,7 @@ from samvad.writes import (
     Erase,
     EraseScope,
     FieldsWrite,
+    Key,
     ProfileWrite,
     Write,
     session_barrier,
@@ -96,6 +100,15 @@ REMOTE_WRITES_TTL = 60.0
 #: Seconds an erase another instance announced holds loads here at most, when
 #: its end is never announced (that instance died during it).
 REMOTE_ERASE_HOLD = 30.0
+
+
+DEAD_LETTER_FILE = "dead-letter.jsonl"
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, datetime):
+        return to_iso(value)
+    return repr(value)
 
 
 def new_id() -> str:
@@ -172,6 +185,7 @@ class Persistence:
             clock=self.clock,
             on_flush=on_flush,
             confirm=self._confirm_journal,
+            dead_letter=self._keep_dead_letter,
         )
         timer = self.clock.monotonic
         size, ttl = s.cache_max_entries, s.cache_ttl
@@ -217,6 +231,28 @@ class Persistence:
         if self.journal is not None:
             await self.journal.close()
         return left
+
+    @property
+    def dead_letter_path(self) -> Path:
+        """Where changes Firestore refused for their content are kept (JSON lines)."""
+        return self.settings.data_dir / DEAD_LETTER_FILE
+
+    def _keep_dead_letter(self, key: Key, write: Write, reason: str) -> None:
+        # Runs in a worker thread (see samvad.writebehind.DeadLetter).
+        record = {
+            "at": to_iso(self.clock.now()),
+            "document": "/".join(key),
+            "reason": reason,
+            "change": {"type": type(write).__name__, **dataclasses.asdict(write)},
+        }
+        # ASCII: a lone surrogate (one way to be refused) is kept as an escape.
+        line = json.dumps(record, default=_json_value, ensure_ascii=True) + "\n"
+        path = self.dead_letter_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="ascii") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def _confirm_journal(self, seqs: list[int]) -> None:
         if self.journal is not None:

@@ -16,6 +16,12 @@ flushes writes to the store:
   mode: nothing is dispatched, writes keep accumulating (bounded by
   ``max_pending``), a prober pings the store with backoff, and the first
   successful ping replays everything. No store error ever reaches a caller.
+* **Poison** — a change the store refuses for its content never holds up
+  anything else. A refused write is split into its parts (each field; each
+  message and preference), written part by part, and a part refused twice is
+  *set aside*: logged with its document key, counted, and handed to
+  ``dead_letter`` to keep; every other part lands. Erasures are not set aside
+  (they are retried with backoff): an erase cannot be refused for content.
 * **Shutdown** — :meth:`close` flushes what is pending within a deadline.
 * **Reads** — :meth:`WriteBehind.read` reads the store consistently with the
   queue: not while an erase of what it reads is pending, again if an erase
@@ -54,6 +60,10 @@ __all__ = ["FlushObserver", "Read", "WriteBehind", "WriteBehindConfig"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+DeadLetter = Callable[[Key, Write, str], None]
+"""Keeps a change the store refused for its content (document key, the change,
+the reason). Called in a worker thread: it may do blocking I/O."""
 
 Confirm = Callable[[list[int]], None]
 """Told the journal sequence numbers of writes that no longer need replaying."""
@@ -121,6 +131,7 @@ class WriteBehindConfig:
 class _Counters:
     writes_issued: int = 0
     write_failures: int = 0
+    set_aside: int = 0
     by_collection: Counter[str] = field(default_factory=Counter)
 
 
@@ -135,12 +146,14 @@ class WriteBehind:
         clock: Clock | None = None,
         on_flush: FlushObserver | None = None,
         confirm: Confirm | None = None,
+        dead_letter: DeadLetter | None = None,
     ) -> None:
         self._store = store
         self._config = config or WriteBehindConfig()
         self._clock = clock or SystemClock()
         self._on_flush = on_flush
         self._confirm = confirm
+        self._dead_letter = dead_letter
 
         self._queued: dict[Key, _Entry] = {}
         self._inflight: dict[Key, _Entry] = {}
@@ -392,6 +405,7 @@ class WriteBehind:
             write_failures=self._counters.write_failures,
             mode_since=self._mode_since,
             last_error=self._last_error,
+            writes_set_aside=self._counters.set_aside,
         )
 
     @property
@@ -571,7 +585,15 @@ class WriteBehind:
         started = self._clock.monotonic()
         label = write.key[0]
         try:
-            result = await self._apply(write)
+            try:
+                result = await self._apply(write)
+            except StoreRejected as exc:
+                if isinstance(write, Erase):
+                    raise
+                self._observe(label, started, ok=False)
+                self._last_error = type(exc).__name__
+                started = self._clock.monotonic()
+                result = await self._isolate(entry)
         except asyncio.CancelledError:
             self._requeue(entry, transient=True, cancelled=True)
             raise
@@ -594,6 +616,52 @@ class WriteBehind:
                 self._committed[write.key] = (result, write.barriers)
         finally:
             self._after_flush()
+
+    async def _isolate(self, entry: _Entry) -> Profile | None:
+        """The store refused ``entry``'s write: write its parts one by one, set
+        aside those refused twice, and return the last profile committed.
+
+        Should the store become unreachable meanwhile, the entry keeps the
+        parts not yet written and :class:`StoreUnavailable` propagates.
+        """
+        parts = _split(entry.write)
+        result: Profile | None = None
+        while parts:
+            part = parts[0]
+            try:
+                try:
+                    outcome = await self._apply(part)
+                except StoreRejected:
+                    # Once more on its own: a refusal that repeats is about the content.
+                    outcome = await self._apply(part)
+            except StoreRejected as exc:
+                await self._set_aside(entry.key, part, exc)
+                outcome = None
+            except StoreUnavailable:
+                entry.write = _joined(parts)
+                raise
+            if isinstance(outcome, Profile):
+                result = outcome
+            parts.pop(0)
+        return result
+
+    async def _set_aside(self, key: Key, write: Write, exc: StoreRejected) -> None:
+        self._counters.set_aside += 1
+        logger.error(
+            "Firestore refused a change to %s for its content (%s): set aside in the "
+            "dead-letter; the document's other changes go on",
+            "/".join(key),
+            type(exc.__cause__ or exc).__name__,
+        )
+        if self._dead_letter is None:
+            return
+        reason = f"{type(exc.__cause__ or exc).__name__}: {exc.__cause__ or exc}"
+        try:
+            await asyncio.to_thread(self._dead_letter, key, write, reason)
+        except Exception:
+            logger.exception(
+                "keeping the dead-letter record of a change to %s failed", "/".join(key)
+            )
 
     async def _apply(self, write: Write) -> Profile | None:
         if isinstance(write, FieldsWrite):
@@ -735,3 +803,43 @@ class WriteBehind:
             self.pending_count,
         )
         self._reschedule_all()
+
+
+def _split(write: Write) -> list[Write]:
+    """``write`` as parts that each change one field, message or preference.
+
+    Applied in any order the parts make the same document as ``write``: fields
+    are set whole and independently, messages merged by id, preferences by key.
+    """
+    if isinstance(write, FieldsWrite) and len(write.fields) > 1:
+        return [
+            FieldsWrite(
+                collection=write.collection,
+                doc_id=write.doc_id,
+                user_id=write.user_id,
+                fields={name: value},
+                session_id=write.session_id,
+                defaults=dict(write.defaults),
+                touch=write.touch,
+            )
+            for name, value in write.fields.items()
+        ]
+    if isinstance(write, ProfileWrite) and len(write.append) + len(write.preferences) > 1:
+        parts: list[Write] = [
+            ProfileWrite(user_id=write.user_id, append=[message], cap=write.cap)
+            for message in write.append
+        ]
+        parts.extend(
+            ProfileWrite(user_id=write.user_id, preferences={name: value}, cap=write.cap)
+            for name, value in write.preferences.items()
+        )
+        return parts
+    return [write]
+
+
+def _joined(parts: list[Write]) -> Write:
+    """The parts of a write not yet written, as one write again."""
+    joined = parts[0]
+    for part in parts[1:]:
+        joined.absorb(part)  # type: ignore[arg-type]  # parts of one write: same type
+    return joined

@@ -9,6 +9,7 @@ Firestore directly once the new process has replayed its journal.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from pathlib import Path
 
@@ -16,9 +17,15 @@ import httpx
 import pytest
 from google.cloud.firestore import AsyncClient
 
+from samvad.config import Settings
 from samvad.documents import PROFILES, SESSIONS, STATES
+from samvad.models import Role
+from samvad.persistence import DEAD_LETTER_FILE
+from samvad.web.app import create_app
 from tests.support.faultproxy import FaultProxy
+from tests.support.metrics import scrape
 from tests.support.serve import ServeProcess, start_serve
+from tests.support.server import live_server
 
 # A kill -9 in the middle of profile transactions leaves their locks on the
 # emulator until they expire, about a minute later (docs/benchmarks.md): the
@@ -233,3 +240,67 @@ async def test_without_the_journal_kill_9_loses_acknowledged_messages(
     assert await stored_histories(firestore_client) == {f"user{u:02d}": [] for u in range(USERS)}, (
         "every message acknowledged during the outage is gone"
     )
+
+
+# -- poison ------------------------------------------------------------------------
+
+
+def nested(depth: int) -> dict[str, object]:
+    value: dict[str, object] = {"leaf": True}
+    for _ in range(depth):
+        value = {"d": value}
+    return value
+
+
+@pytest.mark.parametrize("journal", [True, False])
+async def test_a_change_firestore_refuses_is_set_aside_and_every_other_write_lands(
+    tmp_path: Path,
+    firestore_emulator: str,
+    firestore_project: str,
+    firestore_client: AsyncClient,
+    journal: bool,
+) -> None:
+    settings = Settings(
+        store="firestore",
+        emulator_host=firestore_emulator,
+        project=firestore_project,
+        data_dir=tmp_path / "data",
+        journal=journal,
+        flush_linger=0.0,
+        firestore_deadline=30,
+    )
+    async with live_server(create_app(settings)) as server:
+        persistence = server.services.persistence
+        # Straight to the persistence layer: the door's validator refuses these.
+        persistence.set_preferences("u1", {"deep": nested(25), "voice": "calm"})
+        for n in range(5):
+            persistence.append_message("u1", role=Role.USER, content=f"m{n}")
+        if not journal:
+            # The journal refuses it before acknowledging (tests/test_journal.py).
+            persistence.save_state("u1", {"bad": "lone \udc00 surrogate"})
+        persistence.save_state("u1", {"mood": "calm"})
+        persistence.append_message("u1", role=Role.USER, content="m5")
+        await persistence.durable()
+        await asyncio.wait_for(persistence.writes.flush(), 120)
+
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            health = (await http.get("/healthz")).json()["persistence"]
+            metrics = await scrape(http)
+    expected_set_aside = 1 if journal else 2
+    assert health["writesSetAside"] == expected_set_aside
+    assert health["pendingWrites"] == 0
+    assert metrics.value("samvad_writes_set_aside_total") == expected_set_aside
+
+    profile = (await firestore_client.collection(PROFILES).document("u1").get()).to_dict()
+    assert profile is not None
+    assert [m["content"] for m in profile["conversationHistory"]] == [f"m{n}" for n in range(6)]
+    assert profile["preferences"] == {"voice": "calm"}
+    state = (await firestore_client.collection(STATES).document("u1").get()).to_dict()
+    assert state is not None and state["mood"] == "calm"
+
+    lines = (tmp_path / "data" / DEAD_LETTER_FILE).read_text().splitlines()
+    records = {record["document"]: record["change"] for record in map(json.loads, lines)}
+    assert records["user_profiles/u1"]["preferences"] == {"deep": nested(25)}
+    if not journal:
+        assert records["user_states/u1"]["fields"] == {"bad": "lone \udc00 surrogate"}
+    assert len(records) == expected_set_aside

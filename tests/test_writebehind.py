@@ -11,10 +11,10 @@ import pytest
 from samvad.clock import ManualClock
 from samvad.documents import PROFILES, SESSIONS, STATES
 from samvad.errors import BacklogFull
-from samvad.models import Message, Mode, Role
-from samvad.stores.base import StoreUnavailable
+from samvad.models import Message, Mode, Profile, Role
+from samvad.stores.base import StoreRejected, StoreUnavailable
 from samvad.writebehind import WriteBehind, WriteBehindConfig
-from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite
+from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite, Write
 from tests.support.stores import FlakyStore, settle
 
 T0 = datetime(2025, 1, 10, 17, 0, tzinfo=UTC)
@@ -264,26 +264,101 @@ async def test_the_prober_reconnects_after_repeated_failures(
     await asyncio.wait_for(wb.flush(), 5)
 
 
-async def test_a_rejected_write_is_kept_and_retried_with_backoff(
-    wb: WriteBehind, store: FlakyStore, clock: ManualClock
+async def test_a_write_refused_for_its_content_is_set_aside_and_the_others_land(
+    wb: WriteBehind, store: FlakyStore
 ) -> None:
     store.rejecting.add((STATES, "bad"))
     wb.submit(state("bad", v=1))
     wb.submit(state("good", v=1))
-    await settle()
+    await asyncio.wait_for(wb.flush(), 5)
     assert wb.mode is Mode.FIRESTORE, "a rejection is not an outage"
     assert await store.get(STATES, "good") == {"v": 1}
-    assert wb.pending_count == 1
-    store.rejecting.clear()
-    clock.advance(0.5)
-    wb.wake()
+    assert wb.pending_count == 0, "nothing waits behind the refused write"
+    assert wb.status().writes_set_aside == 1
+    wb.submit(state("bad", v=2))  # later writes of the document are tried afresh
+    await asyncio.wait_for(wb.flush(), 5)
+    assert wb.status().writes_set_aside == 2
+
+
+class PoisonStore(FlakyStore):
+    """Refuses, like Firestore, any write holding the value ``POISON`` (and
+    once, for ``flaky``, a refusal that does not repeat)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flaky_once = True
+
+    def _refuse(self, values: object) -> None:
+        text = repr(values)
+        if "POISON" in text:
+            raise StoreRejected("refused for its content (test)")
+        if "flaky" in text and self.flaky_once:
+            self.flaky_once = False
+            raise StoreRejected("refused once (test)")
+
+    async def write_fields(self, write: FieldsWrite) -> None:
+        self._refuse(write.fields)
+        await super().write_fields(write)
+
+    async def write_profile(self, write: ProfileWrite, *, now: datetime) -> Profile:
+        self._refuse((write.preferences, [m.content for m in write.append]))
+        return await super().write_profile(write, now=now)
+
+
+async def test_only_the_poisoned_parts_of_a_coalesced_write_are_set_aside(
+    clock: ManualClock,
+) -> None:
+    store = PoisonStore()
+    kept: list[tuple[tuple[str, str], Write, str]] = []
+    queue = WriteBehind(
+        store,
+        config=WriteBehindConfig(linger=0.0),
+        clock=clock,
+        dead_letter=lambda key, write, reason: kept.append((key, write, reason)),
+    )
+    await queue.start()
+    store.gate.clear()  # everything below coalesces into one write per document
+    queue.submit(state("u1", mood="calm", bad="POISON", flaky=1))
+    queue.submit(message("u1", 0))
+    queue.submit(ProfileWrite(user_id="u1", preferences={"voice": "POISON", "speed": 2}))
+    queue.submit(message("u1", 1))
+    store.gate.set()
+    await asyncio.wait_for(queue.flush(), 5)
+
+    assert await store.get(STATES, "u1") == {"mood": "calm", "flaky": 1}
+    profile = await store.get(PROFILES, "u1") or {}
+    assert [m["content"] for m in profile["conversationHistory"]] == ["m0", "m1"]
+    assert profile["preferences"] == {"speed": 2}
+    assert [(key, write) for key, write, _ in kept] == [
+        (
+            (STATES, "u1"),
+            FieldsWrite(collection=STATES, doc_id="u1", user_id="u1", fields={"bad": "POISON"}),
+        ),
+        ((PROFILES, "u1"), ProfileWrite(user_id="u1", preferences={"voice": "POISON"})),
+    ]
+    assert all("refused for its content" in reason for _, _, reason in kept)
+    assert queue.status().writes_set_aside == 2
+    await queue.close(1)
+
+
+async def test_an_outage_while_isolating_keeps_the_parts_not_yet_written(
+    clock: ManualClock,
+) -> None:
+    store = PoisonStore()
+    queue = WriteBehind(store, config=WriteBehindConfig(linger=0.0), clock=clock)
+    await queue.start()
+    store.gate.clear()
+    queue.submit(state("u1", a="POISON", b=1, c=2))
     await settle()
-    assert wb.pending_count == 1, "still backing off"
-    clock.advance(1)
-    wb.wake()
+    store.down = True
+    store.gate.set()
     await settle()
-    assert wb.pending_count == 0
-    assert await store.get(STATES, "bad") == {"v": 1}
+    assert queue.mode is Mode.MEMORY
+    assert queue.pending_count == 1
+    store.down = False
+    await asyncio.wait_for(queue.flush(), 5)
+    assert await store.get(STATES, "u1") == {"b": 1, "c": 2}
+    await queue.close(1)
 
 
 async def test_the_pending_bound_refuses_new_documents_but_not_updates_or_erases(

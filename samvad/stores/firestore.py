@@ -154,6 +154,10 @@ class FirestoreStore(Store):
         except Exception as exc:
             if _caused_by_outage(exc):
                 raise StoreUnavailable(f"Firestore unavailable: {type(exc).__name__}") from exc
+            if isinstance(exc, ValueError | TypeError):
+                # Content the library or protobuf cannot encode (a lone
+                # surrogate, an integer beyond 64 bits): Firestore never sees it.
+                raise StoreRejected(f"Firestore cannot hold a value: {type(exc).__name__}") from exc
             raise
 
     def _doc(self, collection: str, doc_id: str) -> Any:
@@ -165,12 +169,19 @@ class FirestoreStore(Store):
         One thread, not a pool: encoding is CPU-bound Python, so several
         encoders would only take more turns of the GIL from the event loop.
         """
-        if len(fields) <= _SMALL_DOCUMENT and all(isinstance(v, _SCALARS) for v in fields.values()):
-            return build(*args, fields)
-        if self._encoder is None:
-            self._encoder = ThreadPoolExecutor(1, thread_name_prefix="samvad-firestore-encode")
-        call = functools.partial(build, *args, fields)
-        return await asyncio.get_running_loop().run_in_executor(self._encoder, call)
+        try:
+            if len(fields) <= _SMALL_DOCUMENT and all(
+                isinstance(v, _SCALARS) for v in fields.values()
+            ):
+                return build(*args, fields)
+            if self._encoder is None:
+                self._encoder = ThreadPoolExecutor(1, thread_name_prefix="samvad-firestore-encode")
+            call = functools.partial(build, *args, fields)
+            return await asyncio.get_running_loop().run_in_executor(self._encoder, call)
+        except (ValueError, TypeError) as exc:
+            # A value protobuf cannot hold (an integer beyond 64 bits, a lone
+            # surrogate): Firestore would refuse it, so it is refused here.
+            raise StoreRejected(f"Firestore cannot hold a value: {type(exc).__name__}") from exc
 
     # -- reads -------------------------------------------------------------
 

@@ -210,6 +210,11 @@ def persistence_metrics(
         "Age of the oldest write not yet in the store.",
         value=status.oldest_pending_age,
     )
+    yield CounterMetricFamily(
+        "samvad_writes_set_aside",
+        "Changes Firestore refused for their content, kept in the dead-letter.",
+        value=status.writes_set_aside,
+    )
     yield GaugeMetricFamily(
         "samvad_replay_lag_seconds",
         "How long the oldest write past its scheduled time has waited "

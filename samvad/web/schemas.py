@@ -184,6 +184,8 @@ class PersistenceView(_Shape, kw_only=True):
     replay_lag_seconds: float
     writes_issued: Count
     write_failures: Count
+    #: Changes Firestore refused for their content, kept in the dead-letter.
+    writes_set_aside: Count
     mode_since: Timestamp
     last_error: str | None
 
@@ -345,6 +347,8 @@ class Stats(_Shape, kw_only=True):
     replay_lag_seconds: float
     writes_issued: Count
     write_failures: Count
+    #: Changes Firestore refused for their content, kept in the dead-letter.
+    writes_set_aside: Count
     mode_since: Timestamp
     last_error: str | None
 
@@ -830,6 +834,7 @@ def persistence_view(status: PersistenceStatus) -> PersistenceView:
         replay_lag_seconds=round(status.replay_lag, 3),
         writes_issued=status.writes_issued,
         write_failures=status.write_failures,
+        writes_set_aside=status.writes_set_aside,
         mode_since=to_iso(status.mode_since),
         last_error=status.last_error,
     )
