@@ -38,6 +38,7 @@ from samvad.web.http_errors import EXCEPTION_HANDLERS
 from samvad.web.metrics import (
     CONTENT_TYPE,
     Metrics,
+    journal_metrics,
     live_metrics,
     persistence_metrics,
     readiness_metrics,
@@ -203,6 +204,9 @@ def create_app(
                     lambda: persistence_metrics(persistence.status(), persistence.cache_stats())
                 )
             )
+            if persistence.journal is not None:
+                journal = persistence.journal
+                stack.callback(metrics.add_source(lambda: journal_metrics(journal.stats())))
             stack.callback(
                 metrics.add_source(lambda: live_metrics(hub.counts(), interruptions.total))
             )

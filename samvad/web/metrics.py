@@ -30,6 +30,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from samvad.journal import JournalStats
 from samvad.models import Mode, PersistenceStatus
 from samvad.persistence import CacheStats
 
@@ -235,3 +236,19 @@ def persistence_metrics(
     yield hits
     yield misses
     yield entries
+
+
+def journal_metrics(stats: JournalStats) -> Iterator[Metric]:
+    """The write-ahead journal's counters (when it is on)."""
+    for name, text, value in (
+        ("records", "Writes appended to the journal.", stats.records_appended),
+        ("bytes", "Bytes appended to the write-ahead journal.", stats.bytes_appended),
+        ("fsyncs", "fsync calls of the write-ahead journal.", stats.fsyncs),
+        ("batches", "Group commits of the write-ahead journal.", stats.batches),
+    ):
+        yield CounterMetricFamily(f"samvad_journal_{name}", text, value=value)
+    yield GaugeMetricFamily(
+        "samvad_journal_live_bytes",
+        "Bytes of journal segments not yet confirmed by Firestore and deleted.",
+        value=stats.live_bytes,
+    )
