@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import struct
@@ -91,6 +92,10 @@ class JournalCorrupt(Exception):
         )
         self.path = path
         self.offset = offset
+
+
+class JournalInUse(Exception):
+    """Another process has the journal directory open."""
 
 
 class JournalUnavailable(SamvadError):
@@ -368,6 +373,7 @@ class Journal:
         self,
         directory: Path,
         *,
+        lock: int,
         config: JournalConfig,
         clock: Clock,
         fsync: Callable[[int], None],
@@ -378,6 +384,7 @@ class Journal:
     ) -> None:
         # Private: use Journal.open(), which reads the directory.
         self.directory = directory
+        self._lock_fd: int | None = lock
         self._config = config
         self._clock = clock
         self._fsync = fsync
@@ -425,6 +432,22 @@ class Journal:
         config = config or JournalConfig()
         clock = clock or SystemClock()
         directory.mkdir(parents=True, exist_ok=True)
+        lock = _lock(directory)
+        try:
+            return cls._recover(directory, config, clock, fsync, lock)
+        except BaseException:
+            os.close(lock)
+            raise
+
+    @classmethod
+    def _recover(
+        cls,
+        directory: Path,
+        config: JournalConfig,
+        clock: Clock,
+        fsync: Callable[[int], None],
+        lock: int,
+    ) -> Journal:
         (directory / (CONFIRMED_FILE + ".tmp")).unlink(missing_ok=True)
         confirmed = _read_checkpoint(directory / CONFIRMED_FILE)
         paths = sorted(directory.glob("*" + SEGMENT_SUFFIX))
@@ -478,6 +501,7 @@ class Journal:
             )
         return cls(
             directory,
+            lock=lock,
             config=config,
             clock=clock,
             fsync=fsync,
@@ -753,6 +777,9 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the directory for the next process
+            self._lock_fd = None
 
 
 def _resolve(
@@ -767,6 +794,20 @@ def _resolve(
             future.set_exception(
                 JournalUnavailable("The write-ahead journal cannot write to its disk.")
             )
+
+
+def _lock(directory: Path) -> int:
+    """Take the journal directory for this process, or fail naming it."""
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise JournalInUse(
+            f"write-ahead journal {directory} is in use by another process: give each "
+            "server its own SAMVAD_DATA_DIR"
+        ) from None
+    return fd
 
 
 def _release(futures: list[asyncio.Future[None]]) -> None:

@@ -24,6 +24,7 @@ from samvad.journal import (
     Journal,
     JournalConfig,
     JournalCorrupt,
+    JournalInUse,
     JournalUnavailable,
     decode_write,
     encode_write,
@@ -393,6 +394,15 @@ def test_an_empty_directory_is_a_fresh_journal(journal_dir: Path) -> None:
     journal = Journal.open(journal_dir)
     assert journal.recovered == ()
     assert journal_dir.is_dir()
+    asyncio.run(journal.close())
+
+
+async def test_one_process_at_a_time_has_a_journal_directory(opened: OpenJournal) -> None:
+    journal = opened()
+    with pytest.raises(JournalInUse, match="in use by another process"):
+        Journal.open(journal.directory)
+    await journal.close()
+    assert opened().recovered == ()
 
 
 # -- confirmations, segments and the bound ---------------------------------------------
