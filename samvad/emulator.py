@@ -683,12 +683,16 @@ class FirestoreEmulator:
             return False
 
     def _store_answers(self) -> bool:
-        """Whether a document read gets a Firestore answer (found or ``NOT_FOUND``)."""
+        """Whether a document read gets a Firestore answer.
+
+        Found, ``NOT_FOUND`` and ``PERMISSION_DENIED`` (with ``--rules``, for a
+        request the rules refuse) are all answers of a serving Firestore.
+        """
         path = f"/v1/projects/{self._project}/databases/(default)/documents/_samvad/ready"
         try:
             _http(self.host_port, "GET", path, timeout=2.0)
         except RuntimeError as exc:
-            return "NOT_FOUND" in str(exc)
+            return any(status in str(exc) for status in ("NOT_FOUND", "PERMISSION_DENIED"))
         except (OSError, ValueError):
             return False
         return True
