@@ -50,7 +50,8 @@ class DurableResponsesMiddleware:
                     if message["type"] != "http.response.start":
                         raise
                     replaced = True
-                    await error_response(exc.status_code, exc.message)(scope, receive, send)
+                    response = error_response(exc.status_code, exc.message, code=exc.code)
+                    await response(scope, receive, send)
                     return
             await send(message)
 
