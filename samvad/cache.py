@@ -17,6 +17,13 @@ from typing import Generic, TypeVar
 
 from cachetools import TTLCache
 
+__all__ = [
+    "ABSENT_TTL",
+    "Cached",
+    "Loader",
+    "ViewCache",
+]
+
 #: Seconds a key found absent in the store is remembered as absent (at most the TTL).
 ABSENT_TTL = 60.0
 

@@ -25,6 +25,12 @@ from samvad import __version__
 from samvad.config import Settings, auth_emulator_host
 from samvad.errors import ConfigError
 
+__all__ = [
+    "LOCAL_PROJECT",
+    "main",
+    "serve",
+]
+
 logger = logging.getLogger("samvad")
 
 LOCAL_PROJECT = "samvad-local"

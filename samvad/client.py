@@ -24,6 +24,15 @@ from typing import Any, Self
 
 from websockets.asyncio.client import ClientConnection, connect
 
+__all__ = [
+    "Exchange",
+    "Frame",
+    "Reply",
+    "SamvadClient",
+    "ServerError",
+    "Started",
+]
+
 logger = logging.getLogger(__name__)
 
 Frame = dict[str, Any]

@@ -11,6 +11,15 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+__all__ = [
+    "Clock",
+    "ManualClock",
+    "SystemClock",
+    "parse_iso",
+    "to_iso",
+    "truncate_ms",
+]
+
 
 class Clock(Protocol):
     """Wall-clock time for stored timestamps, monotonic time for intervals."""

@@ -18,6 +18,19 @@ from typing import Literal, TypeVar, cast
 from samvad.errors import ConfigError
 from samvad.validation import Bounds
 
+__all__ = [
+    "AUTH_EMULATOR_VARIABLE",
+    "MAX_OBJECT_FIELDS",
+    "MAX_OBJECT_KEYS",
+    "MIN_API_KEY_LENGTH",
+    "AuthMode",
+    "DemoMode",
+    "LogFormat",
+    "Settings",
+    "StoreMode",
+    "auth_emulator_host",
+]
+
 StoreMode = Literal["auto", "firestore", "memory"]
 LogFormat = Literal["text", "json"]
 AuthMode = Literal["off", "firebase"]

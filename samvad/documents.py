@@ -17,6 +17,25 @@ from samvad.clock import parse_iso
 from samvad.history import history_bytes, in_time_order, merge, order_key, trim
 from samvad.models import Message, Profile, Role, Session, SessionStatus, UserState
 
+__all__ = [
+    "INTERRUPTIONS",
+    "PROFILES",
+    "SESSIONS",
+    "STATES",
+    "STATE_SERVER_FIELDS",
+    "Document",
+    "decode_message",
+    "decode_profile",
+    "decode_session",
+    "decode_state",
+    "empty_profile",
+    "encode_message",
+    "encode_profile",
+    "encode_session",
+    "profile_with",
+    "state_fields",
+]
+
 STATES = "user_states"
 PROFILES = "user_profiles"
 SESSIONS = "sessions"

@@ -51,6 +51,18 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Self
 
+__all__ = [
+    "DEFAULT_PROJECT",
+    "EmulatorNotInstalled",
+    "EmulatorStartError",
+    "FirestoreEmulator",
+    "export_data",
+    "find_gcloud",
+    "free_port",
+    "main",
+    "wipe_project",
+]
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "samvad-local"

@@ -9,6 +9,32 @@ transport (``samvad.web.http_errors`` for REST, the WebSocket glue for frames).
 
 from __future__ import annotations
 
+__all__ = [
+    "AlreadyStarted",
+    "AuthUnavailable",
+    "BacklogFull",
+    "BadFrame",
+    "BadRequest",
+    "ConfigError",
+    "Conflict",
+    "Forbidden",
+    "FrameTooLarge",
+    "IdleTimeout",
+    "InvalidField",
+    "MalformedJson",
+    "MethodNotAllowed",
+    "NotFound",
+    "NotStarted",
+    "NothingToInterrupt",
+    "PayloadTooLarge",
+    "RateLimited",
+    "SamvadError",
+    "SessionEnded",
+    "StartTimeout",
+    "Unauthorized",
+    "UnknownFrameType",
+]
+
 
 class SamvadError(Exception):
     """Base of every error Samvad reports to a client."""

@@ -22,6 +22,15 @@ from google.cloud.firestore_v1 import base_client
 from samvad.config import Settings
 from samvad.errors import ConfigError
 
+__all__ = [
+    "RECONNECT_OPTIONS",
+    "SamvadAsyncClient",
+    "client_from_settings",
+    "close_client",
+    "make_client",
+    "sync_client_from_settings",
+]
+
 logger = logging.getLogger(__name__)
 
 # gRPC's defaults reconnect after 1 s x1.6 per failure, up to 120 s: after a

@@ -13,6 +13,16 @@ from datetime import datetime
 
 from samvad.models import Message
 
+__all__ = [
+    "history_bytes",
+    "in_time_order",
+    "merge",
+    "new_message_id",
+    "newer_than",
+    "order_key",
+    "trim",
+]
+
 
 def history_bytes(messages: Iterable[Message]) -> int:
     """Bytes a history takes, by :meth:`Message.stored_size`."""

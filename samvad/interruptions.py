@@ -12,6 +12,11 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from datetime import datetime
 
+__all__ = [
+    "Interruption",
+    "InterruptionStack",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class Interruption:

@@ -59,6 +59,25 @@ from samvad.errors import BacklogFull, BadRequest, SamvadError
 from samvad.models import Message
 from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite, Write
 
+__all__ = [
+    "BATCH_END",
+    "CONFIRMED_FILE",
+    "HEADER_SIZE",
+    "MAGIC",
+    "MAX_RECORD_BYTES",
+    "SEGMENT_SUFFIX",
+    "Journal",
+    "JournalConfig",
+    "JournalCorrupt",
+    "JournalInUse",
+    "JournalStats",
+    "JournalUnavailable",
+    "Recovered",
+    "decode_write",
+    "encode_write",
+    "frame",
+]
+
 logger = logging.getLogger(__name__)
 
 MAGIC = b"\xd5SJ1"

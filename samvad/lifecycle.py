@@ -16,6 +16,12 @@ from samvad.persistence import Persistence
 from samvad.stores.base import SessionCursor
 from samvad.validation import MAX_ID_LENGTH
 
+__all__ = [
+    "effective_status",
+    "idle_cutoff",
+    "list_user_sessions",
+]
+
 # A position after every session id this API accepts (at most 128 characters;
 # U+10FFFF sorts after any other character, in code points and in UTF-8).
 _LAST_ID = "\U0010ffff" * MAX_ID_LENGTH

@@ -27,6 +27,22 @@ from typing import Any
 
 from samvad.config import Settings
 
+__all__ = [
+    "SAMPLED_KEY",
+    "SPAN_KEY",
+    "TRACE_KEY",
+    "ContextFilter",
+    "JsonFormatter",
+    "TraceContext",
+    "bind_log_context",
+    "configure_logging",
+    "parse_trace",
+    "request_id_var",
+    "session_id_var",
+    "trace_var",
+    "user_id_var",
+]
+
 #: The id of the HTTP request or WebSocket being served (``X-Request-ID``).
 request_id_var: ContextVar[str | None] = ContextVar("samvad_request_id", default=None)
 #: The user the request or connection acts for.

@@ -8,6 +8,20 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+__all__ = [
+    "MESSAGE_OVERHEAD_BYTES",
+    "Message",
+    "Mode",
+    "PersistenceStatus",
+    "Profile",
+    "Role",
+    "Session",
+    "SessionPage",
+    "SessionStatus",
+    "StoreCounts",
+    "UserState",
+]
+
 
 class Role(StrEnum):
     """Who said a message."""

@@ -21,6 +21,12 @@ from dataclasses import dataclass
 from samvad.config import Settings
 from samvad.errors import RateLimited
 
+__all__ = [
+    "DEFAULT_MAX_KEYS",
+    "RateLimiter",
+    "RateLimits",
+]
+
 #: Buckets kept per limiter (see the module docstring).
 DEFAULT_MAX_KEYS = 100_000
 

@@ -23,6 +23,15 @@ from samvad.errors import ConfigError
 from samvad.interruptions import Interruption
 from samvad.models import Message, Role
 
+__all__ = [
+    "EchoResponder",
+    "ReplyContext",
+    "Responder",
+    "ResponderFactory",
+    "Sleep",
+    "load_responder",
+]
+
 Sleep = Callable[[float], Awaitable[None]]
 
 

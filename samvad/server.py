@@ -32,6 +32,14 @@ from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from samvad.config import Settings
 
+__all__ = [
+    "SamvadServer",
+    "run",
+    "run_workers",
+    "tune_gc",
+    "uvicorn_config",
+]
+
 logger = logging.getLogger(__name__)
 
 

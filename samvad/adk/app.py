@@ -19,6 +19,10 @@ from samvad.adk.service import SamvadSessionService
 from samvad.config import Settings
 from samvad.web.app import create_app
 
+__all__ = [
+    "create_agent_app",
+]
+
 
 def create_agent_app(
     agent: BaseAgent,

@@ -12,6 +12,11 @@ import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Iterator
 from typing import Generic, TypeVar
 
+__all__ = [
+    "ExpiringMap",
+    "Loader",
+]
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 

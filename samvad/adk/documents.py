@@ -34,6 +34,24 @@ from urllib.parse import quote
 
 from samvad.documents import Document
 
+__all__ = [
+    "CHUNK_BYTES",
+    "CHUNK_EVENTS",
+    "EVENT_FIELD",
+    "MAX_EVENT_BYTES",
+    "STATE_FIELD",
+    "Collections",
+    "app_state_id",
+    "chunk_id",
+    "decode_state",
+    "event_field",
+    "parse_event_field",
+    "session_key",
+    "state_fields",
+    "user_state_id",
+    "user_state_suffix",
+]
+
 #: Events per chunk document, and bytes of event JSON per chunk.
 CHUNK_EVENTS = 64
 CHUNK_BYTES = 256 * 1024

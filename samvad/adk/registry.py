@@ -19,6 +19,12 @@ from urllib.parse import parse_qs, urlparse
 from samvad.config import Settings
 from samvad.errors import ConfigError
 
+__all__ = [
+    "SCHEME",
+    "register",
+    "service_from_uri",
+]
+
 SCHEME = "samvad"
 _STORES = ("auto", "firestore", "memory")
 

@@ -37,6 +37,10 @@ from samvad.config import Settings
 from samvad.responder import ReplyContext
 from samvad.responders import interruption_note
 
+__all__ = [
+    "AdkResponder",
+]
+
 logger = logging.getLogger(__name__)
 
 _EXISTS = GetSessionConfig(num_recent_events=0)

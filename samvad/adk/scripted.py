@@ -20,6 +20,16 @@ from google.adk.models.llm_response import LlmResponse
 from google.genai import types
 from pydantic import ConfigDict, Field
 
+__all__ = [
+    "Answer",
+    "Pause",
+    "Script",
+    "ScriptedLlm",
+    "last_tool_result",
+    "last_user_text",
+    "tool_call",
+]
+
 Answer = str | types.FunctionCall
 """Text to say, or a tool to call."""
 

@@ -82,6 +82,12 @@ from samvad.writes import (
     user_barrier,
 )
 
+__all__ = [
+    "DEFAULT_STATE_TTL",
+    "STALE_SESSION_MESSAGE",
+    "SamvadSessionService",
+]
+
 logger = logging.getLogger(__name__)
 
 #: ADK's own wording, so callers matching on it keep working.

@@ -21,6 +21,10 @@ from samvad.models import Profile, SessionStatus, StoreCounts
 from samvad.stores.base import ErasureCounts, SessionCursor, Store
 from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite
 
+__all__ = [
+    "AdkStore",
+]
+
 
 class AdkStore(Store):
     """ADK collections over another store; it does not own that store."""

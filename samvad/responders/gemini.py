@@ -27,6 +27,13 @@ from samvad.models import Role
 from samvad.responder import ReplyContext
 from samvad.responders import interruption_note
 
+__all__ = [
+    "DEFAULT_INSTRUCTION",
+    "DEFAULT_MODEL",
+    "GeminiResponder",
+    "from_settings",
+]
+
 DEFAULT_MODEL = "gemini-2.5-flash"
 DEFAULT_INSTRUCTION = (
     "You are a helpful voice assistant. Answer briefly, in plain spoken sentences, "

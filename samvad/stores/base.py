@@ -26,6 +26,15 @@ from samvad.errors import BadRequest
 from samvad.models import Profile, SessionStatus, StoreCounts
 from samvad.writes import Erase, FieldsWrite, ProfileWrite
 
+__all__ = [
+    "ErasureCounts",
+    "HistoryBounds",
+    "SessionCursor",
+    "Store",
+    "StoreRejected",
+    "StoreUnavailable",
+]
+
 
 class StoreUnavailable(Exception):
     """The backend could not be reached within its deadline (or failed transiently).

@@ -51,6 +51,11 @@ from samvad.stores.base import (
 )
 from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite
 
+__all__ = [
+    "PROBE_COLLECTION",
+    "FirestoreStore",
+]
+
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")

@@ -26,6 +26,10 @@ from samvad.models import Profile, SessionStatus, StoreCounts
 from samvad.stores.base import ErasureCounts, HistoryBounds, SessionCursor, Store
 from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite
 
+__all__ = [
+    "MemoryStore",
+]
+
 
 class MemoryStore(Store):
     """Documents in dictionaries, one per collection."""

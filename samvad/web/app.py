@@ -55,6 +55,13 @@ from samvad.web.schemas import (
 )
 from samvad.web.services import Readiness, Services, services
 
+__all__ = [
+    "StoreFactory",
+    "create_app",
+    "healthz",
+    "readyz",
+]
+
 logger = logging.getLogger(__name__)
 
 StoreFactory = Callable[[Settings], Store]

@@ -21,6 +21,13 @@ from starlette.types import Receive, Scope, Send
 
 from samvad.config import Settings
 
+__all__ = [
+    "EMULATOR_API_KEY",
+    "STATIC",
+    "firebase_config",
+    "routes",
+]
+
 STATIC = Path(__file__).parent / "static"
 #: The Web API key the page uses against the Auth emulator, which accepts any.
 EMULATOR_API_KEY = "demo-api-key"

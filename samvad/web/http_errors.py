@@ -25,6 +25,14 @@ from samvad.errors import (
 )
 from samvad.web.schemas import ErrorBody, WireResponse
 
+__all__ = [
+    "EXCEPTION_HANDLERS",
+    "error_response",
+    "http_exception",
+    "samvad_error",
+    "unexpected_error",
+]
+
 logger = logging.getLogger(__name__)
 
 _HTTP_MESSAGES = {

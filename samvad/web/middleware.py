@@ -21,6 +21,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from samvad.logs import parse_trace, request_id_var, session_id_var, trace_var, user_id_var
 from samvad.web.metrics import UNMATCHED_ROUTE, Metrics
 
+__all__ = [
+    "HOST_HEADER",
+    "MAX_REQUEST_ID_LENGTH",
+    "ORIGIN_HEADER",
+    "REQUEST_ID_HEADER",
+    "RequestContextMiddleware",
+    "WebSocketOriginMiddleware",
+    "origin_logger",
+    "route_label",
+]
+
 logger = logging.getLogger("samvad.access")
 origin_logger = logging.getLogger(__name__)
 

@@ -50,6 +50,47 @@ from samvad.validation import check_id, check_object, check_session_id
 from samvad.web import schemas
 from samvad.web.requests_json import parse_json
 
+__all__ = [
+    "DEFAULT_HISTORY_LIMIT",
+    "ERROR_CODES",
+    "FRAME_ERRORS",
+    "MAX_HISTORY_LIMIT",
+    "PROTOCOL_VERSION",
+    "ClientFrame",
+    "Close",
+    "CloseCode",
+    "ConnectionState",
+    "End",
+    "Frame",
+    "Interrupt",
+    "Ping",
+    "RateDecision",
+    "RateLimiter",
+    "Received",
+    "Reject",
+    "ServerProtocol",
+    "Start",
+    "StateUpdate",
+    "TokenBucket",
+    "UserMessage",
+    "ack_frame",
+    "encode",
+    "ended_frame",
+    "error_frame",
+    "frame_too_large",
+    "interrupted_frame",
+    "message_frame",
+    "parse_frame",
+    "pong_frame",
+    "reply_chunk_frame",
+    "reply_end_frame",
+    "reply_start_frame",
+    "resume_frame",
+    "started_frame",
+    "state_frame",
+    "state_json",
+]
+
 PROTOCOL_VERSION = 1
 
 #: How many history messages ``started`` carries unless ``historyLimit`` says otherwise.

@@ -95,6 +95,15 @@ from samvad.web.protocol import (
     state_frame,
 )
 
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "SHUTDOWN_DEADLINE",
+    "Connection",
+    "Hub",
+    "frame_of",
+    "routes",
+]
+
 logger = logging.getLogger(__name__)
 
 #: Seconds a close frame may take to go out before the connection is dropped.

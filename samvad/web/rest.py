@@ -71,6 +71,35 @@ from samvad.web.schemas import (
 )
 from samvad.web.services import services
 
+__all__ = [
+    "DEFAULT_HISTORY_LIMIT",
+    "DEFAULT_PAGE_SIZE",
+    "DEVICE_HEADER",
+    "MAX_CURSOR_LENGTH",
+    "MAX_PAGE_SIZE",
+    "PREFIX",
+    "active_sessions",
+    "append_history",
+    "create_session",
+    "delete_session",
+    "end_session",
+    "get_profile",
+    "get_session",
+    "get_state",
+    "history",
+    "list_sessions",
+    "malformed_path",
+    "ok",
+    "recent_history",
+    "refresh_user",
+    "routes",
+    "save_state",
+    "session",
+    "set_preferences",
+    "stats",
+    "user_state",
+]
+
 PREFIX = "/api/session"
 DEVICE_HEADER = "x-device-id"
 MAX_CURSOR_LENGTH = 1024
