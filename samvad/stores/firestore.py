@@ -440,8 +440,8 @@ class FirestoreStore(Store):
                 await batch.commit(**self._kw())
 
             await self._bounded(delete_user_docs)
-            sessions = await self._delete_where(SESSIONS, "userId", user_id)
-            interruptions = await self._delete_where(INTERRUPTIONS, "userId", user_id)
+            sessions = await self.delete_where(SESSIONS, where={"userId": user_id})
+            interruptions = await self.delete_where(INTERRUPTIONS, where={"userId": user_id})
             return ErasureCounts(sessions=sessions, interruptions=interruptions)
 
         session_id = erase.target_id
@@ -453,36 +453,10 @@ class FirestoreStore(Store):
             return 1 if snapshot.exists else 0
 
         sessions = await self._bounded(delete_session)
-        interruptions = await self._delete_where(INTERRUPTIONS, "sessionId", session_id)
+        interruptions = await self.delete_where(INTERRUPTIONS, where={"sessionId": session_id})
         return ErasureCounts(sessions=sessions, interruptions=interruptions)
 
-    async def _delete_where(self, collection: str, field: str, value: str) -> int:
-        """Delete every document of ``collection`` whose ``field`` is ``value``, in pages."""
-        query = (
-            self.client.collection(collection)
-            .where(filter=FieldFilter(field, "==", value))
-            .select([])
-            .limit(_DELETE_PAGE)
-        )
-        deleted = 0
-        while True:
-
-            async def page() -> int:
-                snapshots = await query.get(**self._kw())
-                if snapshots:
-                    batch = self.client.batch()
-                    for snapshot in snapshots:
-                        batch.delete(snapshot.reference)
-                    await batch.commit(**self._kw())
-                return len(snapshots)
-
-            count = await self._bounded(page, scale=2.0)
-            deleted += count
-            if count < _DELETE_PAGE:
-                return deleted
-
-    # -- queries by field (added for the ADK session service) ----------------
-    # Kept together in this block, apart from the rest of the store, to ease merging.
+    # -- queries by field (the ADK session service; erasure) ------------------
 
     def _where(self, collection: str, where: Mapping[str, Any]) -> Any:
         query: Any = self.client.collection(collection)
@@ -512,6 +486,7 @@ class FirestoreStore(Store):
             last = snapshots[-1]
 
     async def delete_where(self, collection: str, *, where: Mapping[str, Any]) -> int:
+        """Delete every document of ``collection`` matching ``where``, in pages."""
         query = self._where(collection, where).select([]).limit(_DELETE_PAGE)
         deleted = 0
         while True:
@@ -529,8 +504,6 @@ class FirestoreStore(Store):
             deleted += count
             if count < _DELETE_PAGE:
                 return deleted
-
-    # -- end of the queries by field ---------------------------------------
 
 
 _SELECT_PAGE = 500  # documents per page of select()
