@@ -13,6 +13,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -204,7 +205,9 @@ class ServerProcess:
         self.module = module
         self.store = store
         self.env = dict(env or {})
-        self.log_path = log_path or Path(f"/tmp/samvad-bench-server-{self.port}.log")
+        self.log_path = (
+            log_path or Path(tempfile.gettempdir()) / f"samvad-bench-server-{self.port}.log"
+        )
         self.open_files = open_files
         self.python = python or sys.executable
         self.process: subprocess.Popen[bytes] | None = None

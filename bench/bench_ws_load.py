@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -116,8 +117,8 @@ def main() -> None:
     for item in args.server_env:
         name, _, value = item.partition("=")
         env[name] = value
-    gc_stats = Path(f"/tmp/samvad-bench-gc-{os.getpid()}.json")
-    gc_types = Path(f"/tmp/samvad-bench-gc-types-{os.getpid()}.json")
+    gc_stats = Path(tempfile.gettempdir()) / f"samvad-bench-gc-{os.getpid()}.json"
+    gc_types = Path(tempfile.gettempdir()) / f"samvad-bench-gc-types-{os.getpid()}.json"
     if args.gc:
         env["SAMVAD_BENCH_GC"] = args.gc
         env["SAMVAD_BENCH_GC_STATS"] = str(gc_stats)
