@@ -50,6 +50,7 @@ from typing import Generic, TypeVar
 
 from samvad.barriers import Barriers
 from samvad.clock import Clock, SystemClock
+from samvad.config import Settings
 from samvad.errors import BacklogFull
 from samvad.models import Mode, PersistenceStatus, Profile
 from samvad.stores.base import Store, StoreRejected, StoreUnavailable
@@ -125,6 +126,20 @@ class WriteBehindConfig:
     probe_interval: float = 1.0
     probe_max_interval: float = 10.0
     reconnect_after_failed_probes: int = 3
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WriteBehindConfig:
+        """The queue's timing and bounds as the operator configured them."""
+        return cls(
+            flush_interval=settings.flush_interval,
+            linger=settings.flush_linger,
+            touch_interval=settings.touch_interval,
+            concurrency=settings.flush_concurrency,
+            max_pending=settings.max_pending_documents,
+            retry_max_backoff=settings.retry_max_backoff,
+            probe_interval=settings.probe_interval,
+            probe_max_interval=settings.probe_max_interval,
+        )
 
 
 @dataclass(slots=True)

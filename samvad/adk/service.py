@@ -263,16 +263,7 @@ class SamvadSessionService(BaseSessionService):
             await self._persistence.start()
         writes = WriteBehind(
             AdkStore(self._store, self.collections),
-            config=WriteBehindConfig(
-                flush_interval=s.flush_interval,
-                linger=s.flush_linger,
-                touch_interval=s.touch_interval,
-                concurrency=s.flush_concurrency,
-                max_pending=s.max_pending_documents,
-                retry_max_backoff=s.retry_max_backoff,
-                probe_interval=s.probe_interval,
-                probe_max_interval=s.probe_max_interval,
-            ),
+            config=WriteBehindConfig.from_settings(s),
             clock=self.clock,
         )
         await writes.start()
