@@ -48,6 +48,7 @@ __all__ = [
     "Departure",
     "Device",
     "Disconnect",
+    "Durable",
     "Engine",
     "Event",
     "FanOut",
@@ -80,6 +81,9 @@ ORPHAN_REPLY_GRACE = 30.0
 MAX_REPLY_CHARS = 16_384
 #: Sessions whose latest sequence number is remembered after their channel went.
 _REMEMBERED_SESSIONS = 100_000
+
+#: Client ids remembered per live session (besides those in the stored history).
+_REMEMBERED_CLIENT_IDS = 256
 
 #: A connected device, as the glue identifies it (opaque here).
 Device = Hashable
@@ -168,10 +172,12 @@ def plan_resume(
 
 @dataclass(frozen=True, slots=True)
 class Acked:
-    """The sender's message was stored (``ack``)."""
+    """The sender's message was stored (``ack``); ``duplicate`` when it had
+    been already (the same ``clientId`` again): nothing was stored this time."""
 
     message: Message
     client_id: str | None
+    duplicate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +233,14 @@ class StateChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class Durable:
+    """``durable``: every message of the session up to ``seq`` is in the store."""
+
+    session_id: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class SessionEnded:
     """``ended``."""
 
@@ -242,6 +256,7 @@ Event = (
     | ReplyInterrupted
     | StateChanged
     | SessionEnded
+    | Durable
 )
 
 
@@ -416,6 +431,22 @@ class Conversation:
         self.last_reply: Reply | None = None
         self.pending_interruption: Interruption | None = None
         self.orphan_deadline: float | None = None
+        #: Every message up to this sequence number is in the store.
+        self.durable_seq = 0
+        #: The user messages sent with a ``clientId``, by it (made on first use).
+        self.client_ids: OrderedDict[str, Message] | None = None
+
+    def remember_client_ids(self, messages: Iterable[Message]) -> None:
+        """Know ``messages``' client ids: a message sent again with one is a duplicate."""
+        for message in messages:
+            if message.client_id is None or message.role is not Role.USER:
+                continue
+            if self.client_ids is None:
+                self.client_ids = OrderedDict()
+            self.client_ids[message.client_id] = message
+            self.client_ids.move_to_end(message.client_id)
+            if len(self.client_ids) > _REMEMBERED_CLIENT_IDS:
+                self.client_ids.popitem(last=False)
 
     def __repr__(self) -> str:
         return f"<Conversation {self.session_id} {self.state.value}>"
@@ -536,6 +567,9 @@ class Engine:
         if conversation.state is SessionState.ORPHANED:
             conversation.move(SessionState.ACTIVE)
             conversation.orphan_deadline = None
+        # The stored history may hold what another instance (or this one before
+        # a restart) stored: a message sent again is found there too.
+        conversation.remember_client_ids(session_history)
         conversation.devices[device] = None
         self._of_device[device] = conversation
         self._by_user.setdefault(user_id, {})[device] = None
@@ -554,6 +588,7 @@ class Engine:
             user_id=session.user_id,
             session_history=snapshot.session_history,
         )
+        conversation.durable_seq = max(conversation.durable_seq, snapshot.durable_seq)
         if resume_from is None:
             return Opened(conversation)
         plan, in_flight = self.resume(conversation, snapshot.session_history, resume_from)
@@ -622,7 +657,13 @@ class Engine:
     # -- messages ----------------------------------------------------------------------
 
     def _append(
-        self, conversation: Conversation, role: Role, content: str, *, interrupted: bool = False
+        self,
+        conversation: Conversation,
+        role: Role,
+        content: str,
+        *,
+        interrupted: bool = False,
+        client_id: str | None = None,
     ) -> Message:
         """Store a message with the session's next sequence number (may raise BacklogFull)."""
         seq = conversation.last_seq + 1
@@ -633,7 +674,10 @@ class Engine:
             content=content,
             seq=seq,
             interrupted=interrupted,
+            client_id=client_id,
         )
+        if client_id is not None:
+            conversation.remember_client_ids((message,))
         conversation.last_seq = seq
         self._remember_seq(conversation.session_id, conversation.user_id, seq)
         conversation.recent.append(message)
@@ -661,10 +705,20 @@ class Engine:
     def user_message(self, device: Device, text: str, *, client_id: str | None = None) -> Message:
         """One turn: a user message from ``device`` cuts the reply in flight, is
         stored and acknowledged, reaches the user's other devices, and the
-        reply to it starts. :class:`BacklogFull` when it could not be stored."""
+        reply to it starts. :class:`BacklogFull` when it could not be stored.
+
+        A ``client_id`` this session already stored a message with (a client
+        re-sending after a reconnect) changes nothing: the sender gets the
+        original ``ack`` again, marked duplicate, and no second reply.
+        """
         conversation = self.conversation_of(device)
+        if client_id is not None and conversation.client_ids is not None:
+            original = conversation.client_ids.get(client_id)
+            if original is not None:
+                self.fanout.send([device], Acked(original, client_id, duplicate=True))
+                return original
         self._cut(conversation, reason="new_message")
-        message = self._append(conversation, Role.USER, text)
+        message = self._append(conversation, Role.USER, text, client_id=client_id)
         self.fanout.send([device], Acked(message, client_id))
         others = self._user_devices(conversation.user_id, skip=device)
         if others:
@@ -900,6 +954,20 @@ class Engine:
             self.erase_session(session_id)
         for session_id in [s for s, (owner, _) in self._seqs.items() if owner == user_id]:
             del self._seqs[session_id]
+
+    def durable(self, session_id: str, seq: int) -> None:
+        """Every message of ``session_id`` up to ``seq`` is in the store: tell its
+        devices, unless they know already (or the session is not live here)."""
+        conversation = self._sessions.get(session_id)
+        if conversation is None:
+            return
+        # Never past what this session numbered (a late write of an erased
+        # session's messages under the same id must not speak for the new one).
+        seq = min(seq, conversation.last_seq)
+        if seq <= conversation.durable_seq:
+            return
+        conversation.durable_seq = seq
+        self._broadcast(conversation, Durable(session_id, seq))
 
     def state_changed(self, state: UserState) -> None:
         """Every device of the user is told the new state."""

@@ -95,6 +95,8 @@ def encode_message(message: Message) -> Document:
         doc["interrupted"] = True
     if message.seq is not None:
         doc["seq"] = message.seq
+    if message.client_id is not None:
+        doc["clientId"] = message.client_id
     return doc
 
 
@@ -117,6 +119,7 @@ def decode_message(doc: Mapping[str, Any]) -> Message:
         message_id = "legacy-" + digest[:20]
     seq = doc.get("seq")
     session_id = doc.get("sessionId")
+    client_id = doc.get("clientId")
     return Message(
         id=message_id,
         role=role,
@@ -125,6 +128,7 @@ def decode_message(doc: Mapping[str, Any]) -> Message:
         session_id=session_id if isinstance(session_id, str) else None,
         interrupted=bool(doc.get("interrupted", False)),
         seq=seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
+        client_id=client_id if isinstance(client_id, str) else None,
     )
 
 

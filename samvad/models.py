@@ -63,10 +63,16 @@ class Message:
     session_id: str | None = None
     interrupted: bool = False
     seq: int | None = None
+    #: The id the sending client gave it (WebSocket ``clientId``): a message
+    #: re-sent with the same id in the same session is not stored twice.
+    client_id: str | None = None
 
     def stored_size(self) -> int:
         """Approximate bytes this message takes in the profile document."""
-        return len(self.content.encode()) + MESSAGE_OVERHEAD_BYTES
+        size = len(self.content.encode()) + MESSAGE_OVERHEAD_BYTES
+        if self.client_id is not None:
+            size += len(self.client_id.encode())
+        return size
 
 
 @dataclass(frozen=True, slots=True)

@@ -467,6 +467,7 @@ class Persistence:
         interrupted: bool = False,
         seq: int | None = None,
         message_id: str | None = None,
+        client_id: str | None = None,
     ) -> Message:
         """Append a message to a user's history; returns it with its id and timestamp."""
         now = self._now()
@@ -483,6 +484,7 @@ class Persistence:
             session_id=session_id,
             interrupted=interrupted,
             seq=seq,
+            client_id=client_id,
         )
         self._write_profile(
             ProfileWrite(user_id=user_id, append=[message], cap=self.settings.history_cap), now

@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 from samvad.clock import Clock
 from samvad.config import Settings
-from samvad.documents import STATE_SERVER_FIELDS
+from samvad.documents import PROFILES, STATE_SERVER_FIELDS
 from samvad.errors import BacklogFull, Conflict, NotFound, RateLimited
 from samvad.interruptions import Interruption, InterruptionStack
 from samvad.lifecycle import effective_status, idle_cutoff, list_user_sessions
@@ -66,6 +66,7 @@ from samvad.ratelimit import RateLimiter, RateLimits
 from samvad.responder import ReplyContext
 from samvad.stores.base import SessionCursor
 from samvad.validation import check_merged
+from samvad.writes import ProfileWrite
 
 __all__ = [
     "LiveSessions",
@@ -190,6 +191,9 @@ class StartSnapshot:
     #: This session's messages in the history (erased ones left out): the
     #: sequence numbers go on after them, and a resume may replay them.
     session_history: tuple[Message, ...]
+    #: Every message of the session up to this sequence number is in the
+    #: store (0 when nothing is known to be: a memory store, an outage).
+    durable_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,12 +563,36 @@ class SessionService:
         profile = await self.persistence.get_profile(user_id)
         history = profile.history if profile is not None else ()
         erased = self._erased_messages.get(session_id, frozenset())
+        ours = session_messages(history, session_id, erased)
         return StartSnapshot(
             session=session,
             state=state,
             history=history,
-            session_history=session_messages(history, session_id, erased),
+            session_history=ours,
+            durable_seq=self._durable_seq(user_id, session_id, ours),
         )
+
+    def _durable_seq(self, user_id: str, session_id: str, ours: tuple[Message, ...]) -> int:
+        """The highest ``seq`` up to which every message of the session is in the store.
+
+        Known only for a durable store whose profile view was read from it
+        (not during an outage): the stored history's highest, below the oldest
+        message of the session still waiting for the store.
+        """
+        persistence = self.persistence
+        cached = persistence.profiles.peek(user_id)
+        if not persistence.store.durable or cached is None or not cached.complete:
+            return 0
+        waiting = [
+            message.seq
+            for write in persistence.writes.pending_writes((PROFILES, user_id))
+            if isinstance(write, ProfileWrite)
+            for message in write.append
+            if message.session_id == session_id and message.seq is not None
+        ]
+        if waiting:
+            return max(0, min(waiting) - 1)
+        return max((m.seq for m in ours if m.seq is not None), default=0)
 
     def record_message(
         self,
@@ -575,6 +603,7 @@ class SessionService:
         content: str,
         seq: int,
         interrupted: bool = False,
+        client_id: str | None = None,
     ) -> Message:
         """Store one message of a live session with its sequence number (may raise
         :class:`BacklogFull`); ownership was settled when the session started."""
@@ -585,6 +614,7 @@ class SessionService:
             session_id=session_id,
             interrupted=interrupted,
             seq=seq,
+            client_id=client_id,
         )
         self.observer.message_stored(role, Transport.WEBSOCKET)
         return message

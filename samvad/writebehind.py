@@ -35,6 +35,12 @@ flushes writes to the store:
   appends merged in) is kept for the layer above to take
   (:meth:`WriteBehind.take_committed_profiles`) unless an erase covers it.
   The queue calls nothing above it; ``on_flush`` only observes (metrics).
+* **Durable messages** — after each profile write a durable store committed,
+  the messages it carried are handed to the :data:`DurableObserver` set with
+  :meth:`WriteBehind.observe_durable` (what the WebSocket ``durable`` frames
+  tell clients). A document's writes commit in order, so a session's messages
+  are reported in sequence order. Messages set aside as poison are reported
+  too: they are in the dead-letter, and sending them again would not help.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import heapq
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -52,11 +58,11 @@ from samvad.barriers import Barriers
 from samvad.clock import Clock, SystemClock
 from samvad.config import Settings
 from samvad.errors import BacklogFull
-from samvad.models import Mode, PersistenceStatus, Profile
+from samvad.models import Message, Mode, PersistenceStatus, Profile
 from samvad.stores.base import Store, StoreRejected, StoreUnavailable
 from samvad.writes import Barrier, Erase, FieldsWrite, Key, ProfileWrite, Write
 
-__all__ = ["FlushObserver", "Read", "WriteBehind", "WriteBehindConfig"]
+__all__ = ["DurableObserver", "FlushObserver", "Read", "WriteBehind", "WriteBehindConfig"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +74,11 @@ the reason). Called in a worker thread: it may do blocking I/O."""
 
 Confirm = Callable[[list[int]], None]
 """Told the journal sequence numbers of writes that no longer need replaying."""
+
+DurableObserver = Callable[[Sequence[Message]], None]
+"""Told the messages a profile write has just committed to a durable store.
+
+Called on the event loop after the commit; it must only take note (no I/O)."""
 
 FlushObserver = Callable[[str, float, bool], None]
 """Called after every store write with (collection or operation, seconds, succeeded).
@@ -169,6 +180,7 @@ class WriteBehind:
         self._on_flush = on_flush
         self._confirm = confirm
         self._dead_letter = dead_letter
+        self._on_durable: DurableObserver | None = None
 
         self._queued: dict[Key, _Entry] = {}
         self._inflight: dict[Key, _Entry] = {}
@@ -219,6 +231,13 @@ class WriteBehind:
                 logger.info("Firestore mode: writes go to the %s store", self._store.name)
             else:
                 logger.warning("Memory-only store: data is lost when the process ends")
+
+    def observe_durable(self, observer: DurableObserver | None) -> None:
+        """Tell ``observer`` the messages each profile write commits (None: stop).
+
+        Nothing is told with a store that is not durable (the memory store).
+        """
+        self._on_durable = observer if self._store.durable else None
 
     def admit(self, write: Write) -> None:
         """Raise :class:`BacklogFull` if :meth:`submit` would refuse ``write``."""
@@ -629,6 +648,16 @@ class WriteBehind:
             self._done(entry)
             if isinstance(result, Profile) and not self._barriers.raised(write.barriers):
                 self._committed[write.key] = (result, write.barriers)
+            if (
+                isinstance(write, ProfileWrite)
+                and write.append
+                and self._on_durable is not None
+                and not self._barriers.raised(write.barriers)
+            ):
+                try:
+                    self._on_durable(write.append)
+                except Exception:
+                    logger.exception("the durable-messages observer failed")
         finally:
             self._after_flush()
 

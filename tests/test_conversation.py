@@ -18,6 +18,7 @@ from samvad.conversation import (
     Conversation,
     Device,
     Disconnect,
+    Durable,
     Engine,
     Event,
     MessageStored,
@@ -159,6 +160,62 @@ async def test_one_turn_acks_streams_and_stores_with_sequence_numbers(world: Wor
     ]
     # A responder still producing after the end is told to stop.
     assert not world.engine.reply_chunk(reply, "more")
+
+
+async def test_a_client_id_sent_again_gets_the_original_ack_and_no_second_reply(
+    world: World,
+) -> None:
+    await world.join(ALICE_PHONE, "s1")
+    first = world.engine.user_message(ALICE_PHONE, "hello", client_id="c1")
+    stream(world, "Hi")
+    world.wire.take()
+    # Still pending (nothing is flushed here) and on another device of the session.
+    await world.join(ALICE_LAPTOP, "s1")
+    again = world.engine.user_message(ALICE_LAPTOP, "hello", client_id="c1")
+    assert again == first
+    assert world.wire.take() == [(ALICE_LAPTOP, Acked(first, "c1", duplicate=True))]
+    assert len(world.wire.started) == 1
+    # Another id is another message; the same id in another session is too.
+    world.engine.user_message(ALICE_PHONE, "hello", client_id="c2")
+    await world.join(ALICE_WATCH, "s2")
+    other = world.engine.user_message(ALICE_WATCH, "hello", client_id="c1")
+    assert other.session_id == "s2" and other.seq == 1
+    history = await world.history("alice")
+    stored = [(m.session_id, m.client_id) for m in history if m.role is Role.USER]
+    assert stored == [("s1", "c1"), ("s1", "c2"), ("s2", "c1")]
+
+
+async def test_a_client_id_is_found_in_the_stored_history_by_a_new_live_session(
+    world: World,
+) -> None:
+    await world.join(ALICE_PHONE, "s1")
+    first = world.engine.user_message(ALICE_PHONE, "hello", client_id="c1")
+    stream(world, "Hi")
+    world.engine.leave(ALICE_PHONE)
+    assert world.engine.conversation("s1") is None  # released: only the history knows
+    await world.join(ALICE_PHONE, "s1")
+    world.wire.take()
+    again = world.engine.user_message(ALICE_PHONE, "hello", client_id="c1")
+    assert again.id == first.id and again.seq == 1
+    assert world.wire.take() == [(ALICE_PHONE, Acked(again, "c1", duplicate=True))]
+
+
+async def test_durable_tells_the_session_s_devices_once_per_new_seq(world: World) -> None:
+    await world.join(ALICE_PHONE, "s1")
+    await world.join(ALICE_LAPTOP, "s1")
+    world.engine.user_message(ALICE_PHONE, "hello", client_id="c1")
+    stream(world, "Hi")
+    world.wire.take()
+    world.engine.durable("s1", 1)
+    world.engine.durable("s1", 1)  # known already
+    world.engine.durable("s1", 9)  # never past the session's own numbering
+    world.engine.durable("nobody", 3)
+    assert world.wire.take() == [
+        (ALICE_PHONE, Durable("s1", 1)),
+        (ALICE_LAPTOP, Durable("s1", 1)),
+        (ALICE_PHONE, Durable("s1", 2)),
+        (ALICE_LAPTOP, Durable("s1", 2)),
+    ]
 
 
 async def test_barge_in_stores_what_was_heard_and_hands_the_context_on_once(

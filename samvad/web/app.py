@@ -187,6 +187,8 @@ def create_app(
             verify = verify_token or (verifier.verify if verifier is not None else None)
             hub = realtime.Hub(service, settings=settings, metrics=metrics, verify_token=verify)
             service.bind_live(hub.engine)
+            # Commits become the devices' ``durable`` frames (ignored once the hub closes).
+            persistence.writes.observe_durable(hub.messages_durable)
             stack.push_async_callback(hub.close_all, code=1001, reason="server shutting down")
             if coherence is not None:
                 # What other instances tell their devices, the devices here hear too.

@@ -74,6 +74,7 @@ __all__ = [
     "TokenBucket",
     "UserMessage",
     "ack_frame",
+    "durable_frame",
     "encode",
     "ended_frame",
     "error_frame",
@@ -439,7 +440,8 @@ def _parse_message(frame: Struct) -> UserMessage:
     assert isinstance(frame, schemas.UserMessageFrame)
     if not frame.text.strip():
         raise InvalidField("text", "must not be empty")
-    return UserMessage(text=frame.text, final=frame.final, client_id=frame.client_id)
+    client_id = None if frame.client_id is None else check_id(frame.client_id, "clientId")
+    return UserMessage(text=frame.text, final=frame.final, client_id=client_id)
 
 
 def _parse_interrupt(frame: Struct) -> Interrupt:
@@ -540,13 +542,20 @@ def resume_frame(
     )
 
 
-def ack_frame(message: Message, client_id: str | None) -> schemas.AckFrame:
+def ack_frame(
+    message: Message, client_id: str | None, *, duplicate: bool = False
+) -> schemas.AckFrame:
     return schemas.AckFrame(
         seq=message.seq,
         message_id=message.id,
         client_id=client_id,
         timestamp=to_iso(message.timestamp),
+        duplicate=True if duplicate else UNSET,
     )
+
+
+def durable_frame(session_id: str, seq: int) -> schemas.DurableFrame:
+    return schemas.DurableFrame(session_id=session_id, seq=seq)
 
 
 def message_frame(message: Message) -> schemas.MessageFrame:

@@ -37,6 +37,7 @@ from samvad.conversation import (
     Conversation,
     Device,
     Disconnect,
+    Durable,
     Engine,
     Event,
     MessageStored,
@@ -59,6 +60,7 @@ from samvad.errors import (
     Unauthorized,
 )
 from samvad.logs import bind_log_context
+from samvad.models import Message
 from samvad.persistence import new_id
 from samvad.principal import ANONYMOUS, Principal
 from samvad.responder import Responder, load_responder
@@ -81,6 +83,7 @@ from samvad.web.protocol import (
     StateUpdate,
     UserMessage,
     ack_frame,
+    durable_frame,
     encode,
     ended_frame,
     error_frame,
@@ -97,6 +100,7 @@ from samvad.web.protocol import (
 
 __all__ = [
     "CLOSE_TIMEOUT",
+    "DURABLE_INTERVAL",
     "SHUTDOWN_DEADLINE",
     "Connection",
     "Hub",
@@ -110,6 +114,8 @@ logger = logging.getLogger(__name__)
 CLOSE_TIMEOUT = 5.0
 #: Seconds ``close_all`` waits for connection handlers at shutdown.
 SHUTDOWN_DEADLINE = 10.0
+#: Fewest seconds between two rounds of ``durable`` frames (one per session each).
+DURABLE_INTERVAL = 0.25
 
 _ids = itertools.count(1)
 
@@ -125,7 +131,7 @@ def frame_of(event: Event) -> Frame:
     if isinstance(event, ReplyChunk):
         return reply_chunk_frame(event.reply_id, index=event.index, text=event.text)
     if isinstance(event, Acked):
-        return ack_frame(event.message, event.client_id)
+        return ack_frame(event.message, event.client_id, duplicate=event.duplicate)
     if isinstance(event, MessageStored):
         return message_frame(event.message)
     if isinstance(event, ReplyStarted):
@@ -144,6 +150,8 @@ def frame_of(event: Event) -> Frame:
         )
     if isinstance(event, StateChanged):
         return state_frame(event.state)
+    if isinstance(event, Durable):
+        return durable_frame(event.session_id, event.seq)
     return ended_frame(event.session_id)
 
 
@@ -352,6 +360,10 @@ class Connection:
                     },
                 )
             )
+        if hub.durable_frames:
+            # Before any ack: a client learns at once that it should keep its
+            # messages until they are durable, and how far they are.
+            self.send(durable_frame(session_id, channel.durable_seq))
         logger.info(
             "connection %s started session %s for user %s%s",
             self.id,
@@ -480,6 +492,11 @@ class Hub:
         self._replies: dict[Reply, asyncio.Task[None]] = {}
         self._timers: set[asyncio.TimerHandle] = set()
         self._closed: asyncio.Future[None] | None = None
+        #: ``durable`` frames are sent (the store is durable: not the memory store).
+        self.durable_frames = self.service.persistence.store.durable
+        self._durable_due: dict[str, int] = {}
+        self._durable_timer: asyncio.TimerHandle | None = None
+        self._durable_sent_at = float("-inf")
         s = self.settings
         self.limits = {
             "maxFrameBytes": s.ws_max_frame_bytes,
@@ -637,6 +654,31 @@ class Hub:
         if code == RateLimited.code and self.metrics is not None:
             self.metrics.rate_limited.labels("websocket").inc()
 
+    # -- durable frames ------------------------------------------------------------------
+
+    def messages_durable(self, messages: Sequence[Message]) -> None:
+        """The write-behind's ``DurableObserver``: a profile write committed
+        ``messages``. Their sessions' devices hear of it in the next round of
+        ``durable`` frames (at most one round per ``DURABLE_INTERVAL``)."""
+        if self.closing:
+            return
+        due = self._durable_due
+        for message in messages:
+            session_id, seq = message.session_id, message.seq
+            if session_id is not None and seq is not None and seq > due.get(session_id, 0):
+                due[session_id] = seq
+        if due and self._durable_timer is None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._durable_sent_at + DURABLE_INTERVAL - loop.time())
+            self._durable_timer = loop.call_later(delay, self._send_durable)
+
+    def _send_durable(self) -> None:
+        self._durable_timer = None
+        self._durable_sent_at = asyncio.get_running_loop().time()
+        due, self._durable_due = self._durable_due, {}
+        for session_id, seq in due.items():
+            self.engine.durable(session_id, seq)
+
     # -- tasks -----------------------------------------------------------------------
 
     def spawn(
@@ -689,6 +731,9 @@ class Hub:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        if self._durable_timer is not None:
+            self._durable_timer.cancel()
+            self._durable_timer = None
         # What was sent is stored, marked interrupted; not a barge-in.
         self.engine.shutdown()
         connections = list(self._connections)

@@ -514,6 +514,16 @@ class AckFrame(_Frame, tag="ack", kw_only=True):
     message_id: str
     client_id: str | None
     timestamp: Timestamp
+    duplicate: (
+        Annotated[
+            bool,
+            Meta(
+                description="The clientId was stored before: this is the original ack again; "
+                "nothing was stored and no reply follows."
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class MessageFrame(_Frame, tag="message", kw_only=True):
@@ -566,6 +576,17 @@ class EndedFrame(_Frame, tag="ended", kw_only=True):
     session_id: str
 
 
+class DurableFrame(_Frame, tag="durable", kw_only=True):
+    """Every message of the session with ``seq`` up to this one is in Firestore.
+
+    Sent right after ``started`` (and ``resume``) by a server whose store is
+    durable, then as the write-behind commits (at most about four a second);
+    never by a server on the memory store."""
+
+    session_id: str
+    seq: Count
+
+
 ServerFrame = (
     StartedFrame
     | ResumeFrame
@@ -579,6 +600,7 @@ ServerFrame = (
     | PongFrame
     | ErrorFrame
     | EndedFrame
+    | DurableFrame
 )
 SERVER_FRAMES: tuple[type[_Frame], ...] = get_args(ServerFrame)
 

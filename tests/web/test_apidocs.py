@@ -464,7 +464,8 @@ async def test_every_frame_of_a_real_session_matches_the_asyncapi_document(
 
     frames = one.items + two.items + three.items
     seen = {frame["type"] for frame in frames}
-    assert seen == set(validators), set(validators) - seen
+    # ``durable`` needs a durable store: tests/web/test_durable.py checks those frames.
+    assert seen == set(validators) - {"durable"}, set(validators) - seen
     for frame in frames:
         validators[frame["type"]].validate(frame)
     resumed = next(f for f in three.items if f["type"] == "resume")
