@@ -9,6 +9,12 @@
 Frames are plain dicts, as in ``docs/protocol.md``. The client tracks the
 highest sequence number it has seen (:attr:`SamvadClient.last_seq`), which is
 what a reconnect passes as ``resume_from`` to get the missed messages replayed.
+
+Every message gets a ``clientId`` and stays in :attr:`SamvadClient.pending`
+until the server no longer needs it: until its ``ack``, or, with a server that
+sends ``durable`` frames (a Firestore store), until Firestore has it.
+:meth:`SamvadClient.reconnect` resumes the session and sends the pending
+messages again; the server stores each ``clientId`` once.
 """
 
 from __future__ import annotations
@@ -17,16 +23,19 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, WebSocketException
 
 __all__ = [
     "Exchange",
     "Frame",
+    "Outgoing",
     "Reply",
     "SamvadClient",
     "ServerError",
@@ -77,6 +86,17 @@ class Reply:
     interrupted: bool = False
 
 
+@dataclass(slots=True)
+class Outgoing:
+    """A message sent and kept until the server no longer needs it."""
+
+    client_id: str
+    text: str
+    #: From its ``ack``; None until then.
+    seq: int | None = None
+    message_id: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Exchange:
     """A user message, its ``ack``, the reply, and every frame seen meanwhile."""
@@ -93,8 +113,16 @@ class SamvadClient:
         self.connection = connection
         self.started: Started | None = None
         self.last_seq = 0
+        #: Every message of the session up to this ``seq`` is in Firestore.
+        self.durable_seq = 0
+        #: The server sends ``durable`` frames: messages are kept until durable.
+        self.keeps_until_durable = False
+        self._outbox: dict[str, Outgoing] = {}
         self._heartbeat_interval = heartbeat
         self._heartbeat: asyncio.Task[None] | None = None
+        self._url: str | None = None
+        self._start_options: dict[str, Any] = {}
+        self._connect_options: dict[str, Any] = {}
 
     @classmethod
     async def connect(
@@ -119,6 +147,14 @@ class SamvadClient:
         """
         connection = await connect(url, **options)
         client = cls(connection, heartbeat=heartbeat)
+        client._url, client._connect_options = url, dict(options)
+        client._start_options = {
+            "user_id": user_id,
+            "language": language,
+            "metadata": metadata,
+            "token": token,
+            "history_limit": history_limit,
+        }
         try:
             await client.start(
                 user_id=user_id,
@@ -196,6 +232,10 @@ class SamvadClient:
     def _track(self, frame: Frame) -> None:
         kind = frame.get("type")
         seq: Any = None
+        if kind == "ack":
+            self._acked(frame)
+        elif kind == "durable":
+            self._durable(frame)
         if kind in ("ack", "reply.end") or (kind == "interrupted" and not frame.get("late")):
             seq = frame.get("seq")
         elif kind == "message":
@@ -206,6 +246,77 @@ class SamvadClient:
             seq = frame.get("lastSeq")
         if isinstance(seq, int) and seq > self.last_seq:
             self.last_seq = seq
+
+    # -- keeping messages until they are safe ---------------------------------------
+
+    @property
+    def pending(self) -> list[Outgoing]:
+        """The messages kept for a re-send, oldest first: not yet acknowledged,
+        or (with a server that sends ``durable`` frames) not yet durable."""
+        return list(self._outbox.values())
+
+    def _acked(self, frame: Frame) -> None:
+        entry = self._outbox.get(str(frame.get("clientId")))
+        if entry is None:
+            return
+        seq = frame.get("seq")
+        entry.seq = seq if isinstance(seq, int) else None
+        entry.message_id = frame.get("messageId")
+        if not self.keeps_until_durable or (
+            entry.seq is not None and entry.seq <= self.durable_seq
+        ):
+            del self._outbox[entry.client_id]
+
+    def _durable(self, frame: Frame) -> None:
+        if self.started is not None and frame.get("sessionId") != self.started.session_id:
+            return
+        self.keeps_until_durable = True
+        seq = frame.get("seq")
+        if isinstance(seq, int) and seq > self.durable_seq:
+            self.durable_seq = seq
+        for entry in list(self._outbox.values()):
+            if entry.seq is not None and entry.seq <= self.durable_seq:
+                del self._outbox[entry.client_id]
+
+    async def wait_durable(self, within: float | None = 30.0) -> None:
+        """Read frames until no message is pending (each one durable, or
+        acknowledged with a server that sends no ``durable`` frames)."""
+        async with asyncio.timeout(within):
+            while self._outbox:
+                await self.recv()
+
+    async def reconnect(
+        self, url: str | None = None, *, within: float = 30.0, resend: bool = True
+    ) -> Started:
+        """Connect again (to ``url``, or the same URL), resume the session from
+        :attr:`last_seq` and send every pending message again with its
+        ``clientId``: the server stores what it does not have and answers the
+        rest with their original ``ack`` (``duplicate: true``).
+
+        Tries again with a growing pause until ``within`` seconds have passed.
+        """
+        if self.started is None or self._url is None:
+            raise RuntimeError("Cannot reconnect a client that never started a session.")
+        self._url = url or self._url
+        with contextlib.suppress(Exception):
+            await self.close()
+        pause = 0.1
+        async with asyncio.timeout(within):
+            while True:
+                try:
+                    self.connection = await connect(self._url, **self._connect_options)
+                    break
+                except (OSError, InvalidHandshake, WebSocketException) as exc:
+                    logger.debug("reconnect failed (%s); trying again", type(exc).__name__)
+                    await asyncio.sleep(pause)
+                    pause = min(2.0, pause * 2)
+        started = await self.start(
+            session_id=self.started.session_id, resume_from=self.last_seq, **self._start_options
+        )
+        if resend:
+            for entry in list(self._outbox.values()):
+                await self._send_message(entry.text, entry.client_id, final=True)
+        return started
 
     # -- the protocol ------------------------------------------------------------
 
@@ -246,7 +357,9 @@ class SamvadClient:
             limits=answer["limits"],
             resume=resume,
         )
-        if resume_from is None:
+        if resume_from is None or (resume is not None and resume.get("reason") == "unknown_seq"):
+            # unknown_seq: the server lost what it had (a restart before Firestore
+            # had it); go on from its numbering, and re-send what is pending.
             self.last_seq = answer["lastSeq"]
         if self._heartbeat_interval is not None and self._heartbeat is None:
             self._heartbeat = asyncio.create_task(self._beat(self._heartbeat_interval))
@@ -260,8 +373,22 @@ class SamvadClient:
             raise ServerError({"code": "unexpected_frame", "message": f"{kind} expected: {frame}"})
         return frame
 
-    async def message(self, text: str, *, client_id: str | None = None, final: bool = True) -> None:
-        """Send a user message (or an interim transcript with ``final=False``)."""
+    async def message(
+        self, text: str, *, client_id: str | None = None, final: bool = True
+    ) -> str | None:
+        """Send a user message (or an interim transcript with ``final=False``).
+
+        Returns its ``clientId`` (made up when not given); the message is kept
+        in :attr:`pending` until the server no longer needs it. Interim
+        transcripts are neither stored nor kept (None).
+        """
+        if final:
+            client_id = client_id or f"c-{uuid.uuid4().hex}"
+            self._outbox.setdefault(client_id, Outgoing(client_id, text))
+        await self._send_message(text, client_id, final=final)
+        return client_id if final else None
+
+    async def _send_message(self, text: str, client_id: str | None, *, final: bool) -> None:
         frame: Frame = {"type": "message", "text": text, "final": final}
         if client_id is not None:
             frame["clientId"] = client_id
@@ -271,7 +398,7 @@ class SamvadClient:
         self, text: str, *, client_id: str | None = None, within: float | None = 30.0
     ) -> Exchange:
         """Send a message and wait for its ``ack`` and the whole reply."""
-        await self.message(text, client_id=client_id)
+        client_id = await self.message(text, client_id=client_id)
         seen: list[Frame] = []
         async with asyncio.timeout(within):
             ack = await self.wait_for("ack", seen=seen, within=None)

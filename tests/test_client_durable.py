@@ -1,0 +1,100 @@
+"""``SamvadClient`` keeps each message until Firestore has it, and sends the
+rest again after a reconnect: the Cloud Run shape (no journal), ``kill -9``
+of a real ``samvad serve`` process, the real emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import pytest
+from google.cloud.firestore import AsyncClient
+
+from samvad.client import SamvadClient
+from samvad.config import Settings
+from samvad.documents import PROFILES
+from samvad.web.app import create_app
+from tests.support.serve import ServeProcess, start_serve
+from tests.support.server import live_server
+
+MESSAGES = 20  # 40 with the replies: below the history cap
+
+
+async def serve(tmp_path: Path, name: str, emulator: str, project: str, **env: str) -> ServeProcess:
+    return await asyncio.to_thread(
+        start_serve,
+        tmp_path,
+        name,
+        SAMVAD_STORE="firestore",
+        FIRESTORE_EMULATOR_HOST=emulator,
+        GOOGLE_CLOUD_PROJECT=project,
+        SAMVAD_JOURNAL="off",  # Cloud Run: the disk is memory, gone with the instance
+        SAMVAD_RESPONDER_CHUNK_DELAY_SECONDS="0",
+        **env,
+    )
+
+
+@pytest.mark.firestore
+@pytest.mark.timeout(300)
+async def test_kill_9_before_durable_then_the_client_sends_again_nothing_lost_or_doubled(
+    tmp_path: Path,
+    firestore_emulator: str,
+    firestore_project: str,
+    firestore_client: AsyncClient,
+) -> None:
+    user, session = "cr-user", "cr-session"
+    texts = [f"message {i:02d}" for i in range(MESSAGES)]
+    # A document written again within a minute of its last write waits: after
+    # the first flush, nothing more of this user reaches Firestore before the kill.
+    first = await serve(
+        tmp_path, "first", firestore_emulator, firestore_project,
+        SAMVAD_FLUSH_INTERVAL_SECONDS="60",
+    )  # fmt: skip
+    try:
+        client = await SamvadClient.connect(
+            first.ws_url, user_id=user, session_id=session, heartbeat=None
+        )
+        for text in texts:
+            await client.ask(text)
+        assert client.keeps_until_durable
+        kept = [entry.text for entry in client.pending]
+        assert kept, "every message was durable before the kill: the test proves nothing"
+        assert kept == texts[len(texts) - len(kept) :]
+    finally:
+        assert await asyncio.to_thread(first.stop, signal.SIGKILL) == -signal.SIGKILL
+
+    second = await serve(tmp_path, "second", firestore_emulator, firestore_project)
+    try:
+        await client.reconnect(second.ws_url)
+        await client.wait_durable(within=60)
+        assert client.pending == []
+        await client.close()
+    finally:
+        assert await asyncio.to_thread(second.stop) == 0
+
+    snapshot = await firestore_client.collection(PROFILES).document(user).get()
+    history = (snapshot.to_dict() or {})["conversationHistory"]
+    ours = [m for m in history if m.get("sessionId") == session]
+    assert [m["content"] for m in ours if m["role"] == "user"] == texts
+    seqs = [m["seq"] for m in ours]
+    assert seqs == sorted(set(seqs))
+
+
+async def test_without_durable_frames_a_message_is_kept_until_its_ack() -> None:
+    settings = Settings(store="memory", ws_reply_chunk_delay=0.0)
+    async with live_server(create_app(settings)) as server:
+        client = await SamvadClient.connect(
+            f"{server.ws_url}/ws", user_id="mem-user", session_id="mem-s", heartbeat=None
+        )
+        async with client:
+            client_id = await client.message("hello")
+            assert [e.client_id for e in client.pending] == [client_id]
+            ack = await client.wait_for("ack")
+            assert ack["clientId"] == client_id
+            assert client.pending == [] and not client.keeps_until_durable
+            await client.read_reply()
+            # Sent again (as a reconnect would): the original ack, no second reply.
+            await client.message("hello", client_id=client_id)
+            again = await client.wait_for("ack")
+            assert again == {**ack, "duplicate": True}
