@@ -437,6 +437,8 @@ export class SamvadClient {
     if (!this._resuming || previousSession !== frame.sessionId) {
       this.lastSeq = frame.lastSeq;
     }
+    // Another session's durable seq says nothing of this one.
+    if (previousSession !== frame.sessionId) this.durableSeq = 0;
     this.attempt = 0;
     this._unauthorizedInARow = 0;
     if (!this._resuming) {
