@@ -2,7 +2,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from samvad.documents import decode_profile, empty_profile, encode_message, profile_with
+from samvad.documents import (
+    decode_message,
+    decode_profile,
+    empty_profile,
+    encode_message,
+    profile_with,
+)
 from samvad.history import history_bytes
 from samvad.models import Message, Role
 
@@ -53,3 +59,14 @@ def test_profile_with_is_idempotent_for_a_replayed_message() -> None:
     )
     assert again.history == profile.history
     assert again.history_bytes == profile.history_bytes
+
+
+def test_a_message_keeps_its_client_id_in_the_history_document() -> None:
+    sent = Message(
+        id="m1", role=Role.USER, content="hi", timestamp=T0, session_id="s1", seq=1, client_id="c1"
+    )
+    doc = encode_message(sent)
+    assert doc["clientId"] == "c1"
+    assert decode_message(doc) == sent
+    assert "clientId" not in encode_message(msg(2))
+    assert decode_message({**doc, "clientId": 7}).client_id is None  # not ours: ignored

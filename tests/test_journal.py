@@ -144,7 +144,10 @@ def test_every_write_type_round_trips_with_timestamps_and_awkward_values() -> No
                     session_id="s1",
                     interrupted=True,
                     seq=7,
-                )
+                ),
+                Message(
+                    id="m2", role=Role.USER, content="hi", timestamp=T0, seq=8, client_id="c-8"
+                ),
             ],
             preferences={"voice": "calm"},
             cap=50,

@@ -229,6 +229,7 @@ async def doors(firestore_emulator: str) -> AsyncIterator[Doors]:
         assert response.status_code == 200, response.text
         await ws.send(json.dumps({"type": "start", "userId": USER, "sessionId": SESSION}))
         assert (await _next_frame(ws))["type"] == "started"
+        assert (await _next_frame(ws))["type"] == "durable"  # follows started on Firestore
         await _flush(server)
         yield Doors(server, http, ws, firestore, await _snapshot(firestore))
     await close_client(firestore)
