@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from websockets.asyncio.client import ClientConnection
 
 from samvad.config import Settings
 from samvad.documents import PROFILES
+from samvad.models import Message, Role
 from samvad.web import schemas
 from samvad.web.app import create_app
 from tests.support.faultproxy import FaultProxy
@@ -293,3 +295,34 @@ async def test_the_memory_store_sends_no_durable_frames_and_still_deduplicates(
         await sock.next("pong")
     assert sock.of("durable") == []
     assert len(sock.of("reply.start")) == 1
+
+
+async def test_commits_close_together_make_one_durable_frame_with_the_highest_seq(
+    memory_server: LiveServer,
+) -> None:
+    # The hub's side alone (the memory store commits nothing durable): what
+    # the write-behind reports in one interval is told once, as its highest seq.
+    hub = memory_server.services.hub
+    session = "dur-round-s"
+
+    def committed(*seqs: int) -> list[Message]:
+        at = datetime.now(UTC)
+        return [Message(f"m{s}", Role.USER, "x", at, session_id=session, seq=s) for s in seqs]
+
+    async with websockets.connect(f"{memory_server.ws_url}/ws") as ws:
+        sock = Socket(ws)
+        await sock.send(type="start", userId="dur-round", sessionId=session)
+        await sock.next("started")
+        for i in range(3):
+            await _converse(sock, f"m{i}", f"c{i}")  # seqs 1 to 6
+        hub.messages_durable(committed(1))
+        hub.messages_durable(committed(2, 3))
+        hub.messages_durable([*committed(4), *committed(2)])
+        assert await sock.next("durable") == {"type": "durable", "sessionId": session, "seq": 4}
+        hub.messages_durable(committed(3))  # told already: nothing more
+        hub.messages_durable(committed(5))
+        hub.messages_durable(committed(99))  # never past the session's own numbering
+        assert await sock.next("durable") == {"type": "durable", "sessionId": session, "seq": 6}
+        await sock.send(type="ping", ts=1)
+        await sock.next("pong")
+    assert [f["seq"] for f in sock.of("durable")] == [4, 6]
