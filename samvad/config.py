@@ -110,6 +110,10 @@ class Settings:
     max_object_fields: int = 2000
     session_idle_timeout: float = 1800.0
     session_retention_days: int = 30
+    #: How long an Idempotency-Key answers its first response (``samvad.idempotency``).
+    idempotency_ttl: float = 86_400.0
+    #: Bytes of first responses kept in memory (a miss reads Firestore).
+    idempotency_cache_bytes: int = 16 * 1024 * 1024
     persist_interruptions: bool = False
 
     # WebSocket
@@ -228,6 +232,10 @@ class Settings:
             ),
             session_retention_days=env.integer(
                 "SAMVAD_SESSION_RETENTION_DAYS", d.session_retention_days, lo=1
+            ),
+            idempotency_ttl=env.number("SAMVAD_IDEMPOTENCY_TTL_SECONDS", d.idempotency_ttl, lo=1.0),
+            idempotency_cache_bytes=env.integer(
+                "SAMVAD_IDEMPOTENCY_CACHE_BYTES", d.idempotency_cache_bytes, lo=0
             ),
             persist_interruptions=env.flag("SAMVAD_PERSIST_INTERRUPTIONS", d.persist_interruptions),
             ws_max_frame_bytes=env.integer(

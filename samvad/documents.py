@@ -18,6 +18,7 @@ from samvad.history import history_bytes, in_time_order, merge, order_key, trim
 from samvad.models import Message, Profile, Role, Session, SessionStatus, UserState
 
 __all__ = [
+    "IDEMPOTENCY_KEYS",
     "INTERRUPTIONS",
     "PROFILES",
     "SESSIONS",
@@ -40,6 +41,8 @@ STATES = "user_states"
 PROFILES = "user_profiles"
 SESSIONS = "sessions"
 INTERRUPTIONS = "interruptions"
+#: First responses to REST writes sent with an Idempotency-Key (``samvad.idempotency``).
+IDEMPOTENCY_KEYS = "idempotency_keys"
 
 Document = dict[str, Any]
 

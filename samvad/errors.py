@@ -19,6 +19,7 @@ __all__ = [
     "Conflict",
     "Forbidden",
     "FrameTooLarge",
+    "IdempotencyKeyReused",
     "IdleTimeout",
     "InvalidField",
     "MalformedJson",
@@ -145,6 +146,14 @@ class Conflict(SamvadError):
     status_code = 409
     close_code = 4409
     code = "conflict"
+
+
+class IdempotencyKeyReused(SamvadError):
+    """An ``Idempotency-Key`` already answered a different request (``samvad.idempotency``)."""
+
+    status_code = 422
+    close_code = 1008
+    code = "idempotency_key_reused"
 
 
 class PayloadTooLarge(SamvadError):

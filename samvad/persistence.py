@@ -188,6 +188,8 @@ class Persistence:
         # write, and what other instances wrote and erased.
         self._taps: list[Callable[[Write], None]] = []
         self.remote = RemoteWrites(ttl=REMOTE_WRITES_TTL, hold=REMOTE_ERASE_HOLD, timer=timer)
+        # Told of every erased user here or elsewhere (None: maybe any user).
+        self._erase_listeners: list[Callable[[str | None], None]] = []
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -778,6 +780,7 @@ class Persistence:
         self.profiles.discard(user_id)
         for session_id in session_ids:
             self.sessions.discard(session_id)
+        self._tell_erased(user_id)
         logger.info("erased user %s (%d sessions)", user_id, len(session_ids))
         return UserErasure(
             user_state=state is not None,
@@ -893,6 +896,7 @@ class Persistence:
         """Forget every cached view (what other instances did is not fully known)."""
         for cache in (self.states, self.profiles, self.sessions):
             cache.invalidate_all()
+        self._tell_erased(None)
 
     def _invalidate_erased(self, scope: EraseScope, target_id: str) -> None:
         if scope is EraseScope.SESSION:
@@ -903,6 +907,28 @@ class Persistence:
         for session_id, session in self.sessions.items():
             if session.user_id == target_id:
                 self.sessions.invalidate(session_id)
+        self._tell_erased(target_id)
+
+    # -- records kept for a layer above (samvad.idempotency) --------------------
+
+    def submit_record(self, write: FieldsWrite) -> None:
+        """Queue (and journal) a write of a document no view here caches; it sits
+        behind the barriers of its user, so an erase of the user drops it."""
+        self._submit(write)
+
+    async def read_record(self, collection: str, doc_id: str, user_id: str) -> Document | None:
+        """A document of :meth:`submit_record`'s, with the unconfirmed writes laid over."""
+        read = await self._read_doc(collection, doc_id, (user_barrier(user_id),))
+        return self._overlay_fields(read.value, read.writes)
+
+    def add_erase_listener(self, listener: Callable[[str | None], None]) -> None:
+        """Call ``listener`` with a user id whenever that user is erased, here or on
+        another instance, and with None when any user may have been (coherence lost)."""
+        self._erase_listeners.append(listener)
+
+    def _tell_erased(self, user_id: str | None) -> None:
+        for listener in self._erase_listeners:
+            listener(user_id)
 
     # -- stats -----------------------------------------------------------------
 

@@ -39,6 +39,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "write-behind": ("samvad.barriers", "samvad.journal", "samvad.writebehind"),
     "persistence": (
         "samvad.coherence",
+        "samvad.idempotency",
         "samvad.lifecycle",
         "samvad.overlay",
         "samvad.persistence",

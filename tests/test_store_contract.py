@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from samvad.documents import INTERRUPTIONS, PROFILES, SESSIONS, STATES
+from samvad.documents import IDEMPOTENCY_KEYS, INTERRUPTIONS, PROFILES, SESSIONS, STATES
 from samvad.firestore_client import make_client
 from samvad.models import Message, Role, SessionStatus
 from samvad.stores.base import HistoryBounds, SessionCursor, Store
@@ -201,6 +201,21 @@ async def test_erasing_a_user_deletes_everything_of_theirs_only(store: Store) ->
         assert await store.get(collection, doc_id) is None
     assert await store.get(STATES, "u2") == {"a": 1}
     assert await store.get(SESSIONS, "other") is not None
+
+
+async def test_erasing_a_user_deletes_their_idempotency_records_only(store: Store) -> None:
+    for doc_id, user in [("k1", "u1"), ("k2", "u1"), ("k3", "u2")]:
+        record = {"userId": user, "status": 200, "body": "{}", "expireAt": T0}
+        await store.write_fields(fields(IDEMPOTENCY_KEYS, doc_id, user, **record))
+    await store.erase(Erase(EraseScope.USER, "u1"))
+    assert await store.get(IDEMPOTENCY_KEYS, "k1") is None
+    assert await store.get(IDEMPOTENCY_KEYS, "k2") is None
+    assert await store.get(IDEMPOTENCY_KEYS, "k3") == {
+        "userId": "u2",
+        "status": 200,
+        "body": "{}",
+        "expireAt": T0,
+    }
 
 
 async def test_erasing_a_session_deletes_it_and_its_interruptions(store: Store) -> None:

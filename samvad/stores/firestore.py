@@ -29,6 +29,7 @@ from google.cloud.firestore_v1.types import firestore as firestore_pb
 from google.cloud.firestore_v1.types import write as write_pb
 
 from samvad.documents import (
+    IDEMPOTENCY_KEYS,
     INTERRUPTIONS,
     PROFILES,
     SESSIONS,
@@ -442,6 +443,7 @@ class FirestoreStore(Store):
             await self._bounded(delete_user_docs)
             sessions = await self.delete_where(SESSIONS, where={"userId": user_id})
             interruptions = await self.delete_where(INTERRUPTIONS, where={"userId": user_id})
+            await self.delete_where(IDEMPOTENCY_KEYS, where={"userId": user_id})
             return ErasureCounts(sessions=sessions, interruptions=interruptions)
 
         session_id = erase.target_id

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from samvad.documents import (
+    IDEMPOTENCY_KEYS,
     INTERRUPTIONS,
     PROFILES,
     SESSIONS,
@@ -94,6 +95,7 @@ class MemoryStore(Store):
             self._docs(STATES).pop(erase.target_id, None)
             self._docs(PROFILES).pop(erase.target_id, None)
             sessions = self._delete_where(SESSIONS, "userId", erase.target_id)
+            self._delete_where(IDEMPOTENCY_KEYS, "userId", erase.target_id)
         else:
             sessions = 1 if self._docs(SESSIONS).pop(erase.target_id, None) is not None else 0
         interruptions = self._delete_where(INTERRUPTIONS, field, erase.target_id)

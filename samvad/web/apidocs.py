@@ -49,6 +49,13 @@ class _Op:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+_IDEMPOTENCY = (
+    (
+        "Idempotency-Key",
+        msgspec.json.schema(s.IdempotencyKey),
+        "Makes a retry of this write safe (see docs/api.md).",
+    ),
+)
 _LIMIT = {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}
 _API = "/api/session"
 
@@ -58,13 +65,14 @@ _OPS: tuple[_Op, ...] = (
         f"{_API}/{{userId}}/state",
         "Save (merge) a user's session state",
         s.StateSaved,
-        (413, 503),
+        (413, 422, 503),
         body=s.JsonObject,
         example={"language": "en", "conversationContext": {"topic": "home loans"}},
         description="Each top-level field replaces the stored one; updatedAt and isActive "
         "are set by the server. The merged state is bounded in top-level keys, fields and "
         "bytes (SAMVAD_MAX_OBJECT_KEYS, SAMVAD_MAX_OBJECT_FIELDS, "
         "SAMVAD_MAX_MERGED_OBJECT_BYTES).",
+        headers=_IDEMPOTENCY,
     ),
     _Op("get", f"{_API}/{{userId}}/state", "Get a user's session state", s.StateFound, (404,)),
     _Op(
@@ -79,10 +87,11 @@ _OPS: tuple[_Op, ...] = (
         f"{_API}/{{userId}}/history",
         "Append a message to a user's history",
         s.MessageAppended,
-        (409, 413, 503),
+        (409, 413, 422, 503),
         body=s.HistoryBody,
         example={"role": "user", "content": "What documents do I need?"},
         description="A sessionId of null is the same as none.",
+        headers=_IDEMPOTENCY,
     ),
     _Op(
         "get",
@@ -106,10 +115,13 @@ _OPS: tuple[_Op, ...] = (
         f"{_API}/create",
         "Create a session, or update and re-activate it",
         s.SessionSaved,
-        (409, 413, 503),
+        (409, 413, 422, 503),
         body=s.CreateSessionBody,
         example={"sessionId": "session_123", "userId": "user_456", "language": "en"},
-        headers=(("X-Device-ID", msgspec.json.schema(s.Id), "Recorded as metadata.deviceId."),),
+        headers=(
+            ("X-Device-ID", msgspec.json.schema(s.Id), "Recorded as metadata.deviceId."),
+            *_IDEMPOTENCY,
+        ),
     ),
     _Op("get", f"{_API}/{{sessionId}}", "Get a session", s.SessionFound, (404,)),
     _Op(
@@ -169,6 +181,7 @@ _ERRORS = {
     404: "Not found",
     409: "The session belongs to another user",
     413: "Body larger than the limit (64 KiB by default), or a merge past the byte bound",
+    422: "The Idempotency-Key was already used with a different request",
     429: "Too many requests for this user; see the Retry-After header",
     503: "Too many writes wait for Firestore, or credentials cannot be checked right now; "
     "retry shortly",

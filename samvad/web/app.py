@@ -24,6 +24,7 @@ from samvad.clock import Clock, SystemClock
 from samvad.coherence import Coherence
 from samvad.config import AUTH_EMULATOR_VARIABLE, Settings, auth_emulator_host
 from samvad.fanout import RemoteFanOut
+from samvad.idempotency import IdempotencyKeys
 from samvad.interruptions import InterruptionStack
 from samvad.models import Role
 from samvad.persistence import Persistence
@@ -205,6 +206,11 @@ def create_app(
                 interruptions=interruptions,
                 service=service,
                 hub=hub,
+                idempotency=IdempotencyKeys(
+                    persistence,
+                    ttl=settings.idempotency_ttl,
+                    cache_bytes=settings.idempotency_cache_bytes,
+                ),
                 verify_token=verify,
                 coherence=coherence,
             )

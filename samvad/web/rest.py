@@ -40,6 +40,7 @@ from samvad.service import SessionService
 from samvad.stores.base import SessionCursor
 from samvad.validation import check_id, check_object, check_session_id, decode_path_segment
 from samvad.web.auth import authenticate
+from samvad.web.idempotency import claim_key, idempotent
 from samvad.web.requests_json import decode_body, read_json_object
 from samvad.web.schemas import (
     ActiveSessions,
@@ -168,12 +169,14 @@ def _language(value: str | None) -> str | None:
 # -- the original's endpoints --------------------------------------------------------
 
 
+@idempotent("state")
 async def save_state(request: Request) -> Response:
     """``POST /api/session/{userId}/state``: merge the body into the user's state."""
     principal = await _caller(request)
     user_id = _user_id(request)
     principal.require_user(user_id)
     body = check_object(await _body(request), "state")
+    await claim_key(request, user_id, body)
     await _use_cases(request).save_state(principal, user_id, body)
     return ok(StateSaved(user_id=user_id))
 
@@ -194,6 +197,7 @@ async def get_profile(request: Request) -> Response:
     return ok(ProfileFound(user_id=user_id, profile=profile_view(profile)))
 
 
+@idempotent("history")
 async def append_history(request: Request) -> Response:
     """``POST /api/session/{userId}/history``: append one message."""
     principal = await _caller(request)
@@ -203,6 +207,7 @@ async def append_history(request: Request) -> Response:
     session_id = body.session_id
     if session_id is not None:
         session_id = check_session_id(session_id)
+    await claim_key(request, user_id, body)
     message = await _use_cases(request).append_message(
         principal, user_id, role=body.role, content=body.content, session_id=session_id
     )
@@ -211,6 +216,7 @@ async def append_history(request: Request) -> Response:
     )
 
 
+@idempotent("create")
 async def create_session(request: Request) -> Response:
     """``POST /api/session/create``: create a session, or update and re-activate it."""
     principal = await _caller(request)
@@ -226,6 +232,7 @@ async def create_session(request: Request) -> Response:
     device = request.headers.get(DEVICE_HEADER)
     if device is not None:
         metadata["deviceId"] = check_id(device, "X-Device-ID")
+    await claim_key(request, user_id, body, metadata)
     session = await _use_cases(request).create_session(
         principal, session_id=session_id, user_id=user_id, language=language, metadata=metadata
     )

@@ -118,6 +118,19 @@ StateObject = Annotated[
         },
     ),
 ]
+IdempotencyKey = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=255,
+        description="1 to 255 printable ASCII characters (a UUID is a good key). The same "
+        "key with the same request answers the first response again (header "
+        "Idempotent-Replayed: true) and writes nothing; with another request: 422. Keys are "
+        "per user and operation, kept SAMVAD_IDEMPOTENCY_TTL_SECONDS (24 h by default).",
+        # Enforced by samvad.web.idempotency.read_key (HTTP strips white space at either end).
+        extra_json_schema={"pattern": r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$"},
+    ),
+]
 Language = Annotated[str, Meta(min_length=1, max_length=64)]
 ShortText = Annotated[str, Meta(max_length=128)]
 Count = Annotated[int, Meta(ge=0)]

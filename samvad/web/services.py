@@ -16,6 +16,7 @@ from starlette.requests import HTTPConnection
 from samvad.clock import Clock
 from samvad.coherence import Coherence
 from samvad.config import Settings
+from samvad.idempotency import IdempotencyKeys
 from samvad.interruptions import InterruptionStack
 from samvad.persistence import Persistence
 from samvad.service import SessionService
@@ -85,6 +86,8 @@ class Services:
     service: SessionService
     #: Live WebSocket connections and the conversation engine's glue.
     hub: Hub
+    #: First responses of REST writes sent with an Idempotency-Key.
+    idempotency: IdempotencyKeys
     #: Checks Firebase ID tokens when ``settings.auth`` is not ``off``
     #: (``samvad.web.auth``); None when authentication is off.
     verify_token: TokenVerifier | None
