@@ -55,6 +55,8 @@ def test_values_are_read_from_the_environment() -> None:
         ("SAMVAD_PERSIST_INTERRUPTIONS", "maybe", "true or false"),
         ("SAMVAD_PORT", "70000", "at most"),
         ("SAMVAD_FIRESTORE_DEADLINE_SECONDS", "0", "at least"),
+        ("SAMVAD_IDEMPOTENCY_TTL_SECONDS", "0", "at least"),
+        ("SAMVAD_IDEMPOTENCY_CACHE_BYTES", "-1", "at least"),
         ("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/key.json", "not a readable file"),
     ],
 )
@@ -63,6 +65,14 @@ def test_a_bad_value_fails_with_the_variable_name(name: str, value: str, fragmen
         Settings.from_env({name: value})
     assert name in str(info.value)
     assert fragment in str(info.value)
+
+
+def test_idempotency_keys_are_kept_a_day_by_default_and_configurable() -> None:
+    assert Settings.from_env({}).idempotency_ttl == 86_400.0
+    settings = Settings.from_env(
+        {"SAMVAD_IDEMPOTENCY_TTL_SECONDS": "172800", "SAMVAD_IDEMPOTENCY_CACHE_BYTES": "0"}
+    )
+    assert (settings.idempotency_ttl, settings.idempotency_cache_bytes) == (172_800.0, 0)
 
 
 def test_blank_values_mean_the_default() -> None:
