@@ -274,6 +274,14 @@ def _openapi() -> dict[str, Any]:
         }
         if op.description:
             operation["description"] = op.description
+        if _IDEMPOTENCY[0] in op.headers:
+            operation["responses"]["200"]["headers"] = {
+                "Idempotent-Replayed": {
+                    "description": "true when this is the recorded answer to an "
+                    "Idempotency-Key used before (nothing was written)",
+                    "schema": {"type": "string", "enum": ["true"]},
+                }
+            }
         for name, schema, text in op.query:
             operation["parameters"].append(
                 {

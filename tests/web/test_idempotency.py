@@ -23,6 +23,7 @@ from samvad.clock import ManualClock
 from samvad.config import Settings
 from samvad.documents import IDEMPOTENCY_KEYS, PROFILES, SESSIONS, STATES
 from samvad.idempotency import record_id
+from samvad.web.apidocs import openapi_document
 from samvad.web.app import create_app
 from tests.support.serve import ServeProcess, start_serve
 from tests.support.server import live_server
@@ -416,3 +417,22 @@ async def test_a_key_used_on_one_instance_answers_on_another(
     finally:
         await asyncio.gather(stop(a), stop(b))
     assert await history(firestore_client, "u1") == ["hello"]
+
+
+def test_the_openapi_document_describes_the_header_on_the_three_writes_only() -> None:
+    paths = openapi_document()["paths"]
+    described = set()
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            params = {p["name"]: p for p in operation.get("parameters", [])}
+            if KEY in params:
+                described.add((method, path))
+                schema = params[KEY]["schema"]
+                assert (schema["minLength"], schema["maxLength"]) == (1, 255)
+                assert "422" in operation["responses"]
+                assert "Idempotent-Replayed" in operation["responses"]["200"]["headers"]
+    assert described == {
+        ("post", "/api/session/{userId}/state"),
+        ("post", "/api/session/{userId}/history"),
+        ("post", "/api/session/create"),
+    }
