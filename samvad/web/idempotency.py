@@ -55,7 +55,6 @@ def read_key(request: Request) -> str | None:
 @dataclass(slots=True)
 class _Pending:
     route: str
-    key: str
     claim: Claim | None = None
 
 
@@ -74,10 +73,11 @@ def idempotent(route: str) -> Callable[[Handler], Handler]:
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
         async def run(request: Request) -> Response:
-            key = read_key(request)
-            if key is None:
+            # The value is checked in claim_key, after the caller is
+            # authenticated: who may not act gets a 401/403, not a 400.
+            if HEADER not in request.headers:
                 return await handler(request)
-            pending = _Pending(route=route, key=key)
+            pending = _Pending(route=route)
             request.state.idempotency = pending
             try:
                 response = await handler(request)
@@ -116,8 +116,10 @@ async def claim_key(request: Request, user_id: str, *request_parts: object) -> N
     pending: _Pending | None = getattr(request.state, "idempotency", None)
     if pending is None:
         return
+    key = read_key(request)
+    assert key is not None  # the header is there: idempotent() saw it
     answer = await services(request).idempotency.begin(
-        user_id=user_id, route=pending.route, key=pending.key, request=fingerprint(request_parts)
+        user_id=user_id, route=pending.route, key=key, request=fingerprint(request_parts)
     )
     if isinstance(answer, Recorded):
         raise _Replay(answer)

@@ -436,3 +436,25 @@ def test_the_openapi_document_describes_the_header_on_the_three_writes_only() ->
         ("post", "/api/session/{userId}/history"),
         ("post", "/api/session/create"),
     }
+
+
+async def test_a_caller_who_may_not_write_hears_401_before_any_word_on_the_key(
+    firestore_emulator: str, firestore_project: str, firestore_client: AsyncClient
+) -> None:
+    settings = settings_for(
+        firestore_emulator, firestore_project, auth="firebase", api_keys=("k" * 32,)
+    )
+    async with serving(settings) as api:
+        anonymous = await api.http.post(
+            HISTORY.format("u1"), json={"role": "user", "content": "hi"}, headers={KEY: b"caf\xe9"}
+        )
+        assert anonymous.status_code == 401
+        service = await api.http.post(
+            HISTORY.format("u1"),
+            json={"role": "user", "content": "hi"},
+            headers={KEY: b"caf\xe9", "X-API-Key": "k" * 32},
+        )
+        assert service.status_code == 400
+        assert service.json()["code"] == "invalid_field"
+        await api.flush()
+    assert await history(firestore_client, "u1") == []
