@@ -61,7 +61,7 @@ class ViewCache(Generic[K, V]):
         self._absent: TTLCache[K, bool] = TTLCache(
             maxsize=maxsize, ttl=min(ttl, absent_ttl), timer=timer
         )
-        self._loading: dict[K, asyncio.Task[V | None]] = {}
+        self._loading: dict[K, asyncio.Task[tuple[V | None, bool]]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -108,14 +108,22 @@ class ViewCache(Generic[K, V]):
     async def get(self, key: K, load: Loader[V], *, want_complete: bool = True) -> V | None:
         """The value for ``key``, loading it on a miss (or when an incomplete entry
         should be completed, ``want_complete``)."""
+        value, _complete = await self.lookup(key, load, want_complete=want_complete)
+        return value
+
+    async def lookup(
+        self, key: K, load: Loader[V], *, want_complete: bool = True
+    ) -> tuple[V | None, bool]:
+        """:meth:`get`, and whether its answer is complete: False when it was built
+        without the store (memory-only mode), an absence included."""
         entry = self._data.get(key)
         if entry is not None and (entry.complete or not want_complete):
             self.hits += 1
-            return entry.value
+            return entry.value, entry.complete
         absent = self._absent.get(key)
         if absent is not None and (absent or not want_complete):
             self.hits += 1
-            return None
+            return None, absent
         task = self._loading.get(key)
         if task is None:
             self.misses += 1
@@ -123,19 +131,19 @@ class ViewCache(Generic[K, V]):
             self._loading[key] = task
         return await asyncio.shield(task)
 
-    async def _load(self, key: K, load: Loader[V]) -> V | None:
+    async def _load(self, key: K, load: Loader[V]) -> tuple[V | None, bool]:
         task = asyncio.current_task()
         try:
             value, complete = await load()
             if self._loading.get(key) is not task:
-                return value  # invalidated while it ran: not cached
+                return value, complete  # invalidated while it ran: not cached
             if value is not None:
                 self._data[key] = Cached(value, complete)
                 self._absent.pop(key, None)
             else:
                 self._data.pop(key, None)
                 self._absent[key] = complete
-            return value
+            return value, complete
         finally:
             if self._loading.get(key) is task:
                 del self._loading[key]

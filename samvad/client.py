@@ -71,6 +71,8 @@ class Started:
     limits: dict[str, Any]
     #: The ``resume`` frame, when the start asked to resume.
     resume: dict[str, Any] | None = None
+    #: Firestore could not be read: ``state`` and ``history`` may lack data.
+    history_incomplete: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +358,7 @@ class SamvadClient:
             resumed=answer["resumed"],
             limits=answer["limits"],
             resume=resume,
+            history_incomplete=answer.get("historyIncomplete", False),
         )
         if resume_from is None or (resume is not None and resume.get("reason") == "unknown_seq"):
             # unknown_seq: the server lost what it had (a restart before Firestore

@@ -17,6 +17,7 @@ __all__ = [
     "BadRequest",
     "ConfigError",
     "Conflict",
+    "DataUnavailable",
     "Forbidden",
     "FrameTooLarge",
     "IdempotencyKeyReused",
@@ -218,3 +219,21 @@ class AuthUnavailable(SamvadError):
     status_code = 503
     close_code = 1013
     code = "auth_unavailable"
+
+
+class DataUnavailable(SamvadError):
+    """Firestore cannot be read right now (memory-only mode) and what this instance
+    holds in memory may not be all there is: the answer would be a guess.
+
+    Raised instead of :class:`NotFound` (or a partial answer) so that nobody is
+    told a user or session does not exist when it may. ``retry_after`` is the
+    number of seconds until the write-behind next probes Firestore.
+    """
+
+    status_code = 503
+    close_code = 1013
+    code = "data_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

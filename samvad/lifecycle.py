@@ -58,8 +58,9 @@ async def list_user_sessions(
     status: SessionStatus | None,
     limit: int,
     cursor: SessionCursor | None,
-) -> tuple[list[Session], str | None]:
-    """One page of a user's sessions by *effective* status, and the next cursor."""
+) -> tuple[list[Session], str | None, bool]:
+    """One page of a user's sessions by *effective* status, the next cursor, and
+    whether the page is complete (False when built without Firestore)."""
     cutoff = idle_cutoff(persistence)
     if status is SessionStatus.ACTIVE:
         page = await persistence.list_sessions(
@@ -68,10 +69,10 @@ async def list_user_sessions(
         fresh = [s for s in page.sessions if effective_status(s, cutoff) is SessionStatus.ACTIVE]
         # Newest first: once one is idle, every later one is too.
         next_cursor = page.next_cursor if len(fresh) == len(page.sessions) else None
-        return fresh, next_cursor
+        return fresh, next_cursor, page.complete
     if status is not SessionStatus.ABANDONED:
         page = await persistence.list_sessions(user_id, status=status, limit=limit, cursor=cursor)
-        return list(page.sessions), page.next_cursor
+        return list(page.sessions), page.next_cursor, page.complete
     # Abandoned: those marked so, merged with the active ones idle past the
     # cut-off (the idle ones start right below it in the same ordering).
     idle_start = SessionCursor(last_activity=cutoff - _MS, session_id=_LAST_ID)
@@ -98,4 +99,4 @@ async def list_user_sessions(
     if more and sessions:
         last_activity, session_id = _position(sessions[-1])
         next_cursor = SessionCursor(last_activity=last_activity, session_id=session_id).encode()
-    return sessions, next_cursor
+    return sessions, next_cursor, marked.complete and idle.complete

@@ -124,10 +124,14 @@ class Session:
 
 @dataclass(frozen=True, slots=True)
 class SessionPage:
-    """One page of a session listing; ``next_cursor`` is None on the last page."""
+    """One page of a session listing; ``next_cursor`` is None on the last page.
+
+    ``complete`` is False when the page was built without Firestore (memory-only
+    mode): it holds only the sessions this instance knows of."""
 
     sessions: tuple[Session, ...]
     next_cursor: str | None = None
+    complete: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -380,17 +380,27 @@ class Persistence:
     def _want_complete(self) -> bool:
         return self.writes.mode is Mode.FIRESTORE
 
+    def retry_after(self) -> float:
+        """Seconds until Firestore may be read again: the write-behind's next probe."""
+        return self.writes.retry_after()
+
     # -- user state ----------------------------------------------------------
 
     async def get_state(self, user_id: str) -> UserState | None:
-        """A user's state, or None when they have none."""
+        """A user's state, or None when they have none (or, in memory-only mode,
+        none that this instance knows of: :meth:`read_state` tells which)."""
+        return (await self.read_state(user_id))[0]
+
+    async def read_state(self, user_id: str) -> tuple[UserState | None, bool]:
+        """:meth:`get_state`, and whether the answer is complete: False when it was
+        built without Firestore, so that None does not mean there is no state."""
 
         async def load() -> tuple[UserState | None, bool]:
             read = await self._read_doc(STATES, user_id, (user_barrier(user_id),))
             doc = self._overlay_fields(read.value, read.writes)
             return (decode_state(user_id, doc) if doc is not None else None), read.complete
 
-        return await self.states.get(user_id, load, want_complete=self._want_complete())
+        return await self.states.lookup(user_id, load, want_complete=self._want_complete())
 
     def save_state(self, user_id: str, data: Mapping[str, Any]) -> UserState:
         """Merge ``data`` into a user's state (each top-level field replaced whole).
@@ -432,7 +442,13 @@ class Persistence:
     # -- profile and history -----------------------------------------------
 
     async def get_profile(self, user_id: str) -> Profile | None:
-        """A user's profile with its bounded history, or None when they have none."""
+        """A user's profile with its bounded history, or None when they have none
+        (or none that this instance knows of: :meth:`read_profile` tells which)."""
+        return (await self.read_profile(user_id))[0]
+
+    async def read_profile(self, user_id: str) -> tuple[Profile | None, bool]:
+        """:meth:`get_profile`, and whether the answer is complete: False when it was
+        built without Firestore (the stored history may hold more)."""
         s = self.settings
 
         async def load() -> tuple[Profile | None, bool]:
@@ -450,7 +466,7 @@ class Persistence:
             return self._overlay_profile(profile, read.writes), read.complete
 
         self._adopt_committed()
-        return await self.profiles.get(user_id, load, want_complete=self._want_complete())
+        return await self.profiles.lookup(user_id, load, want_complete=self._want_complete())
 
     async def recent_history(self, user_id: str, limit: int) -> tuple[Message, ...]:
         """The last ``limit`` messages of a user's history, oldest first."""
@@ -521,6 +537,14 @@ class Persistence:
     # -- sessions ----------------------------------------------------------
 
     async def get_session(self, session_id: str) -> Session | None:
+        """A session, or None when there is none (or none that this instance
+        knows of: :meth:`read_session` tells which)."""
+        return (await self.read_session(session_id))[0]
+
+    async def read_session(self, session_id: str) -> tuple[Session | None, bool]:
+        """:meth:`get_session`, and whether the answer is complete: False when it
+        was built without Firestore, so that None does not mean there is none."""
+
         async def load() -> tuple[Session | None, bool]:
             read = await self._read_doc(SESSIONS, session_id, (session_barrier(session_id),))
             doc = read.value
@@ -531,7 +555,7 @@ class Persistence:
             doc = self._overlay_fields(doc, read.writes)
             return (decode_session(session_id, doc) if doc is not None else None), read.complete
 
-        return await self.sessions.get(session_id, load, want_complete=self._want_complete())
+        return await self.sessions.lookup(session_id, load, want_complete=self._want_complete())
 
     def _write_session(
         self, session: Session, *, touch: bool = False, must_exist: bool = False
@@ -692,7 +716,7 @@ class Persistence:
                 assert last.last_activity is not None
                 next_cursor = SessionCursor(last_activity=last.last_activity, session_id=last.id)
         encoded = next_cursor.encode() if next_cursor is not None else None
-        return SessionPage(sessions=tuple(page), next_cursor=encoded)
+        return SessionPage(sessions=tuple(page), next_cursor=encoded, complete=read.complete)
 
     async def active_sessions(self, user_id: str) -> tuple[Session, ...]:
         """A user's active sessions, most recent first (at most 100)."""

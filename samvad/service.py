@@ -46,7 +46,7 @@ from typing import Any, Protocol
 from samvad.clock import Clock
 from samvad.config import Settings
 from samvad.documents import PROFILES, STATE_SERVER_FIELDS
-from samvad.errors import BacklogFull, Conflict, NotFound, RateLimited
+from samvad.errors import BacklogFull, Conflict, DataUnavailable, NotFound, RateLimited
 from samvad.interruptions import Interruption, InterruptionStack
 from samvad.lifecycle import effective_status, idle_cutoff, list_user_sessions
 from samvad.logs import bind_log_context
@@ -88,6 +88,8 @@ logger = logging.getLogger(__name__)
 REPLY_HISTORY = 20
 #: Erased sessions whose earlier messages are remembered as not theirs any more.
 _REMEMBERED_ERASURES = 100_000
+#: Active sessions listed at most (``GET /user/{userId}/active``).
+_ACTIVE_LISTED = 100
 
 
 class Transport(StrEnum):
@@ -194,6 +196,9 @@ class StartSnapshot:
     #: Every message of the session up to this sequence number is in the
     #: store (0 when nothing is known to be: a memory store, an outage).
     durable_seq: int = 0
+    #: False when the state or history was read without Firestore (memory-only
+    #: mode): they hold only what this instance knows, and may lack the rest.
+    history_complete: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +300,28 @@ class SessionService:
             return live_owner, stored
         return (stored.user_id or None) if stored is not None else None, stored
 
+    def _known(self, complete: bool) -> None:
+        """Refuse to answer from a view built without Firestore (:class:`DataUnavailable`):
+        an answer from it could deny data that exists, or leave part of it out."""
+        if not complete:
+            raise DataUnavailable(
+                "Firestore cannot be reached right now, so this cannot be read; try again shortly.",
+                retry_after=self.persistence.retry_after(),
+            )
+
+    async def _known_owner(self, session_id: str) -> str | None:
+        """:meth:`session_owner`'s owner, for a use case whose answer depends on
+        whether the session exists: :class:`DataUnavailable` rather than None
+        when that cannot be known (memory-only mode, a session not in memory)."""
+        stored, complete = await self.persistence.read_session(session_id)
+        live_owner = self.live.owner(session_id)
+        if live_owner is not None:
+            return live_owner
+        if stored is None:
+            self._known(complete)
+            return None
+        return stored.user_id or None
+
     def _limit(self, limiter: RateLimiter | None, key: str) -> None:
         if limiter is None:
             return
@@ -327,7 +354,8 @@ class SessionService:
     async def get_state(self, principal: Principal, user_id: str) -> UserState:
         """The user's state; :class:`NotFound` when they have none."""
         self.authorize(principal, user_id)
-        state = await self.persistence.get_state(user_id)
+        state, complete = await self.persistence.read_state(user_id)
+        self._known(complete)
         if state is None:
             raise NotFound("User state not found")
         return state
@@ -335,7 +363,8 @@ class SessionService:
     async def get_profile(self, principal: Principal, user_id: str) -> Profile:
         """The user's profile with its bounded history; :class:`NotFound` without one."""
         self.authorize(principal, user_id)
-        profile = await self.persistence.get_profile(user_id)
+        profile, complete = await self.persistence.read_profile(user_id)
+        self._known(complete)
         if profile is None:
             raise NotFound("User profile not found")
         return profile
@@ -345,16 +374,19 @@ class SessionService:
     ) -> tuple[tuple[Message, ...], int]:
         """The last ``limit`` messages, oldest first, and the length of the whole history."""
         self.authorize(principal, user_id)
-        profile = await self.persistence.get_profile(user_id)
+        profile, complete = await self.persistence.read_profile(user_id)
+        self._known(complete)
         history = profile.history if profile is not None else ()
         return history[-limit:], len(history)
 
     async def set_preferences(
         self, principal: Principal, user_id: str, preferences: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """Merge ``preferences`` key by key; returns the merged preferences."""
+        """Merge ``preferences`` key by key; returns the merged preferences
+        (:class:`DataUnavailable` when the stored ones cannot be read)."""
         self.authorize(principal, user_id)
-        profile = await self.persistence.get_profile(user_id)
+        profile, complete = await self.persistence.read_profile(user_id)
+        self._known(complete)
         merged = {**(profile.preferences if profile else {}), **preferences}
         self._check_merged_size("preferences", merged)
         self.persistence.set_preferences(user_id, preferences)
@@ -413,7 +445,8 @@ class SessionService:
         self, principal: Principal, session_id: str
     ) -> tuple[Session, SessionStatus]:
         """A session and its effective status (``abandoned`` once idle too long)."""
-        session = await self.persistence.get_session(session_id)
+        session, complete = await self.persistence.read_session(session_id)
+        self._known(complete)
         if session is None:
             raise NotFound("Session not found")
         self.authorize(principal, session.user_id)
@@ -427,7 +460,7 @@ class SessionService:
         ``user_id``: the user the caller acts as (a live connection's), who must
         still own the session (:func:`ensure_owner`) when the end takes effect.
         """
-        owner, _ = await self.session_owner(session_id)
+        owner = await self._known_owner(session_id)
         if owner is None:
             raise NotFound("Session not found")
         self.authorize(principal, owner)
@@ -457,11 +490,11 @@ class SessionService:
         """The user's sessions that are active (not idle past the time-out), newest first."""
         self.authorize(principal, user_id)
         cutoff = idle_cutoff(self.persistence)
-        return [
-            s
-            for s in await self.persistence.active_sessions(user_id)
-            if effective_status(s, cutoff) is SessionStatus.ACTIVE
-        ]
+        page = await self.persistence.list_sessions(
+            user_id, status=SessionStatus.ACTIVE, limit=_ACTIVE_LISTED
+        )
+        self._known(page.complete)
+        return [s for s in page.sessions if effective_status(s, cutoff) is SessionStatus.ACTIVE]
 
     async def list_sessions(
         self,
@@ -474,9 +507,10 @@ class SessionService:
     ) -> tuple[list[tuple[Session, SessionStatus]], str | None]:
         """One page of the user's sessions with their effective status, and the next cursor."""
         self.authorize(principal, user_id)
-        sessions, next_cursor = await list_user_sessions(
+        sessions, next_cursor, complete = await list_user_sessions(
             self.persistence, user_id, status=status, limit=limit, cursor=cursor
         )
+        self._known(complete)
         cutoff = idle_cutoff(self.persistence)
         return [(s, effective_status(s, cutoff)) for s in sessions], next_cursor
 
@@ -503,7 +537,7 @@ class SessionService:
 
     async def delete_session(self, principal: Principal, session_id: str) -> SessionDeletion:
         """Erase one session: its document, interruptions and live channel."""
-        owner, _ = await self.session_owner(session_id)
+        owner = await self._known_owner(session_id)
         if owner is None:
             # Only interruptions may be left of the session: they name its user.
             if self.interruptions.count(session_id) == 0:
@@ -559,8 +593,10 @@ class SessionService:
         session = await self.persistence.save_session(
             session_id, user_id=user_id, language=language, metadata=metadata
         )
-        state = await self.persistence.get_state(user_id)
-        profile = await self.persistence.get_profile(user_id)
+        # Memory-only mode does not stop a start: it goes on with what this
+        # instance holds, and says so (``historyIncomplete``).
+        state, state_complete = await self.persistence.read_state(user_id)
+        profile, profile_complete = await self.persistence.read_profile(user_id)
         history = profile.history if profile is not None else ()
         erased = self._erased_messages.get(session_id, frozenset())
         ours = session_messages(history, session_id, erased)
@@ -570,6 +606,7 @@ class SessionService:
             history=history,
             session_history=ours,
             durable_seq=self._durable_seq(user_id, session_id, ours),
+            history_complete=state_complete and profile_complete,
         )
 
     def _durable_seq(self, user_id: str, session_id: str, ours: tuple[Message, ...]) -> int:

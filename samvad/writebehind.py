@@ -204,10 +204,14 @@ class WriteBehind:
         self._ok_since_recovery = 0
 
         self._wake = asyncio.Event()
+        self._reachable = asyncio.Event()
+        self._reachable.set()
         self._empty = asyncio.Event()
         self._empty.set()
         self._runner: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
+        #: ``clock.monotonic()`` of the prober's next ping (memory-only mode).
+        self._next_probe_at = 0.0
         self._flushes: set[asyncio.Task[None]] = set()
 
     # -- public API --------------------------------------------------------
@@ -398,6 +402,19 @@ class WriteBehind:
             return Read(value=None, writes=pending(), stored=False, erased=True)
         return Read(value=value, writes=[*before, *pending()], stored=stored, erased=False)
 
+    async def reachable(self) -> None:
+        """Return once the queue is in ``firestore`` mode (at once if it is)."""
+        await self._reachable.wait()
+
+    def retry_after(self) -> float:
+        """Seconds until the store may be read again: until the prober's next
+        ping in memory-only mode (one probe interval if none is scheduled), 0
+        while the store is in use."""
+        if self._mode is Mode.FIRESTORE:
+            return 0.0
+        wait = self._next_probe_at - self._clock.monotonic()
+        return wait if wait > 0 else self._config.probe_interval
+
     @property
     def pending_count(self) -> int:
         return len(self._queued) + len(self._inflight)
@@ -408,6 +425,7 @@ class WriteBehind:
         if self._mode is Mode.MEMORY:
             return
         self._mode = Mode.MEMORY
+        self._reachable.clear()
         self._mode_since = self._clock.now()
         self._ok_since_recovery = 0
         logger.warning(
@@ -819,6 +837,7 @@ class WriteBehind:
         delay = self._config.probe_interval
         failures = 0
         while self._mode is Mode.MEMORY:
+            self._next_probe_at = self._clock.monotonic() + delay
             await asyncio.sleep(delay)
             try:
                 await self._store.ping()
@@ -840,6 +859,7 @@ class WriteBehind:
     def _recovered(self) -> None:
         outage = (self._clock.now() - self._mode_since).total_seconds()
         self._mode = Mode.FIRESTORE
+        self._reachable.set()
         self._mode_since = self._clock.now()
         logger.warning(
             "Firestore reachable again after %.1fs: replaying %d pending writes in order",

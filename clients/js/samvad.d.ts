@@ -54,6 +54,8 @@ export interface StartedFrame {
   lastSeq: number;
   resumed: boolean;
   limits: Limits;
+  /** True when Firestore could not be read: `state` and `history` may lack data. */
+  historyIncomplete: boolean;
 }
 
 export interface InFlightReply {

@@ -16,6 +16,7 @@ from starlette.responses import Response
 from samvad.errors import (
     AuthUnavailable,
     BadRequest,
+    DataUnavailable,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -56,7 +57,7 @@ def error_response(
 async def samvad_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SamvadError)
     headers = None
-    if isinstance(exc, RateLimited):
+    if isinstance(exc, RateLimited | DataUnavailable):
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
     elif isinstance(exc, Unauthorized):
         headers = {"WWW-Authenticate": 'Bearer realm="samvad"'}

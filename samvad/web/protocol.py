@@ -514,6 +514,7 @@ def started_frame(
     last_seq: int,
     resumed: bool,
     limits: Mapping[str, Any],
+    history_incomplete: bool = False,
 ) -> schemas.StartedFrame:
     return schemas.StartedFrame(
         protocol=PROTOCOL_VERSION,
@@ -525,6 +526,7 @@ def started_frame(
         last_seq=last_seq,
         resumed=resumed,
         limits=schemas.decode_struct(limits, schemas.Limits),
+        history_incomplete=history_incomplete,
     )
 
 

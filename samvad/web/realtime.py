@@ -342,6 +342,7 @@ class Connection:
                 last_seq=channel.last_seq,
                 resumed=frame.resume_from is not None,
                 limits=hub.limits,
+                history_incomplete=not snapshot.history_complete,
             )
         )
         if opened.resume is not None:

@@ -512,6 +512,13 @@ class StartedFrame(_Frame, tag="started", kw_only=True):
     last_seq: Count
     resumed: bool
     limits: Limits
+    history_incomplete: Annotated[
+        bool,
+        Meta(
+            description="True when Firestore could not be read (memory-only mode): state and "
+            "history hold only what this server has in memory, and may lack the rest."
+        ),
+    ]
 
 
 class ResumeFrame(_Frame, tag="resume", kw_only=True):
