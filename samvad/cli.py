@@ -82,8 +82,8 @@ def _embedded_emulator(settings: Settings, stack: ExitStack) -> Settings:
     # it. Should this process die without stopping it, the emulator's watchdog
     # exports and stops it instead.
     stack.callback(emulator.stop)
-    if settings.emulator_export_interval > 0:
-        emulator.export_periodically(settings.emulator_export_interval)
+    # The server exports periodically itself (samvad.persistence): a write is
+    # confirmed in its journal only once an export holds it.
     logger.info(
         "No Firestore configured: started the local Firestore emulator at %s "
         "(project %s, data kept in %s, process group %d)",
@@ -92,7 +92,12 @@ def _embedded_emulator(settings: Settings, stack: ExitStack) -> Settings:
         data_dir,
         emulator.pgid,
     )
-    return settings.replace(store="firestore", emulator_host=emulator.host_port, project=project)
+    return settings.replace(
+        store="firestore",
+        emulator_host=emulator.host_port,
+        project=project,
+        emulator_export_dir=data_dir,
+    )
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -75,6 +75,10 @@ class Settings:
     journal_max_bytes: int = 256 * 1024 * 1024
     #: Seconds between exports of the embedded emulator's data (0: only at a clean stop).
     emulator_export_interval: float = 60.0
+    #: Where the embedded emulator (``samvad serve`` with nothing configured)
+    #: exports its data; set by the command, never from the environment. With
+    #: it, a write counts as durable only once an export has it.
+    emulator_export_dir: Path | None = None
 
     # Cache
     cache_ttl: float = 1800.0

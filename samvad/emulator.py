@@ -203,11 +203,36 @@ def export_data(host_port: str, project: str, data_dir: Path, *, timeout: float 
     metadata = data_dir / name / f"{name}{_METADATA_SUFFIX}"
     if not metadata.is_file():
         raise RuntimeError(f"the emulator reported an export but {metadata} is missing")
+    # On disk before it counts as complete: the server confirms journal records
+    # once an export holds them (samvad.persistence), so a power cut must not
+    # take back an export that was marked complete.
+    _fsync_tree(metadata.parent)
     (metadata.parent / _COMPLETE_MARKER).touch()
+    _fsync_tree(metadata.parent)
+    _fsync_tree(data_dir, recursive=False)
     for old in data_dir.glob(f"{_EXPORT_PREFIX}*"):
         if old.name != name and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     return metadata
+
+
+def _fsync_tree(path: Path, *, recursive: bool = True) -> None:
+    """fsync the files under ``path`` (only ``path`` itself unless ``recursive``), then it."""
+    if recursive:
+        for child in path.rglob("*"):
+            if child.is_file():
+                fd = os.open(child, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            elif child.is_dir():
+                _fsync_tree(child, recursive=False)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _lock_data_dir(data_dir: Path, timeout: float) -> int:

@@ -32,7 +32,9 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -58,6 +60,7 @@ from samvad.documents import (
     profile_with,
     state_fields,
 )
+from samvad.emulator import export_data
 from samvad.errors import Conflict
 from samvad.history import new_message_id
 from samvad.interruptions import Interruption
@@ -103,6 +106,9 @@ REMOTE_ERASE_HOLD = 30.0
 
 
 DEAD_LETTER_FILE = "dead-letter.jsonl"
+#: Seconds ``start`` waits for the embedded emulator to answer before it goes
+#: on in memory-only mode (it answered a read already; this covers a cold start).
+EMBEDDED_START_WAIT = 60.0
 
 
 def _json_value(value: object) -> object:
@@ -190,6 +196,13 @@ class Persistence:
         self.remote = RemoteWrites(ttl=REMOTE_WRITES_TTL, hold=REMOTE_ERASE_HOLD, timer=timer)
         # Told of every erased user here or elsewhere (None: maybe any user).
         self._erase_listeners: list[Callable[[str | None], None]] = []
+        # The embedded emulator holds what it committed in its memory until an
+        # export: journal confirmations wait, tagged with the number of exports
+        # begun before them, for an export that began after them to complete.
+        self._held: deque[tuple[int, list[int]]] = deque()
+        self._exports_begun = 0
+        self._export_lock = threading.Lock()
+        self._exporter: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -211,6 +224,27 @@ class Persistence:
                 self.writes.submit(record.write, journal_seq=record.seq, replay=True)
             journal.recovered = ()
         await self.writes.start()
+        if s.emulator_export_dir is not None:
+            await self._start_embedded()
+
+    async def _start_embedded(self) -> None:
+        s = self.settings
+        if self.writes.mode is Mode.MEMORY:
+            # Our own emulator, which just answered a read: a first call that
+            # failed is a cold start, not an outage. Ready only once it answers.
+            try:
+                async with asyncio.timeout(EMBEDDED_START_WAIT):
+                    await self.writes.reachable()
+            except TimeoutError:
+                logger.warning(
+                    "the local Firestore emulator did not answer within %.0fs: memory-only mode",
+                    EMBEDDED_START_WAIT,
+                )
+        if s.emulator_export_interval > 0:
+            self._exporter = asyncio.create_task(
+                self._export_periodically(s.emulator_export_interval),
+                name="samvad-emulator-export",
+            )
 
     async def close(self) -> int:
         """Flush pending writes within the shutdown deadline; returns how many were left.
@@ -220,10 +254,50 @@ class Persistence:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*list(self._background), return_exceptions=True)
+        if self._exporter is not None:
+            self._exporter.cancel()
+            await asyncio.gather(self._exporter, return_exceptions=True)
         left = await self.writes.close(self.settings.shutdown_flush_deadline)
         if self.journal is not None:
+            if self.settings.emulator_export_dir is not None and self._held:
+                await self.export()
             await self.journal.close()
         return left
+
+    async def export(self) -> None:
+        """Export the embedded emulator's data, then confirm in the journal what
+        the export holds: every write the emulator committed before it began.
+
+        A failed export (the emulator is gone) confirms nothing: those writes
+        are replayed from the journal at the next start.
+        """
+        directory = self.settings.emulator_export_dir
+        if directory is None:
+            raise RuntimeError("Cannot export: no embedded emulator (emulator_export_dir).")
+        self._exports_begun += 1
+        begun = self._exports_begun
+        try:
+            await asyncio.to_thread(self._export_locked, directory)
+        except Exception:
+            logger.warning("exporting the local Firestore emulator's data failed", exc_info=True)
+            return
+        covered: list[int] = []
+        while self._held and self._held[0][0] < begun:
+            covered.extend(self._held.popleft()[1])
+        if covered and self.journal is not None:
+            self.journal.confirm(covered)
+
+    def _export_locked(self, directory: Path) -> None:
+        # One export at a time: a cancelled waiter leaves its thread running.
+        host, project = self.settings.emulator_host, self.settings.project
+        assert host is not None and project is not None
+        with self._export_lock:
+            export_data(host, project, directory)
+
+    async def _export_periodically(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.export()
 
     @property
     def dead_letter_path(self) -> Path:
@@ -248,7 +322,11 @@ class Persistence:
             os.fsync(handle.fileno())
 
     def _confirm_journal(self, seqs: list[int]) -> None:
-        if self.journal is not None:
+        if self.journal is None:
+            return
+        if self.settings.emulator_export_dir is not None:
+            self._held.append((self._exports_begun, seqs))
+        else:
             self.journal.confirm(seqs)
 
     async def durable(self) -> None:

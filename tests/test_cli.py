@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -257,5 +259,59 @@ def test_kill_9_of_serve_leaves_no_emulator_and_the_next_start_has_the_data(
         profile = httpx.get(second.url + "/api/session/u1/profile").json()
         history = profile["profile"]["conversationHistory"]
         assert [m["content"] for m in history] == [f"m{n}" for n in range(20)]
+    finally:
+        assert second.stop() == 0
+
+
+def _wait_health(url: str, ready: Callable[[dict[str, Any]], bool], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        persistence = httpx.get(url + "/healthz", timeout=10).json()["persistence"]
+        if ready(persistence):
+            return
+        assert time.monotonic() < deadline, f"not reached in {timeout:g} s: {persistence}"
+        time.sleep(0.05)
+
+
+@pytest.mark.firestore
+def test_kill_9_of_the_emulator_after_a_commit_before_an_export_loses_nothing_acknowledged(
+    tmp_path: Path,
+) -> None:
+    """The emulator keeps what it committed in its memory until an export: the
+    journal must not let go of a write before an export holds it."""
+    if find_gcloud() is None:
+        emulator_missing("the Firestore emulator is not installed")
+    data_dir = tmp_path / "data"
+    env = {"SAMVAD_DATA_DIR": str(data_dir), "SAMVAD_EMULATOR_EXPORT_INTERVAL_SECONDS": "3600"}
+    first = start_serve(tmp_path, "first", **env, SAMVAD_FIRESTORE_DEADLINE_SECONDS="2")
+    try:
+        pgid = int(re.findall(r"process group (\d+)", first.output())[0])
+        assert httpx.post(first.url + "/api/session/u1/state", json={"mood": "calm"}).is_success
+        for n in range(5):
+            sent = httpx.post(
+                first.url + "/api/session/u1/history", json={"role": "user", "content": f"m{n}"}
+            )
+            assert sent.is_success
+        # Committed by the emulator, in its memory only: no export was made.
+        _wait_health(first.url, lambda p: p["mode"] == "firestore" and p["pendingWrites"] == 0)
+        # (The group outlives this as zombies until serve reaps its child.)
+        os.killpg(pgid, signal.SIGKILL)
+        # Acknowledged with the emulator gone: the journal holds it too.
+        sent = httpx.post(
+            first.url + "/api/session/u1/history", json={"role": "user", "content": "m5"}
+        )
+        assert sent.is_success
+        _wait_health(first.url, lambda p: p["mode"] == "memory")
+    finally:
+        assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    second = start_serve(tmp_path, "second", **env)
+    try:
+        state = httpx.get(second.url + "/api/session/u1/state")
+        assert state.status_code == 200, state.text
+        assert state.json()["state"]["mood"] == "calm"
+        profile = httpx.get(second.url + "/api/session/u1/profile").json()
+        history = profile["profile"]["conversationHistory"]
+        assert [m["content"] for m in history] == [f"m{n}" for n in range(6)]
     finally:
         assert second.stop() == 0
