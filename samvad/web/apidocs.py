@@ -183,8 +183,9 @@ _ERRORS = {
     413: "Body larger than the limit (64 KiB by default), or a merge past the byte bound",
     422: "The Idempotency-Key was already used with a different request",
     429: "Too many requests for this user; see the Retry-After header",
-    503: "Too many writes wait for Firestore, or credentials cannot be checked right now; "
-    "retry shortly",
+    503: "Too many writes wait for Firestore, or credentials cannot be checked right now, or "
+    "Firestore is unreachable and the answer needs data this server does not hold in memory "
+    "(data_unavailable); retry shortly (see the Retry-After header)",
 }
 
 _SECURITY_SCHEMES: dict[str, Schema] = {
