@@ -156,12 +156,17 @@ async def test_acknowledged_during_an_outage_survive_kill_9_and_a_restart_still_
     )
     try:
         async with httpx.AsyncClient() as client:
-            # Still cut: the replayed messages are served from memory.
+            # Still cut: the replayed messages are in memory, but whether
+            # Firestore holds more of user07 cannot be known: 503, not a guess.
+            cut = await client.get(second.url + "/api/session/user07/profile")
+            assert cut.status_code == 503, cut.text
+            assert cut.json()["code"] == "data_unavailable"
+            assert int(cut.headers["Retry-After"]) >= 1
+            fault_proxy.restore()
+            await drained(second.url)
             profile = (await client.get(second.url + "/api/session/user07/profile")).json()
             history = [m["content"] for m in profile["profile"]["conversationHistory"]]
             assert history == expected_histories()["user07"]
-        fault_proxy.restore()
-        await drained(second.url)
     finally:
         assert await asyncio.to_thread(second.stop) == 0
 
@@ -212,6 +217,51 @@ async def test_a_refresh_acknowledged_during_an_outage_stays_done_after_kill_9(
     assert state is not None and "mood" not in state and state["fresh"] is True
     assert not (await firestore_client.collection(PROFILES).document("u1").get()).exists
     assert not (await firestore_client.collection(SESSIONS).document("s1").get()).exists
+
+
+async def test_a_session_delete_acknowledged_during_an_outage_stays_done_after_kill_9(
+    tmp_path: Path,
+    fault_proxy: FaultProxy,
+    firestore_project: str,
+    firestore_client: AsyncClient,
+) -> None:
+    first = await serve(tmp_path, "first", fault_proxy.host_port, firestore_project, **FAST_OUTAGE)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            url = first.url + "/api/session"
+            for session_id in ("s1", "s2"):
+                created = await client.post(
+                    f"{url}/create", json={"sessionId": session_id, "userId": "u1"}
+                )
+                assert created.is_success
+            await drained(first.url)
+            assert (await firestore_client.collection(SESSIONS).document("s1").get()).exists
+
+            fault_proxy.cut()
+            deleted = await client.delete(f"{url}/s1")
+            assert deleted.status_code == 200, deleted.text
+            # Touched after the delete: it must not bring s1 back.
+            ended = await client.put(f"{url}/s2/end")
+            assert ended.is_success
+    finally:
+        await kill_9(first)
+
+    second = await serve(
+        tmp_path, "second", fault_proxy.host_port, firestore_project, **FAST_OUTAGE
+    )
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            # Still cut: the replayed erase holds on this server already.
+            gone = await client.get(second.url + "/api/session/s1")
+            assert gone.status_code == 404, gone.text
+        fault_proxy.restore()
+        await drained(second.url)
+    finally:
+        assert await asyncio.to_thread(second.stop) == 0
+
+    assert not (await firestore_client.collection(SESSIONS).document("s1").get()).exists
+    s2 = (await firestore_client.collection(SESSIONS).document("s2").get()).to_dict()
+    assert s2 is not None and s2["status"] == "ended"
 
 
 async def test_without_the_journal_kill_9_loses_acknowledged_messages(
