@@ -458,6 +458,19 @@ class Persistence:
     def _want_complete(self) -> bool:
         return self.writes.mode is Mode.FIRESTORE
 
+    def _forget_refused(self) -> None:
+        """Drop the views of documents a change of which the store refused
+        (set aside in the dead-letter): they showed what never landed — such
+        as a session an instance in memory-only mode took for new while it
+        was another user's. The next read loads what the store holds."""
+        for collection, doc_id in self.writes.take_refused():
+            if collection == STATES:
+                self.states.invalidate(doc_id)
+            elif collection == PROFILES:
+                self.profiles.invalidate(doc_id)
+            elif collection == SESSIONS:
+                self.sessions.invalidate(doc_id)
+
     def retry_after(self) -> float:
         """Seconds until Firestore may be read again: the write-behind's next probe."""
         return self.writes.retry_after()
@@ -472,6 +485,7 @@ class Persistence:
     async def read_state(self, user_id: str) -> tuple[UserState | None, bool]:
         """:meth:`get_state`, and whether the answer is complete: False when it was
         built without Firestore, so that None does not mean there is no state."""
+        self._forget_refused()
 
         async def load() -> tuple[UserState | None, bool]:
             read = await self._read_doc(STATES, user_id, (user_barrier(user_id),))
@@ -527,6 +541,7 @@ class Persistence:
     async def read_profile(self, user_id: str) -> tuple[Profile | None, bool]:
         """:meth:`get_profile`, and whether the answer is complete: False when it was
         built without Firestore (the stored history may hold more)."""
+        self._forget_refused()
         s = self.settings
 
         async def load() -> tuple[Profile | None, bool]:
@@ -622,6 +637,7 @@ class Persistence:
     async def read_session(self, session_id: str) -> tuple[Session | None, bool]:
         """:meth:`get_session`, and whether the answer is complete: False when it
         was built without Firestore, so that None does not mean there is none."""
+        self._forget_refused()
 
         async def load() -> tuple[Session | None, bool]:
             read = await self._read_doc(SESSIONS, session_id, (session_barrier(session_id),))
@@ -739,6 +755,7 @@ class Persistence:
         cursor: SessionCursor | None = None,
     ) -> SessionPage:
         """A user's sessions, most recent activity first, with a cursor for the next page."""
+        self._forget_refused()
         limit = max(1, min(limit, _MAX_SESSIONS_LISTED))
         wb = self.writes
 

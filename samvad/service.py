@@ -290,15 +290,29 @@ class SessionService:
         bind_log_context(user_id=user_id)
         return user_id
 
-    async def session_owner(self, session_id: str) -> tuple[str | None, Session | None]:
+    async def session_owner(
+        self, session_id: str, *, known: bool = False
+    ) -> tuple[str | None, Session | None]:
         """Who owns ``session_id`` — its live channel's user, else its stored
-        document's — and the stored session."""
-        stored = await self.persistence.get_session(session_id)
+        document's — and the stored session.
+
+        With ``known``, "nobody" must be an answer Firestore gave: a session
+        neither live nor in memory while Firestore cannot be read is
+        :class:`DataUnavailable` (for a use case whose answer depends on
+        whether it exists). Without, such a session counts as new: creating
+        it goes on in memory, and the store refuses the write later should
+        the id turn out to be another user's (``FieldsWrite.takes_over``).
+        """
+        stored, complete = await self.persistence.read_session(session_id)
         # Read after the await: a live channel opened meanwhile counts.
         live_owner = self.live.owner(session_id)
         if live_owner is not None:
             return live_owner, stored
-        return (stored.user_id or None) if stored is not None else None, stored
+        if stored is None:
+            if known:
+                self._known(complete)
+            return None, None
+        return stored.user_id or None, stored
 
     def _known(self, complete: bool) -> None:
         """Refuse to answer from a view built without Firestore (:class:`DataUnavailable`):
@@ -308,19 +322,6 @@ class SessionService:
                 "Firestore cannot be reached right now, so this cannot be read; try again shortly.",
                 retry_after=self.persistence.retry_after(),
             )
-
-    async def _known_owner(self, session_id: str) -> str | None:
-        """:meth:`session_owner`'s owner, for a use case whose answer depends on
-        whether the session exists: :class:`DataUnavailable` rather than None
-        when that cannot be known (memory-only mode, a session not in memory)."""
-        stored, complete = await self.persistence.read_session(session_id)
-        live_owner = self.live.owner(session_id)
-        if live_owner is not None:
-            return live_owner
-        if stored is None:
-            self._known(complete)
-            return None
-        return stored.user_id or None
 
     def _limit(self, limiter: RateLimiter | None, key: str) -> None:
         if limiter is None:
@@ -460,7 +461,7 @@ class SessionService:
         ``user_id``: the user the caller acts as (a live connection's), who must
         still own the session (:func:`ensure_owner`) when the end takes effect.
         """
-        owner = await self._known_owner(session_id)
+        owner, _ = await self.session_owner(session_id, known=True)
         if owner is None:
             raise NotFound("Session not found")
         self.authorize(principal, owner)
@@ -537,7 +538,7 @@ class SessionService:
 
     async def delete_session(self, principal: Principal, session_id: str) -> SessionDeletion:
         """Erase one session: its document, interruptions and live channel."""
-        owner = await self._known_owner(session_id)
+        owner, _ = await self.session_owner(session_id, known=True)
         if owner is None:
             # Only interruptions may be left of the session: they name its user.
             if self.interruptions.count(session_id) == 0:

@@ -193,6 +193,8 @@ class WriteBehind:
         # The newest committed profile per document not yet taken, with the
         # barriers its write sat behind (an erase drops it).
         self._committed: dict[Key, tuple[Profile, tuple[Barrier, ...]]] = {}
+        # Documents a change of which was set aside since the last take.
+        self._refused: set[Key] = set()
 
         self._mode = Mode.FIRESTORE
         self._mode_since = self._clock.now()
@@ -349,6 +351,15 @@ class WriteBehind:
         if not self._queued and not self._inflight:
             self._empty.set()
         return dropped
+
+    def take_refused(self) -> tuple[Key, ...]:
+        """The documents a change of which the store refused and that was set
+        aside since the last call: a view built with that change is wrong."""
+        if not self._refused:
+            return ()
+        keys = tuple(self._refused)
+        self._refused.clear()
+        return keys
 
     def take_committed_profiles(self) -> tuple[Profile, ...]:
         """The profiles committed since the last call, the newest per user.
@@ -709,6 +720,7 @@ class WriteBehind:
 
     async def _set_aside(self, key: Key, write: Write, exc: StoreRejected) -> None:
         self._counters.set_aside += 1
+        self._refused.add(key)
         logger.error(
             "Firestore refused a change to %s for its content (%s): set aside in the "
             "dead-letter; the document's other changes go on",

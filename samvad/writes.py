@@ -84,6 +84,19 @@ class FieldsWrite:
         # Folded into a write that may create the document, it may create it too.
         self.must_exist = self.must_exist and later.must_exist
 
+    def takes_over(self, doc: Mapping[str, Any] | None) -> bool:
+        """Whether this write would change a document another user owns.
+
+        Stores refuse such a write for its content (the write-behind sets it
+        aside). An instance that could not read Firestore (memory-only mode)
+        treats a session id it has not seen as new; should it be another
+        user's, this is where its owner is kept.
+        """
+        if doc is None:
+            return False
+        owner = doc.get("userId")
+        return isinstance(owner, str) and owner != "" and owner != self.user_id
+
     def result(self, doc: Mapping[str, Any] | None) -> Document | None:
         """The document after this write, or None when it needs one and there is none."""
         if doc is None and self.must_exist:

@@ -12,7 +12,7 @@ import pytest
 from samvad.documents import IDEMPOTENCY_KEYS, INTERRUPTIONS, PROFILES, SESSIONS, STATES
 from samvad.firestore_client import make_client
 from samvad.models import Message, Role, SessionStatus
-from samvad.stores.base import HistoryBounds, SessionCursor, Store
+from samvad.stores.base import HistoryBounds, SessionCursor, Store, StoreRejected
 from samvad.stores.firestore import FirestoreStore
 from samvad.stores.memory import MemoryStore
 from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite
@@ -106,6 +106,33 @@ async def test_a_must_exist_write_never_creates_the_document(
     doc = await store.get(SESSIONS, "s1")
     assert doc is not None
     assert doc["status"] == "ended"
+
+
+async def test_a_write_of_another_user_never_changes_a_session_they_do_not_own(
+    store: Store,
+) -> None:
+    # What an instance in memory-only mode may submit for a session id it
+    # could not look up: a create by "intruder" of u1's session.
+    await store.write_fields(fields(SESSIONS, "s1", "u1", userId="u1", status="active", x=1))
+    takeover = fields(SESSIONS, "s1", "intruder", userId="intruder", metadata={"y": 2})
+    takeover.defaults = {"createdAt": T0}
+    with pytest.raises(StoreRejected):
+        await store.write_fields(takeover)
+    ended = fields(SESSIONS, "s1", "intruder", status="ended")
+    ended.must_exist = True
+    ended.defaults = {"createdAt": T0}
+    with pytest.raises(StoreRejected):
+        await store.write_fields(ended)
+    assert await store.get(SESSIONS, "s1") == {"userId": "u1", "status": "active", "x": 1}
+    # Its owner writes on, and a session nobody has is anybody's to create.
+    mine = fields(SESSIONS, "s1", "u1", status="ended")
+    mine.defaults = {"createdAt": T0}
+    await store.write_fields(mine)
+    fresh = fields(SESSIONS, "s2", "intruder", userId="intruder")
+    fresh.defaults = {"createdAt": T0}
+    await store.write_fields(fresh)
+    assert (await store.get(SESSIONS, "s1") or {})["status"] == "ended"
+    assert (await store.get(SESSIONS, "s2") or {})["userId"] == "intruder"
 
 
 async def test_timestamps_round_trip_as_utc(store: Store) -> None:

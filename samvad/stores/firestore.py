@@ -291,6 +291,8 @@ class FirestoreStore(Store):
         # keep keys the client removed): the write's mask names the top-level
         # fields, the same request ``set(merge=[FieldPath(name), ...])``
         # makes, built without the library's quadratic helper (see _encode).
+        # Writes that may create a document (sessions: ``createdAt``) read it
+        # first, in a transaction: that read also keeps an owner (takes_over).
         if not write.defaults and not write.must_exist:
             client = self.client
             # The whole request, built off the loop: handed a CommitRequest,
@@ -313,6 +315,8 @@ class FirestoreStore(Store):
             if write.must_exist and not snapshot.exists:
                 return  # erased (perhaps by another instance): do not re-create it
             stored = snapshot.to_dict() if snapshot.exists else {}
+            if write.takes_over(stored):
+                raise StoreRejected(f"{write.collection}/{write.doc_id} belongs to another user")
             fields = {name: value for name, value in write.defaults.items() if name not in stored}
             fields.update(write.fields)
             pb = await self._offload(fields, _build_write, ref._document_path, True)

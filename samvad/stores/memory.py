@@ -24,7 +24,7 @@ from samvad.documents import (
     profile_with,
 )
 from samvad.models import Profile, SessionStatus, StoreCounts
-from samvad.stores.base import ErasureCounts, HistoryBounds, SessionCursor, Store
+from samvad.stores.base import ErasureCounts, HistoryBounds, SessionCursor, Store, StoreRejected
 from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite
 
 __all__ = [
@@ -62,7 +62,10 @@ class MemoryStore(Store):
 
     async def write_fields(self, write: FieldsWrite) -> None:
         docs = self._docs(write.collection)
-        doc = write.result(docs.get(write.doc_id))
+        stored = docs.get(write.doc_id)
+        if write.takes_over(stored):
+            raise StoreRejected(f"{write.collection}/{write.doc_id} belongs to another user")
+        doc = write.result(stored)
         if doc is None:
             return  # must_exist, and it does not
         docs[write.doc_id] = copy.deepcopy(doc)

@@ -44,14 +44,17 @@ async def _drained(server: LiveServer) -> None:
         await server.services.persistence.settle()
 
 
-async def _started(server: LiveServer, user_id: str, session_id: str) -> dict[str, Any]:
-    """The raw ``started`` frame of a ``start`` on a new connection."""
+async def _started(server: LiveServer, user_id: str, session_id: str | None) -> dict[str, Any]:
+    """The raw ``started`` (or ``error``) frame of a ``start`` on a new connection."""
+    start: dict[str, Any] = {"type": "start", "userId": user_id}
+    if session_id is not None:
+        start["sessionId"] = session_id
     async with websockets.connect(f"{server.ws_url}/ws") as ws:
-        await ws.send(json.dumps({"type": "start", "userId": user_id, "sessionId": session_id}))
+        await ws.send(json.dumps(start))
         async with asyncio.timeout(10):
             while True:
                 frame: dict[str, Any] = json.loads(await ws.recv())
-                if frame["type"] == "started":
+                if frame["type"] in ("started", "error"):
                     return frame
 
 
@@ -112,13 +115,26 @@ async def test_a_server_restarted_during_an_outage_answers_503_not_404_until_fir
             stats = (await http.get("/api/session/stats")).json()["stats"]
             assert stats["source"] == "memory"  # marked as memory's figures
 
-            started = await _started(server, "u1", "s-outage")
+            # A session id the server draws itself is nobody's: it starts in memory.
+            started = await _started(server, "u1", None)
+            assert started["type"] == "started", started
             assert started["historyIncomplete"] is True
             assert started["mode"] == "memory"
+            # A client's id this instance has not seen counts as new, on both
+            # doors; u1's s1 is such an id. Taking it goes on in memory, but
+            # the replay must not hand u1's session to the intruder.
+            assert (await _started(server, "intruder", "s1"))["type"] == "started"
+            taken = await http.post(
+                "/api/session/create",
+                json={"sessionId": "s1", "userId": "intruder", "metadata": {"x": 1}},
+            )
+            assert taken.status_code == 200, taken.text
+            assert (await _started(server, "u1", "s-outage"))["type"] == "started"
 
             fault_proxy.restore()
             async with asyncio.timeout(30):
                 await persistence.writes.reachable()
+            await _drained(server)  # the intruder's writes meet u1's stored session
 
             state = await http.get("/api/session/u1/state")
             assert state.status_code == 200, state.text
@@ -129,6 +145,9 @@ async def test_a_server_restarted_during_an_outage_answers_503_not_404_until_fir
             assert profile["preferences"] == {"voice": "calm"}
             session = (await http.get("/api/session/s1")).json()["session"]
             assert session["userId"] == "u1"
+            assert "x" not in session.get("metadata", {})
+            assert (await _started(server, "intruder", "s1"))["code"] == "conflict"
+            assert persistence.writes.status().writes_set_aside >= 1
             active = (await http.get("/api/session/user/u1/active")).json()
             assert "s1" in [s["id"] for s in active["sessions"]]
             assert (await http.get("/api/session/stranger/state")).status_code == 404
