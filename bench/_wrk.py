@@ -34,6 +34,19 @@ request = function()
 end
 """
 
+POST_STATE = """
+local users = {users}
+local prefix = "{prefix}"
+local n = 0
+wrk.headers["Content-Type"] = "application/json"
+local body = '{{"language":"en","conversationContext":{{"topic":"home loans","step":1}}}}'
+request = function()
+  n = n + 1
+  return wrk.format("POST", "/api/session/" .. prefix .. (n % users) .. "/state", wrk.headers,
+    body)
+end
+"""
+
 
 def wrk_available() -> bool:
     return shutil.which("wrk") is not None

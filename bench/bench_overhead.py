@@ -85,7 +85,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import ServerProcess, emit, get_json, post_json
 from bench._http_load import run_load
-from bench._wrk import GET_STATE, POST_HISTORY, run_wrk, wrk_available
+from bench._wrk import GET_STATE, POST_HISTORY, POST_STATE, run_wrk, wrk_available
 from bench._ws_raw import Exchange, WsClientProcess
 
 STATE_USERS = 1000
@@ -97,6 +97,7 @@ WS_CONNECTIONS = 1000
 IDLE_CONNECTIONS = 1000
 QUESTION = "What documents do I need for a home loan?"
 BODY = ('{"role":"user","content":"' + QUESTION + '"}').encode()
+STATE_BODY = b'{"language":"en","conversationContext":{"topic":"home loans","step":1}}'
 
 SAMVAD_ENV = {
     "SAMVAD_LOG_LEVEL": "WARNING",
@@ -424,6 +425,10 @@ def _post_history_request(prefix: str, users: int, n: int) -> tuple[str, str, by
     return "POST", f"/api/session/{prefix}{n % users}/history", BODY
 
 
+def _post_state_request(prefix: str, users: int, n: int) -> tuple[str, str, bytes | None]:
+    return "POST", f"/api/session/{prefix}{n % users}/state", STATE_BODY
+
+
 def summarize(
     runs: dict[str, list[dict[str, Any]]],
     *,
@@ -589,27 +594,47 @@ def profile(bench: Bench, directory: Path) -> dict[str, Any]:
         out[kind] = summarize_profile(path)
         out[kind]["raw"] = path.name
 
-    for i in range(STATE_USERS):
-        post_json(f"{samvad.url}/api/session/s-{i}/state", {"language": "en"})
-    get_script = GET_STATE.format(users=STATE_USERS, prefix="s-")
-    record(
-        "get_state",
-        lambda: bench.http(
-            samvad, get_script, partial(_get_state_request, "s-", STATE_USERS), seconds
-        ),
-    )
-    bench.fill()
-    post_script = POST_HISTORY.format(users=FULL_USERS, prefix="f-")
-    record(
-        "post_history_full",
-        lambda: bench.http(
-            samvad, post_script, partial(_post_history_request, "f-", FULL_USERS), seconds
-        ),
-    )
-    ws = bench.ws
-    ws.connect("samvad", samvad.ws_url, WS_CONNECTIONS, SAMVAD_WS)
-    ws.run("samvad", bench.args.warmup)
-    record("ws_message", lambda: ws.run("samvad", seconds))
+    kinds = bench.args.profile_kind or PROFILE_KINDS
+    if "get_state" in kinds:
+        for i in range(STATE_USERS):
+            post_json(f"{samvad.url}/api/session/s-{i}/state", {"language": "en"})
+        get_script = GET_STATE.format(users=STATE_USERS, prefix="s-")
+        record(
+            "get_state",
+            lambda: bench.http(
+                samvad, get_script, partial(_get_state_request, "s-", STATE_USERS), seconds
+            ),
+        )
+    if "post_state" in kinds:
+        state_script = POST_STATE.format(users=STATE_USERS, prefix="p-")
+        record(
+            "post_state",
+            lambda: bench.http(
+                samvad, state_script, partial(_post_state_request, "p-", STATE_USERS), seconds
+            ),
+        )
+    if "post_history_empty" in kinds:
+        empty_script = POST_HISTORY.format(users=EMPTY_USERS, prefix="pe-")
+        record(
+            "post_history_empty",
+            lambda: bench.http(
+                samvad, empty_script, partial(_post_history_request, "pe-", EMPTY_USERS), seconds
+            ),
+        )
+    if "post_history_full" in kinds:
+        bench.fill()
+        post_script = POST_HISTORY.format(users=FULL_USERS, prefix="f-")
+        record(
+            "post_history_full",
+            lambda: bench.http(
+                samvad, post_script, partial(_post_history_request, "f-", FULL_USERS), seconds
+            ),
+        )
+    if "ws_message" in kinds:
+        ws = bench.ws
+        ws.connect("samvad", samvad.ws_url, WS_CONNECTIONS, SAMVAD_WS)
+        ws.run("samvad", bench.args.warmup)
+        record("ws_message", lambda: ws.run("samvad", seconds))
     return out
 
 
@@ -634,6 +659,12 @@ def main() -> None:
         metavar="DIR",
         type=Path,
         help="record py-spy profiles of the Samvad server instead",
+    )
+    parser.add_argument(
+        "--profile-kind",
+        action="append",
+        choices=PROFILE_KINDS,
+        help="with --profile: profile only these request kinds (default: all)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
@@ -677,6 +708,7 @@ def main() -> None:
     emit("overhead", figures, args.json)
 
 
+PROFILE_KINDS = ["get_state", "post_state", "post_history_empty", "post_history_full", "ws_message"]
 WORKLOADS = ["ws_idle_memory", "get_state", "post_history_empty", "post_history_full", "ws_message"]
 
 if __name__ == "__main__":
