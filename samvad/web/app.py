@@ -45,6 +45,7 @@ from samvad.web.metrics import (
     readiness_metrics,
 )
 from samvad.web.middleware import RequestContextMiddleware, WebSocketOriginMiddleware
+from samvad.web.routing import IndexedRouter
 from samvad.web.schemas import (
     FeedView,
     Health,
@@ -254,10 +255,12 @@ def create_app(
         *demo.routes(settings),
     ]
     app = Starlette(
-        routes=routes,
         middleware=_middleware(settings, metrics),
-        lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
+    )
+    # The hot routes by a dict lookup instead of Starlette's one-by-one match.
+    app.router = IndexedRouter(
+        routes, guards=[r for r in routes if rest.is_path_guard(r)], lifespan=lifespan
     )
     app.state.readiness = readiness
     return app

@@ -88,6 +88,7 @@ __all__ = [
     "get_session",
     "get_state",
     "history",
+    "is_path_guard",
     "list_sessions",
     "malformed_path",
     "ok",
@@ -476,6 +477,12 @@ class _MalformedPath(Route):
 
 
 _ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def is_path_guard(route: BaseRoute) -> bool:
+    """Whether ``route`` catches malformed ``/api/session/...`` paths (of any shape):
+    a router must ask it before any route after it."""
+    return isinstance(route, _MalformedPath)
 
 
 def routes() -> list[BaseRoute]:
