@@ -11,14 +11,23 @@ request's latency by route *template* in :class:`samvad.web.metrics.Metrics`.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
-import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from samvad.logs import parse_trace, request_id_var, session_id_var, trace_var, user_id_var
+from samvad.logs import (
+    TraceContext,
+    parse_trace,
+    request_id_var,
+    session_id_var,
+    trace_var,
+    user_id_var,
+)
 from samvad.web.metrics import UNMATCHED_ROUTE, Metrics
 
 __all__ = [
@@ -41,18 +50,57 @@ MAX_REQUEST_ID_LENGTH = 64
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
-def _request_id(scope: Scope) -> str:
+_TRACE_HEADERS = (b"x-cloud-trace-context", b"traceparent")
+
+
+class _RequestIds:
+    """Request ids of 32 hex digits: 64 random bits drawn once per process, then
+    a counter (a ``uuid4`` per request cost more than the rest of the context)."""
+
+    def __init__(self) -> None:
+        self._prefix = ""
+        self._next: Callable[[], int] = itertools.count().__next__
+        self.reseed()
+
+    def reseed(self) -> None:
+        """A new random prefix (a forked child must not repeat its parent's ids)."""
+        self._prefix = os.urandom(8).hex()
+        self._next = itertools.count(1).__next__
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{self._next():016x}"
+
+
+_new_request_id = _RequestIds()
+os.register_at_fork(after_in_child=_new_request_id.reseed)
+
+
+def _sane_id(value: bytes) -> str | None:
+    try:
+        text: str = value.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    # Only ids that cannot forge a log line or bloat a label.
+    if 0 < len(text) <= MAX_REQUEST_ID_LENGTH and _ID_CHARS.issuperset(text):
+        return text
+    return None
+
+
+def _request_context(scope: Scope) -> tuple[str, TraceContext | None]:
+    """The request id (the client's first ``X-Request-ID`` when sane, else a new
+    one) and the trace, in one pass over the headers."""
+    given: bytes | None = None
+    traces: list[tuple[bytes, bytes]] | None = None
     for name, value in scope.get("headers", ()):
         if name == REQUEST_ID_HEADER:
-            try:
-                text: str = value.decode("ascii")
-            except UnicodeDecodeError:
-                break
-            # Only ids that cannot forge a log line or bloat a label.
-            if 0 < len(text) <= MAX_REQUEST_ID_LENGTH and _ID_CHARS.issuperset(text):
-                return text
-            break
-    return uuid.uuid4().hex
+            if given is None:
+                given = value
+        elif name in _TRACE_HEADERS:
+            if traces is None:
+                traces = []
+            traces.append((name, value))
+    request_id = _sane_id(given) if given is not None else None
+    return request_id or _new_request_id(), parse_trace(traces) if traces else None
 
 
 def route_label(scope: Scope) -> str:
@@ -73,9 +121,9 @@ class RequestContextMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "websocket":
-            request_id = _request_id(scope)
+            request_id, trace = _request_context(scope)
             token = request_id_var.set(request_id)
-            trace_token = trace_var.set(parse_trace(scope.get("headers", ())))
+            trace_token = trace_var.set(trace)
             try:
                 await self.app(scope, receive, self._count_accept(send))
             finally:
@@ -86,12 +134,12 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
 
-        request_id = _request_id(scope)
+        request_id, trace = _request_context(scope)
         header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
         status = 500
         request_token = request_id_var.set(request_id)
         # Cloud Logging groups a request's log lines under its trace (samvad.logs).
-        trace_token = trace_var.set(parse_trace(scope.get("headers", ())))
+        trace_token = trace_var.set(trace)
         user_token = user_id_var.set(None)
         session_token = session_id_var.set(None)
         started = time.perf_counter()
