@@ -70,8 +70,13 @@ class ManualClock:
 
 def to_iso(value: datetime) -> str:
     """Format as the wire's ISO-8601 UTC with milliseconds: ``2025-01-10T17:00:00.000Z``."""
-    value = value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    if value.year < 1000:
+        # strftime's %Y does not pad the year to four digits; isoformat would.
+        return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    # isoformat is C and about twice as fast as strftime: "...T17:00:00.000+00:00".
+    return value.isoformat(timespec="milliseconds")[:23] + "Z"
 
 
 def parse_iso(text: str) -> datetime:
