@@ -595,6 +595,17 @@ class Journal:
         elif not future.cancelled() and future.exception() is not None:
             raise JournalUnavailable("The write-ahead journal cannot write to its disk.")
 
+    async def synced(self, record: asyncio.Future[int]) -> None:
+        """Return once ``record`` (a future :meth:`append` returned) is on disk,
+        and every record before it.
+
+        Raises :class:`JournalUnavailable` if it could not be written.
+        """
+        if not record.done():
+            await asyncio.shield(record)
+        elif not record.cancelled() and record.exception() is not None:
+            raise JournalUnavailable("The write-ahead journal cannot write to its disk.")
+
     def confirm(self, seqs: Iterable[int]) -> None:
         """Mark records Firestore has; their space is freed once all before them are too."""
         outstanding, early = self._outstanding, self._confirmed_early

@@ -36,6 +36,7 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -92,7 +93,15 @@ from samvad.writes import (
     user_barrier,
 )
 
-__all__ = ["CacheStats", "Persistence", "SessionErasure", "UserErasure", "new_id"]
+__all__ = [
+    "CacheStats",
+    "Persistence",
+    "SessionErasure",
+    "UserErasure",
+    "WriteReceipt",
+    "current_receipt",
+    "new_id",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +118,22 @@ DEAD_LETTER_FILE = "dead-letter.jsonl"
 #: Seconds ``start`` waits for the embedded emulator to answer before it goes
 #: on in memory-only mode (it answered a read already; this covers a cold start).
 EMBEDDED_START_WAIT = 60.0
+
+
+class WriteReceipt:
+    """The newest journal record written on behalf of one acknowledgement (a
+    REST response): the door that sends it waits for that record, not for the
+    journal's newest (:meth:`Persistence.durable`)."""
+
+    __slots__ = ("record",)
+
+    def __init__(self) -> None:
+        self.record: asyncio.Future[int] | None = None
+
+
+#: The receipt of what the current context will acknowledge; the web door sets
+#: one per request. Tasks started from that context share it.
+current_receipt: ContextVar[WriteReceipt | None] = ContextVar("samvad_write_receipt", default=None)
 
 
 def _json_value(value: object) -> object:
@@ -329,15 +354,21 @@ class Persistence:
         else:
             self.journal.confirm(seqs)
 
-    async def durable(self) -> None:
-        """Return once every write submitted so far is in the journal on disk.
+    async def durable(self, receipt: WriteReceipt | None = None) -> None:
+        """Return once every write submitted so far is in the journal on disk;
+        with a ``receipt``, once the writes it holds are (records become durable
+        in order, so that is its newest record and every one before it).
 
         Without a journal, at once. Raises
         :class:`~samvad.journal.JournalUnavailable` if one could not be written:
         such a write must not be acknowledged.
         """
-        if self.journal is not None:
+        if self.journal is None:
+            return
+        if receipt is None:
             await self.journal.sync()
+        elif receipt.record is not None:
+            await self.journal.synced(receipt.record)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -396,7 +427,10 @@ class Persistence:
             # Refused writes are refused before they are journalled: a record in
             # the journal is a write that will be replayed.
             self.writes.admit(write)
-            journal.append(write)
+            record = journal.append(write)
+            receipt = current_receipt.get()
+            if receipt is not None:
+                receipt.record = record
             self.writes.submit(write, journal_seq=journal.last_appended)
         for tap in self._taps:
             tap(write)

@@ -31,7 +31,7 @@ from samvad.journal import (
     frame,
 )
 from samvad.models import Message, Role
-from samvad.persistence import Persistence
+from samvad.persistence import Persistence, WriteReceipt, current_receipt
 from samvad.stores.memory import MemoryStore
 from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite, Write
 from tests.support.stores import FlakyStore
@@ -681,3 +681,53 @@ async def test_without_a_durable_store_or_when_off_there_is_no_journal(tmp_path:
         assert p.journal is None
         await p.close()
     assert not (tmp_path / "data" / "journal").exists()
+
+
+class _Gate:
+    """``os.fsync`` of journal files that waits for a permit for each call."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Semaphore(0)
+        self.permits = threading.Semaphore(0)
+
+    def __call__(self, fd: int) -> None:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            self.entered.release()
+            self.permits.acquire(timeout=30)
+        os.fsync(fd)
+
+
+async def test_synced_waits_for_its_record_not_for_records_appended_after_it(
+    opened: OpenJournal,
+) -> None:
+    gate = _Gate()
+    journal = opened(fsync=gate)
+    first = journal.append(state_write("u1", 1))
+    assert await asyncio.to_thread(gate.entered.acquire, True, 30)  # its batch's fsync
+    later = journal.append(state_write("u2", 1))  # the next batch
+    gate.permits.release()  # the first batch only
+    await journal.synced(first)
+    assert await asyncio.to_thread(gate.entered.acquire, True, 30)
+    assert not later.done(), "the later record's fsync is still held"
+    gate.permits.release()
+    await journal.synced(later)
+    assert first.result() == 1 and later.result() == 2
+
+
+async def test_a_receipt_holds_the_newest_write_of_its_context_only(tmp_path: Path) -> None:
+    p = Persistence(FlakyStore(), settings=journalled(tmp_path), clock=ManualClock())
+    await p.start()
+    receipt = WriteReceipt()
+    p.save_state("u0", {"n": 0})  # before the request
+    token = current_receipt.set(receipt)
+    try:
+        p.save_state("u1", {"n": 1})
+        p.append_message("u1", role=Role.USER, content="hello")
+    finally:
+        current_receipt.reset(token)
+    p.save_state("u2", {"n": 2})  # after it
+    assert receipt.record is not None
+    await p.durable(receipt)
+    assert receipt.record.result() == 3, "the request's newest record"
+    await p.durable(WriteReceipt())  # a request that wrote nothing waits for nothing
+    await p.close()

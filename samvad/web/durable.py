@@ -1,13 +1,15 @@
-"""Write-ahead at the edge: nothing leaves the server before the writes made
-before it are in the journal.
+"""Write-ahead at the edge: nothing that acknowledges a write leaves the server
+before the write is in the journal.
 
 A handler acknowledges a write by sending something: the REST response, the
-WebSocket ``ack`` frame. This middleware holds every HTTP response start and
-every outgoing WebSocket frame until the journal has, on disk, every write
-submitted before it (``Persistence.durable``): one group commit, shared by all
-the writes of the moment. With nothing new in the journal it costs a check.
-A journal that cannot write turns the response into a 503; on a WebSocket the
-error closes the connection before the frame is sent.
+WebSocket ``ack`` frame. This middleware holds the start of an HTTP response
+until the journal has, on disk, the writes that request made (its
+:class:`~samvad.persistence.WriteReceipt`: its newest record, and with it every
+record before it); a request that wrote nothing is not held. Every outgoing
+WebSocket frame is held until the journal has every write submitted before it
+(``Persistence.durable``). Either way one group commit is shared by all the
+writes of the moment. A journal that cannot write turns the response into a
+503; on a WebSocket the error closes the connection before the frame is sent.
 """
 
 from __future__ import annotations
@@ -15,44 +17,75 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from samvad.journal import JournalUnavailable
+from samvad.persistence import Persistence, WriteReceipt, current_receipt
 from samvad.web.http_errors import error_response
 
 __all__ = ["DurableResponsesMiddleware"]
 
-_HELD = frozenset({"http.response.start", "websocket.send"})
+
+def _persistence(scope: Scope) -> Persistence | None:
+    # The lifespan's state (copied into every request's scope), else the app's.
+    state = scope.get("state")
+    services = state.get("services") if state else None
+    if services is None:
+        services = getattr(scope["app"].state, "services", None)
+    return services.persistence if services is not None else None
 
 
 class DurableResponsesMiddleware:
-    """Hold responses and frames until the journal has the writes before them."""
+    """Hold responses and frames until the journal has the writes they acknowledge."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        services = getattr(scope["app"].state, "services", None)
-        if scope["type"] not in ("http", "websocket") or services is None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        persistence = _persistence(scope)
+        if persistence is None or persistence.journal is None:
             await self.app(scope, receive, send)
             return
-        persistence = services.persistence
-        if persistence.journal is None:
-            await self.app(scope, receive, send)
-            return
+        durable = persistence.durable
+        receipt = WriteReceipt()
         replaced = False
 
         async def held(message: Message) -> None:
             nonlocal replaced
             if replaced:
                 return  # the rest of a response that was replaced by a 503
-            if message["type"] in _HELD:
+            if message["type"] == "http.response.start" and receipt.record is not None:
                 try:
-                    await persistence.durable()
+                    await durable(receipt)
                 except JournalUnavailable as exc:
-                    if message["type"] != "http.response.start":
-                        raise
                     replaced = True
                     response = error_response(exc.status_code, exc.message, code=exc.code)
                     await response(scope, receive, send)
                     return
+            await send(message)
+
+        token = current_receipt.set(receipt)
+        try:
+            await self.app(scope, receive, held)
+        finally:
+            current_receipt.reset(token)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        persistence = _persistence(scope)
+        if persistence is None or persistence.journal is None:
+            await self.app(scope, receive, send)
+            return
+        durable = persistence.durable
+
+        async def held(message: Message) -> None:
+            if message["type"] == "websocket.send":
+                await durable()
             await send(message)
 
         await self.app(scope, receive, held)
