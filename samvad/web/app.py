@@ -271,9 +271,16 @@ class _MetricsObserver:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        # The labelled children, looked up once each rather than per message.
+        self._stored: dict[tuple[Role, str], Any] = {}
 
     def message_stored(self, role: Role, transport: str) -> None:
-        self._metrics.messages.labels(role.value, transport).inc()
+        child = self._stored.get((role, transport))
+        if child is None:
+            child = self._stored[(role, transport)] = self._metrics.messages.labels(
+                role.value, transport
+            )
+        child.inc()
 
     def interruption_pushed(self) -> None:
         self._metrics.interruptions.inc()

@@ -12,14 +12,15 @@ own loop. What it picks is what Starlette's loop would have picked:
   whose parameters are whole path segments of the ``str`` type, and every
   route before it either can never match the same path (a different number of
   segments, or a different literal in some segment) or is a *guard*;
-* a guard (a route that catches malformed paths, whatever their shape) is
-  asked first, with its own ``matches``: when it matches, Starlette's loop
-  decides.
+* a guard (a route that catches percent-encoded trouble in paths, whatever
+  their shape) is asked first, with its own ``matches``, whenever the raw path
+  has a ``%``: when it matches, Starlette's loop decides.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from operator import itemgetter
 from typing import Any
 
 from starlette.convertors import StringConvertor
@@ -73,11 +74,38 @@ class _Entry:
         self.methods: Collection[str] = route.methods or ()
 
 
+class _Layout:
+    """Routes with the same number of segments and parameters in the same places."""
+
+    __slots__ = ("literals", "params", "table")
+
+    def __init__(self, shape: _Shape) -> None:
+        literal_at = [i for i, seg in enumerate(shape) if seg is not None]
+        param_at = [i for i, seg in enumerate(shape) if seg is None]
+        # Picks the literal segments / the parameters out of a split path, as tuples.
+        self.literals: Callable[[Sequence[str | None]], Any] = _picker(literal_at)
+        self.params: Callable[[Sequence[str]], tuple[str, ...]] = _picker(param_at)
+        self.table: dict[Any, _Entry] = {}
+
+
+def _picker(positions: list[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    if not positions:
+        return lambda _segments: ()
+    if len(positions) == 1:
+        (only,) = positions
+        return lambda segments: (segments[only],)
+    getter: Callable[[Sequence[Any]], tuple[Any, ...]] = itemgetter(*positions)
+    return getter
+
+
 class IndexedRouter(Router):
     """A :class:`~starlette.routing.Router` that finds its unambiguous routes in a dict.
 
-    ``guards`` are routes (among ``routes``) that catch malformed paths of any
-    shape; they are asked before the index is used.
+    ``guards`` are routes (among ``routes``) that catch paths whose raw bytes
+    hold what the decoded path hides (an encoded ``/``, escapes that are not
+    UTF-8): they are asked, before the index answers, for every path whose raw
+    form has a ``%``. (Without one the raw path is the path, and the index
+    already refuses the empty segments such a guard also catches.)
     """
 
     def __init__(
@@ -89,9 +117,9 @@ class IndexedRouter(Router):
     ) -> None:
         super().__init__(routes, lifespan=lifespan)
         self.guards = tuple(guards)
-        # Per parameter layout (positions of the parameters, segment count): the
-        # literal segments -> the route.
-        self._index: dict[tuple[int, tuple[int, ...]], dict[tuple[str, ...], _Entry]] = {}
+        # Segment count -> the layouts (where the parameters are) of that length.
+        self._layouts: dict[int, list[_Layout]] = {}
+        layouts: dict[tuple[int, ...], _Layout] = {}
         earlier: list[_Shape | None] = []
         for route in self.routes:
             found = _shape(route)
@@ -101,11 +129,12 @@ class IndexedRouter(Router):
                 shape, names = found
                 if all(_disjoint(other, shape) for other in earlier):
                     params = tuple(i for i, seg in enumerate(shape) if seg is None)
-                    literals = tuple(seg for seg in shape if seg is not None)
-                    table = self._index.setdefault((len(shape), params), {})
-                    table.setdefault(literals, _Entry(route, names))
+                    layout = layouts.get((len(shape), *params))
+                    if layout is None:
+                        layout = layouts[(len(shape), *params)] = _Layout(shape)
+                        self._layouts.setdefault(len(shape), []).append(layout)
+                    layout.table.setdefault(layout.literals(shape), _Entry(route, names))
             earlier.append(found[0] if found is not None else None)
-        self._layouts = tuple(self._index.items())
 
     def lookup(self, scope: Scope) -> tuple[Route, dict[str, Any]] | None:
         """The route Starlette would match fully for this HTTP request, when
@@ -113,20 +142,19 @@ class IndexedRouter(Router):
         if scope.get("root_path"):
             return None  # Starlette strips it first: leave that to its loop
         segments = scope["path"].split("/")
-        count = len(segments)
-        for (length, params), table in self._layouts:
-            if length != count:
-                continue
-            literals = tuple(seg for i, seg in enumerate(segments) if i not in params)
-            entry = table.get(literals)
+        for layout in self._layouts.get(len(segments), ()):
+            entry = layout.table.get(layout.literals(segments))
             if entry is None or scope["method"] not in entry.methods:
                 continue
-            values = [segments[i] for i in params]
+            values = layout.params(segments)
             if not all(values):
                 continue  # "[^/]+": an empty segment matches no parameter
-            for guard in self.guards:
-                if guard.matches(scope)[0] is not Match.NONE:
-                    return None
+            if self.guards:
+                raw = scope.get("raw_path")
+                if raw is None or b"%" in raw:
+                    for guard in self.guards:
+                        if guard.matches(scope)[0] is not Match.NONE:
+                            return None
             path_params = dict(scope.get("path_params", ()))
             path_params.update(zip(entry.names, values, strict=True))
             return entry.route, path_params

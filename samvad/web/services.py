@@ -98,5 +98,10 @@ class Services:
 
 def services(connection: HTTPConnection) -> Services:
     """The services of the app serving ``connection``."""
-    found: Services = connection.state.services
+    # The lifespan's state, copied into every scope; ``connection.state`` wraps
+    # the same dict in a new object per request.
+    state = connection.scope.get("state")
+    found: Services | None = state.get("services") if state else None
+    if found is None:
+        found = connection.state.services
     return found
