@@ -200,8 +200,11 @@ class ServerProcess:
         open_files: int = 20_000,
         python: str | None = None,
         module: str = "samvad",
+        root: Path | None = None,
     ) -> None:
         self.port = port or free_port()
+        #: The source tree the server runs from (another checkout: an A/B of two versions).
+        self.root = root or ROOT
         self.module = module
         self.store = store
         self.env = dict(env or {})
@@ -226,7 +229,7 @@ class ServerProcess:
         return self.process.pid
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
+        env = {**os.environ, "PYTHONPATH": str(self.root), **self.env}
         open_files = self.open_files
 
         def limits() -> None:  # runs in the child before exec: the limit is inherited
@@ -247,7 +250,7 @@ class ServerProcess:
                 self.store,
             ],
             env=env,
-            cwd=str(ROOT),
+            cwd=str(self.root),
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=limits,

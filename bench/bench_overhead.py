@@ -159,12 +159,18 @@ class Bench:
         env = dict(SAMVAD_ENV)
         self.samvad = ServerProcess(store=args.store, env=env, python=args.python)
         self.bare = ServerProcess(module="bench._bare", env={}, python=args.python)
+        # --baseline-root: Samvad from another checkout, a third server in every round.
+        self.base = (
+            ServerProcess(store=args.store, env=env, python=args.python, root=args.baseline_root)
+            if args.baseline_root
+            else None
+        )
         self.ws: WsClientProcess | None = None
 
     # -- servers ---------------------------------------------------------------------
 
     def start(self) -> None:
-        for server in (self.samvad, self.bare):
+        for _, server in self.servers():
             server.start()
             if self.pinned:
                 pin(server.pid, self.server_cpus)
@@ -173,11 +179,18 @@ class Bench:
     def stop(self) -> None:
         if self.ws is not None:
             self.ws.stop()
-        for server in (self.samvad, self.bare):
+        for _, server in self.servers():
             server.stop()
 
     def servers(self) -> list[tuple[str, ServerProcess]]:
-        return [("samvad", self.samvad), ("bare", self.bare)]
+        found = [("samvad", self.samvad), ("bare", self.bare)]
+        if self.base is not None:
+            found.append(("base", self.base))
+        return found
+
+    def samvads(self) -> list[ServerProcess]:
+        """The Samvad servers (with --baseline-root, two versions of it)."""
+        return [server for name, server in self.servers() if name != "bare"]
 
     def settle(self) -> None:
         """Let Samvad's write-behind flush what the last load queued."""
@@ -201,7 +214,7 @@ class Bench:
         self, name: str, server: ServerProcess, run: Callable[[], dict[str, Any]]
     ) -> dict[str, Any]:
         """Run one measured window; CPU counted until the write-behind has settled."""
-        writes_before = store_writes(server) if name == "samvad" else None
+        writes_before = store_writes(server) if name != "bare" else None
         generator_before = children_cpu() + sum(os.times()[:2])
         cpu_before = server.cpu_seconds()
         started = time.monotonic()
@@ -209,7 +222,7 @@ class Bench:
         wall = time.monotonic() - started
         generator = children_cpu() + sum(os.times()[:2]) - generator_before
         cpu_window = server.cpu_seconds() - cpu_before
-        if name == "samvad":
+        if name != "bare":
             self.settle()
         cpu = server.cpu_seconds() - cpu_before
         requests = figures["requests"]
@@ -234,7 +247,7 @@ class Bench:
             if requests
             else None,
             "server_cpu_percent": round(
-                100 * cpu / (wall + (self.args.settle if name == "samvad" else 0)), 1
+                100 * cpu / (wall + (self.args.settle if name != "bare" else 0)), 1
             ),
             "store_writes_per_request": round((writes - writes_before) / requests, 3)
             if writes is not None and writes_before is not None and requests
@@ -255,7 +268,7 @@ class Bench:
             for name, server in self.servers():
                 warmup(name, server)
             self.settle()
-        runs: dict[str, list[dict[str, Any]]] = {"samvad": [], "bare": []}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in self.servers()}
         for rep in range(self.args.repetitions):
             for name, server in self.servers():
                 figures = self.window(name, server, make_run(name, server, rep))
@@ -270,11 +283,12 @@ class Bench:
     # -- workloads -------------------------------------------------------------------
 
     def get_state(self) -> dict[str, Any]:
-        for i in range(STATE_USERS):
-            post_json(
-                f"{self.samvad.url}/api/session/s-{i}/state",
-                {"language": "en", "conversationContext": {"topic": "home loans", "step": i}},
-            )
+        for server in self.samvads():
+            for i in range(STATE_USERS):
+                post_json(
+                    f"{server.url}/api/session/s-{i}/state",
+                    {"language": "en", "conversationContext": {"topic": "home loans", "step": i}},
+                )
         script = GET_STATE.format(users=STATE_USERS, prefix="s-")
         request_for = partial(_get_state_request, "s-", STATE_USERS)
 
@@ -436,6 +450,13 @@ def summarize(
     throughput: str | None = "requests_per_second",
 ) -> dict[str, Any]:
     """Per repetition and median: the figure of A and B, and A/B within each repetition."""
+    if "base" in runs:
+        out_base = summarize(
+            {"samvad": runs["base"], "bare": runs["bare"]}, key=key, throughput=throughput
+        )
+        out_base.pop("runs")
+    else:
+        out_base = None
     a, b = runs["samvad"], runs["bare"]
     ratios = [round(x[key] / y[key], 2) for x, y in zip(a, b, strict=True) if x[key] and y[key]]
     out: dict[str, Any] = {
@@ -461,6 +482,9 @@ def summarize(
         }
         out["throughput_ratio"] = tp
         out["throughput_ratio_median"] = statistics.median(tp)
+    if out_base is not None:
+        # The same figures for the baseline checkout, against the same bare windows.
+        out["baseline"] = out_base
     return out
 
 
@@ -655,6 +679,14 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=WORKLOADS, help="run only these")
     parser.add_argument("--python", help="the interpreter that runs both servers")
     parser.add_argument(
+        "--baseline-root",
+        metavar="DIR",
+        type=Path,
+        help="also run Samvad from this checkout (e.g. `git archive main`), as a third "
+        "server in every round (samvad, bare, base): an interleaved A/B of two versions; "
+        "HTTP workloads only",
+    )
+    parser.add_argument(
         "--profile",
         metavar="DIR",
         type=Path,
@@ -668,6 +700,8 @@ def main() -> None:
     )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
+    if args.baseline_root and set(args.only or WORKLOADS) - BASELINE_WORKLOADS:
+        parser.error(f"--baseline-root needs --only among {sorted(BASELINE_WORKLOADS)}")
     if args.store == "firestore" and not os.environ.get("FIRESTORE_EMULATOR_HOST"):
         parser.error("--store firestore needs FIRESTORE_EMULATOR_HOST and GOOGLE_CLOUD_PROJECT")
     bench = Bench(args)
@@ -709,6 +743,7 @@ def main() -> None:
 
 
 PROFILE_KINDS = ["get_state", "post_state", "post_history_empty", "post_history_full", "ws_message"]
+BASELINE_WORKLOADS = {"get_state", "post_history_empty"}
 WORKLOADS = ["ws_idle_memory", "get_state", "post_history_empty", "post_history_full", "ws_message"]
 
 if __name__ == "__main__":
