@@ -19,11 +19,14 @@ own loop. What it picks is what Starlette's loop would have picked:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+import inspect
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from operator import itemgetter
 from typing import Any
 
 from starlette.convertors import StringConvertor
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route, Router
 from starlette.types import Receive, Scope, Send
 
@@ -66,12 +69,19 @@ def _disjoint(a: _Shape | None, b: _Shape) -> bool:
 
 
 class _Entry:
-    __slots__ = ("methods", "names", "route")
+    __slots__ = ("endpoint", "methods", "names", "route")
 
     def __init__(self, route: Route, names: tuple[str, ...]) -> None:
         self.route = route
         self.names = names
         self.methods: Collection[str] = route.methods or ()
+        # A plain ``async def endpoint(request)`` route (no route middleware) is
+        # called directly: ``request_response`` would only wrap it in a second
+        # copy of the exception handling the app's ExceptionMiddleware applies.
+        plain = getattr(route.app, "__qualname__", None) == "request_response.<locals>.app"
+        self.endpoint: Callable[[Request], Awaitable[Response]] | None = (
+            route.endpoint if plain and inspect.iscoroutinefunction(route.endpoint) else None
+        )
 
 
 class _Layout:
@@ -139,6 +149,10 @@ class IndexedRouter(Router):
     def lookup(self, scope: Scope) -> tuple[Route, dict[str, Any]] | None:
         """The route Starlette would match fully for this HTTP request, when
         the index knows it, with its path parameters; else None."""
+        found = self._find(scope)
+        return (found[0].route, found[1]) if found is not None else None
+
+    def _find(self, scope: Scope) -> tuple[_Entry, dict[str, Any]] | None:
         if scope.get("root_path"):
             return None  # Starlette strips it first: leave that to its loop
         segments = scope["path"].split("/")
@@ -157,19 +171,24 @@ class IndexedRouter(Router):
                             return None
             path_params = dict(scope.get("path_params", ()))
             path_params.update(zip(entry.names, values, strict=True))
-            return entry.route, path_params
+            return entry, path_params
         return None
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            found = self.lookup(scope)
+            found = self._find(scope)
             if found is not None:
-                route, path_params = found
+                entry, path_params = found
+                route = entry.route
                 if "router" not in scope:
                     scope["router"] = self
                 scope["route"] = route
                 scope["endpoint"] = route.endpoint
                 scope["path_params"] = path_params
-                await route.app(scope, receive, send)
+                if entry.endpoint is None:
+                    await route.app(scope, receive, send)
+                    return
+                response = await entry.endpoint(Request(scope, receive, send))
+                await response(scope, receive, send)
                 return
         await super().app(scope, receive, send)

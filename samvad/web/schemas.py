@@ -677,6 +677,9 @@ def encode(shape: Struct | Mapping[str, Any]) -> bytes:
     return _encoder.encode(shape)
 
 
+_JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+
+
 class WireResponse(Response):
     """An HTTP response whose body is a wire shape (or a mapping holding shapes)."""
 
@@ -684,6 +687,22 @@ class WireResponse(Response):
 
     def render(self, content: Any) -> bytes:
         return encode(content)
+
+    def init_headers(self, headers: Mapping[str, str] | None = None) -> None:
+        # Starlette's, for the common case, without its checks per request.
+        status = self.status_code
+        if (
+            headers is None
+            and self.media_type == "application/json"
+            and status >= 200
+            and status not in (204, 304)
+        ):
+            self.raw_headers = [
+                (b"content-length", str(len(self.body)).encode("latin-1")),
+                _JSON_CONTENT_TYPE,
+            ]
+        else:
+            super().init_headers(headers)
 
 
 def plain_json(value: Any) -> Any:
