@@ -5,7 +5,9 @@ A handler acknowledges a write by sending something: the REST response, the
 WebSocket ``ack`` frame. This middleware holds the start of an HTTP response
 until the journal has, on disk, the writes that request made (its
 :class:`~samvad.persistence.WriteReceipt`: its newest record, and with it every
-record before it); a request that wrote nothing is not held. Every outgoing
+record before it). A ``GET`` that wrote nothing is not held; a ``POST``,
+``PUT`` or ``DELETE`` that wrote nothing (an answer replayed for a retry, a
+refusal) waits for every write submitted before it, as before. Every outgoing
 WebSocket frame is held until the journal has every write submitted before it
 (``Persistence.durable``). Either way one group commit is shared by all the
 writes of the moment. A journal that cannot write turns the response into a
@@ -21,6 +23,9 @@ from samvad.persistence import Persistence, WriteReceipt, current_receipt
 from samvad.web.http_errors import error_response
 
 __all__ = ["DurableResponsesMiddleware"]
+
+#: Methods that never write: their responses are never held.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def _persistence(scope: Scope) -> Persistence | None:
@@ -54,15 +59,19 @@ class DurableResponsesMiddleware:
             return
         durable = persistence.durable
         receipt = WriteReceipt()
+        unsafe = scope["method"] not in _SAFE_METHODS
         replaced = False
 
         async def held(message: Message) -> None:
             nonlocal replaced
             if replaced:
                 return  # the rest of a response that was replaced by a 503
-            if message["type"] == "http.response.start" and receipt.record is not None:
+            if message["type"] == "http.response.start" and (receipt.record is not None or unsafe):
                 try:
-                    await durable(receipt)
+                    # Its own writes; a write request that made none (a replayed
+                    # answer, a refusal) waits for what is in flight, as it may
+                    # acknowledge a write made by an earlier attempt.
+                    await durable(receipt if receipt.record is not None else None)
                 except JournalUnavailable as exc:
                     replaced = True
                     response = error_response(exc.status_code, exc.message, code=exc.code)
