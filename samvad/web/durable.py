@@ -5,9 +5,11 @@ A handler acknowledges a write by sending something: the REST response, the
 WebSocket ``ack`` frame. This middleware holds the start of an HTTP response
 until the journal has, on disk, the writes that request made (its
 :class:`~samvad.persistence.WriteReceipt`: its newest record, and with it every
-record before it). A ``GET`` that wrote nothing is not held; a ``POST``,
-``PUT`` or ``DELETE`` that wrote nothing (an answer replayed for a retry, a
-refusal) waits for every write submitted before it, as before. Every outgoing
+record before it). A request that wrote nothing — a read, an answer replayed
+for a retry, a refusal — waits for every write submitted before it: what it
+shows or acknowledges may be another request's write, and nothing a response
+shows may be lost to a crash (with nothing in flight that costs one check,
+no wait). Every outgoing
 WebSocket frame is held until the journal has every write submitted before it
 (``Persistence.durable``). Either way one group commit is shared by all the
 writes of the moment. A journal that cannot write turns the response into a
@@ -23,10 +25,6 @@ from samvad.persistence import Persistence, WriteReceipt, current_receipt
 from samvad.web.http_errors import error_response
 
 __all__ = ["DurableResponsesMiddleware"]
-
-#: Methods that never write: their responses are never held.
-_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
 
 def _persistence(scope: Scope) -> Persistence | None:
     # The lifespan's state (copied into every request's scope), else the app's.
@@ -59,18 +57,16 @@ class DurableResponsesMiddleware:
             return
         durable = persistence.durable
         receipt = WriteReceipt()
-        unsafe = scope["method"] not in _SAFE_METHODS
         replaced = False
 
         async def held(message: Message) -> None:
             nonlocal replaced
             if replaced:
                 return  # the rest of a response that was replaced by a 503
-            if message["type"] == "http.response.start" and (receipt.record is not None or unsafe):
+            if message["type"] == "http.response.start":
                 try:
-                    # Its own writes; a write request that made none (a replayed
-                    # answer, a refusal) waits for what is in flight, as it may
-                    # acknowledge a write made by an earlier attempt.
+                    # Its own writes; a request that made none waits for what
+                    # is in flight, which it may show or acknowledge.
                     await durable(receipt if receipt.record is not None else None)
                 except JournalUnavailable as exc:
                     replaced = True
