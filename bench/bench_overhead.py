@@ -402,8 +402,11 @@ class Bench:
         assert self.ws is not None
         ws = self.ws
         exchanges = {"samvad": SAMVAD_IDLE, "bare": BARE_WS}
+        held: dict[str, int] = {}
         for name, server in self.servers():  # first connections: lazy imports, caches
-            ws.connect(f"idle-{name}", server.ws_url, 50, exchanges[name])
+            held[name] = ws.connect(f"idle-{name}", server.ws_url, 50, exchanges[name])[
+                "connected"
+            ]
         time.sleep(0.5)
         runs: dict[str, list[dict[str, Any]]] = {"samvad": [], "bare": []}
         for _ in range(self.args.repetitions):
@@ -414,14 +417,19 @@ class Bench:
                 )
                 time.sleep(0.5)
                 after = server.rss_kib()
+                # ``connected`` counts every connection the group holds: divide
+                # the growth by the ones this repetition added.
+                added = result["connected"] - held[name]
+                held[name] = result["connected"]
                 runs[name].append(
                     {
-                        "connected": result["connected"],
+                        "connected": added,
+                        "held": result["connected"],
                         "failures": result["failures"],
                         "rss_before_kib": before,
                         "rss_after_kib": after,
-                        "kib_per_connection": round((after - before) / result["connected"], 2)
-                        if result["connected"]
+                        "kib_per_connection": round((after - before) / added, 2)
+                        if added
                         else None,
                         "load1": load1(),
                     }
