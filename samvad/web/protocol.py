@@ -568,8 +568,16 @@ def reply_start_frame(reply_id: str, *, in_reply_to: int | None) -> schemas.Repl
     return schemas.ReplyStartFrame(reply_id=reply_id, in_reply_to=in_reply_to)
 
 
-def reply_chunk_frame(reply_id: str, *, index: int, text: str) -> schemas.ReplyChunkFrame:
-    return schemas.ReplyChunkFrame(reply_id=reply_id, index=index, text=text)
+def reply_chunk_frame(
+    reply_id: str, *, index: int, text: str, first_index: int | None = None
+) -> schemas.ReplyChunkFrame:
+    """``reply.chunk``; ``first_index`` when it carries chunks ``first_index..index`` merged."""
+    return schemas.ReplyChunkFrame(
+        reply_id=reply_id,
+        index=index,
+        text=text,
+        first_index=UNSET if first_index is None else first_index,
+    )
 
 
 def reply_end_frame(

@@ -6,9 +6,13 @@ connection's state; :mod:`samvad.conversation` runs the conversations
 (:mod:`samvad.service`) hold the rules and reach the store. This module only
 moves frames and runs tasks:
 
-- per connection, one reader task turns frames into calls and one writer task
-  drains a bounded send queue to the socket, so a client that reads slowly only
-  fills its own queue (and is then closed with 1013) while everyone else goes on;
+- per connection, the ASGI handler's task reads frames and turns them into
+  calls, and one writer task drains a bounded send queue to the socket, so a
+  client that reads slowly only fills its own queue (and is then closed with
+  1013) while everyone else goes on; ``reply.chunk`` frames still waiting in
+  the queue merge, so a connection that is behind gets fewer, larger frames;
+- the idle and start deadlines are one timer per connection that checks when
+  the last frame came, not a timeout around every read;
 - the :class:`Hub` delivers the engine's events as frames (``FanOut``), runs
   each reply's responder as a supervised task (``ReplyRunner``), and schedules
   the engine's orphan deadlines on the event loop.
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from samvad.clock import to_iso
@@ -120,10 +125,69 @@ DURABLE_INTERVAL = 0.25
 _ids = itertools.count(1)
 
 
+#: Most characters of reply text merged into one queued ``reply.chunk`` frame.
+MERGE_MAX_CHARS = 8192
+
+
 @dataclass(frozen=True, slots=True)
 class _CloseRequest:
     code: int
     reason: str
+
+
+class _Chunk:
+    """A ``reply.chunk`` waiting in one connection's send queue.
+
+    While it waits, the next chunks of the same reply merge into it: a
+    connection that is behind gets one frame carrying chunks ``first..index``
+    (``firstIndex`` on the wire) instead of one frame each, so its backlog, and
+    the CPU spent writing it, stay small, and what follows (the next ``ack``)
+    is not queued behind a long tail of words.
+    """
+
+    __slots__ = ("_first_text", "first", "index", "parts", "reply_id", "size", "text")
+
+    def __init__(self, event: ReplyChunk, text: str) -> None:
+        self.reply_id = event.reply_id
+        self.first = self.index = event.index
+        self.parts: list[str] | None = None
+        self.size = len(event.text)
+        #: The frame as sent: the one encoded for every device until a merge.
+        self.text: str | None = text
+        self._first_text = event.text
+
+    def merge(self, event: ReplyChunk) -> bool:
+        """Take ``event`` in when it is the next chunk of this reply and fits."""
+        if (
+            event.reply_id != self.reply_id
+            or event.index != self.index + 1
+            or self.size + len(event.text) > MERGE_MAX_CHARS
+        ):
+            return False
+        if self.parts is None:
+            self.parts = [self._first_text]
+        self.parts.append(event.text)
+        self.index = event.index
+        self.size += len(event.text)
+        self.text = None
+        return True
+
+    def encoded(self) -> str:
+        text = self.text
+        if text is None:
+            assert self.parts is not None
+            text = self.text = encode(
+                reply_chunk_frame(
+                    self.reply_id,
+                    index=self.index,
+                    text="".join(self.parts),
+                    first_index=self.first,
+                )
+            )
+        return text
+
+
+_Outgoing = str | _Chunk | _CloseRequest
 
 
 def frame_of(event: Event) -> Frame:
@@ -156,12 +220,54 @@ def frame_of(event: Event) -> Frame:
 
 
 class Connection:
-    """One WebSocket: a reader task, a writer task and a bounded send queue."""
+    """One WebSocket: a reader (the connection's own task), a writer task and a
+    bounded send queue.
 
-    def __init__(self, hub: Hub, websocket: WebSocket) -> None:
+    The reader and the writer speak the ASGI messages directly (Starlette's
+    ``WebSocket`` only accepts, reads the headers and closes): each frame
+    saves a layer of state checks both ways.
+    """
+
+    __slots__ = (
+        "_aborted",
+        "_deadline",
+        "_done",
+        "_finished",
+        "_limit",
+        "_out",
+        "_peer_gone",
+        "_reading",
+        "_receive",
+        "_seen",
+        "_send",
+        "_stop_reading",
+        "_supervised",
+        "_touched",
+        "_wakeup",
+        "_watchdog",
+        "_writer",
+        "channel",
+        "closing",
+        "hub",
+        "id",
+        "principal",
+        "proto",
+        "user_id",
+        "ws",
+    )
+
+    def __init__(
+        self,
+        hub: Hub,
+        websocket: WebSocket,
+        receive: Receive | None = None,
+        send: Send | None = None,
+    ) -> None:
         s = hub.settings
         self.hub = hub
         self.ws = websocket
+        self._receive: Receive = receive or websocket.receive
+        self._send: Send = send or websocket.send
         self.id = f"c{next(_ids)}"
         self.proto = ServerProtocol(
             max_frame_bytes=s.ws_max_frame_bytes,
@@ -170,21 +276,50 @@ class Connection:
             strikes=s.ws_rate_strikes,
             clock=hub.clock.monotonic,
         )
-        self.queue: asyncio.Queue[str | _CloseRequest] = asyncio.Queue(maxsize=s.ws_send_queue)
+        # The send queue: frames encoded once for every device, chunks that
+        # merge while they wait, and the close request last.
+        self._out: list[_Outgoing] = []
+        self._limit = s.ws_send_queue
+        self._wakeup: asyncio.Future[None] | None = None
         self.user_id: str | None = None
         #: Who started the session on this connection (set by ``start``).
         self.principal: Principal = ANONYMOUS
         #: The live session this connection joined (``start``).
         self.channel: Conversation | None = None
         self.closing: _CloseRequest | None = None
-        self.finished = asyncio.Event()
+        self._finished: asyncio.Event | None = None  # made when someone waits
+        self._done = False
         self._peer_gone = False
         self._aborted = False
         self._writer: asyncio.Task[None] | None = None
-        self._supervised: set[asyncio.Task[None]] = set()
+        #: The task running the read loop, while it reads; cancelled when the writer ends.
+        self._reading: asyncio.Task[Any] | None = None
+        self._stop_reading = False
+        self._supervised: set[asyncio.Task[None]] | None = None
+        # The idle and start deadlines: one timer per connection that checks
+        # when the last frame came (``_seen``, loop time), not a timeout per frame.
+        self._seen = 0.0
+        self._deadline = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._touched = float("-inf")
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} user={self.user_id}>"
+
+    @property
+    def finished(self) -> asyncio.Event:
+        """Set once the connection is closed and detached from the hub."""
+        event = self._finished
+        if event is None:
+            event = self._finished = asyncio.Event()
+            if self._done:
+                event.set()
+        return event
+
+    def _finish(self) -> None:
+        self._done = True
+        if self._finished is not None:
+            self._finished.set()
 
     # -- sending -------------------------------------------------------------------
 
@@ -193,24 +328,46 @@ class Connection:
 
     def send_text(self, text: str) -> None:
         """Queue a frame; a full queue means the client reads too slowly: close it."""
+        self._push(text)
+
+    def send_chunk(self, event: ReplyChunk, text: str) -> None:
+        """Queue a ``reply.chunk`` (``text`` is its frame), merged into the
+        previous one of the same reply when that one still waits."""
+        out = self._out
+        if out and self.closing is None:
+            tail = out[-1]
+            if isinstance(tail, _Chunk) and tail.merge(event):
+                return
+        self._push(_Chunk(event, text))
+
+    def _push(self, item: _Outgoing) -> None:
         if self.closing is not None:
             return
-        try:
-            self.queue.put_nowait(text)
-        except asyncio.QueueFull:
+        if len(self._out) >= self._limit:
             logger.warning("connection %s reads too slowly (send queue full): closing", self.id)
             self.closing = _CloseRequest(CloseCode.TRY_AGAIN_LATER, "send queue full")
             self._abort()
+            return
+        self._out.append(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            if not wakeup.done():
+                wakeup.set_result(None)
 
     def close(self, code: int, reason: str) -> None:
         """Close after the frames already queued (idempotent)."""
         if self.closing is not None:
             return
         self.closing = _CloseRequest(code, reason)
-        try:
-            self.queue.put_nowait(self.closing)
-        except asyncio.QueueFull:
+        if len(self._out) >= self._limit:
             self._abort()
+            return
+        self._out.append(self.closing)
+        self._wake()
 
     def _abort(self) -> None:
         # The writer waits on a socket the client does not read; stop it, and
@@ -220,14 +377,22 @@ class Connection:
             self._writer.cancel()
 
     async def _write_loop(self) -> None:
+        out = self._out
+        send = self._send
+        loop = asyncio.get_running_loop()
         while True:
-            item = await self.queue.get()
+            if not out:
+                wakeup = self._wakeup = loop.create_future()
+                await wakeup
+                continue
+            item = out.pop(0)
             try:
                 if isinstance(item, _CloseRequest):
                     async with asyncio.timeout(CLOSE_TIMEOUT):
                         await self.ws.close(int(item.code), item.reason)
                     return
-                await self.ws.send_text(item)
+                text = item if isinstance(item, str) else item.encoded()
+                await send({"type": "websocket.send", "text": text})
             except (WebSocketDisconnect, WebSocketDisconnected, OSError, TimeoutError):
                 self._peer_gone = True
                 return
@@ -236,42 +401,63 @@ class Connection:
 
     async def _read_loop(self) -> None:
         settings = self.hub.settings
-        idle = settings.ws_idle_timeout
-        clock = self.hub.clock
+        loop = asyncio.get_running_loop()
         # ``start`` must come within ``ws_start_timeout`` of the connection,
         # however many other frames (pings) come before it: a connection that
         # never identifies itself does not hold a socket for long.
-        start_deadline = clock.monotonic() + settings.ws_start_timeout
-        while self.closing is None:
-            waiting_for_start = self.channel is None
-            timeout = idle
-            if waiting_for_start:
-                timeout = max(0.0, min(idle, start_deadline - clock.monotonic()))
-            try:
-                async with asyncio.timeout(timeout):
-                    message = await self.ws.receive()
-            except TimeoutError:
-                if waiting_for_start and timeout < idle:
-                    logger.info("connection %s sent no start frame in time: closing", self.id)
-                    self.send(error_frame(StartTimeout.code, "No start frame in time."))
-                else:
-                    logger.info("connection %s idle for %.0f s: closing", self.id, idle)
-                    self.send(error_frame(IdleTimeout.code, "No frame received in time."))
-                self.close(CloseCode.IDLE_TIMEOUT, "idle timeout")
-                return
-            if message["type"] == "websocket.disconnect":
-                self._peer_gone = True
-                return
-            data = message.get("text")
-            if data is None:
-                data = message.get("bytes") or b""
-            try:
-                await self._dispatch(self.proto.receive(data))
-            except (Unauthorized, Forbidden) as exc:
-                self.send(error_frame(exc.code, exc.message))
-                self.close(exc.close_code, exc.code)
-            except SamvadError as exc:
-                self.send(error_frame(exc.code, exc.message))
+        self._seen = loop.time()
+        self._deadline = self._seen + settings.ws_start_timeout
+        self._arm_watchdog(loop)
+        receive = self._receive
+        try:
+            while self.closing is None:
+                message = await receive()
+                self._seen = loop.time()
+                kind = message["type"]
+                if kind == "websocket.disconnect":
+                    self._peer_gone = True
+                    return
+                if kind != "websocket.receive":
+                    continue
+                data = message.get("text")
+                if data is None:
+                    data = message.get("bytes") or b""
+                try:
+                    await self._dispatch(self.proto.receive(data))
+                except (Unauthorized, Forbidden) as exc:
+                    self.send(error_frame(exc.code, exc.message))
+                    self.close(exc.close_code, exc.code)
+                except SamvadError as exc:
+                    self.send(error_frame(exc.code, exc.message))
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
+
+    def _arm_watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
+        idle = self.hub.settings.ws_idle_timeout
+        due = self._seen + idle
+        if self.channel is None:
+            due = min(due, self._deadline)
+        self._watchdog = loop.call_at(due, self._check_deadlines, loop)
+
+    def _check_deadlines(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The watchdog fired: close if the start or idle deadline passed, else re-arm."""
+        self._watchdog = None
+        if self.closing is not None:
+            return
+        now = loop.time()
+        idle = self.hub.settings.ws_idle_timeout
+        if self.channel is None and now >= self._deadline:
+            logger.info("connection %s sent no start frame in time: closing", self.id)
+            self.send(error_frame(StartTimeout.code, "No start frame in time."))
+        elif now >= self._seen + idle:
+            logger.info("connection %s idle for %.0f s: closing", self.id, idle)
+            self.send(error_frame(IdleTimeout.code, "No frame received in time."))
+        else:
+            self._arm_watchdog(loop)
+            return
+        self.close(CloseCode.IDLE_TIMEOUT, "idle timeout")
 
     async def _dispatch(self, received: Received) -> None:
         self.hub.count_frame(received)
@@ -377,8 +563,14 @@ class Connection:
         if not frame.final:
             return  # interim transcript: only the final one is a message
         channel = self._session()
-        self.hub.engine.user_message(self, frame.text, client_id=frame.client_id)
-        await self.hub.service.touch_session(channel.session_id)
+        hub = self.hub
+        hub.engine.user_message(self, frame.text, client_id=frame.client_id)
+        # The session's activity is written lazily (``touch_interval``); one
+        # touch per interval per connection says as much as one per message.
+        now = hub.clock.monotonic()
+        if now - self._touched >= hub.settings.touch_interval:
+            self._touched = now
+            await hub.service.touch_session(channel.session_id)
 
     def _on_interrupt(self, frame: Interrupt) -> None:
         done = self.hub.engine.interrupt(
@@ -399,39 +591,63 @@ class Connection:
     # -- life cycle ----------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Run the connection until it closes, then detach it from the hub."""
+        """Run the connection until it closes, then detach it from the hub.
+
+        The read loop runs in the caller's task (the ASGI handler's): one task
+        fewer per connection. When the writer ends first (the close frame is
+        out, or the peer is gone) it cancels the read.
+        """
         try:
             await self.ws.accept()
         except (WebSocketDisconnect, WebSocketDisconnected, OSError):
             self.proto.closed()
-            self.finished.set()
+            self._finish()
             return
         writer = self._writer = asyncio.create_task(self._write_loop(), name=f"ws-{self.id}-w")
-        reader = asyncio.create_task(self._read_loop(), name=f"ws-{self.id}-r")
+        writer.add_done_callback(self._writer_done)
+        self._reading = asyncio.current_task()
         try:
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            if reader in done and not self._peer_gone and not writer.done():
-                self._supervise(reader)
+            try:
+                await self._read_loop()
+            except asyncio.CancelledError:
+                reading = self._reading
+                if not self._stop_reading or reading is None or reading.uncancel():
+                    raise  # cancelled from outside (shutdown): not only by the writer
+            except Exception as exc:
+                # A bug handling a frame: this connection alone closes, with 1011.
+                logger.error("connection %s: reader failed", self.id, exc_info=exc)
+                if self.closing is None:
+                    self.send(error_frame(SamvadError.code, "Internal error."))
+                    self.close(CloseCode.INTERNAL_ERROR, "internal error")
+            self._reading = None
+            if not self._peer_gone and not writer.done():
                 if self.closing is None:
                     self.close(CloseCode.INTERNAL_ERROR, "internal error")
                 # Let the writer flush what is queued and send the close frame.
                 await asyncio.wait({writer}, timeout=CLOSE_TIMEOUT + 1)
         finally:
-            for task in (reader, writer):
-                task.cancel()
-            await asyncio.gather(reader, writer, return_exceptions=True)
-            for task in (reader, writer):
-                self._supervise(task)
+            self._reading = None
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            self._supervise(writer)
             self.proto.closed()
             await self.hub.detach(self)
             if self._aborted and not self._peer_gone:
                 await self._close_frame_within_deadline()
-            self.finished.set()
+            self._finish()
+
+    def _writer_done(self, writer: asyncio.Task[None]) -> None:
+        reading = self._reading
+        if reading is not None and not self._stop_reading:
+            self._stop_reading = True
+            reading.cancel()
 
     def _supervise(self, task: asyncio.Task[None]) -> None:
-        if task in self._supervised:
+        if self._supervised is not None and task in self._supervised:
             return
         if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+            if self._supervised is None:
+                self._supervised = set()
             self._supervised.add(task)
             logger.error("connection %s: task %s failed", self.id, task.get_name(), exc_info=exc)
             if task is self._writer:
@@ -527,12 +743,15 @@ class Hub:
 
     # -- connections ---------------------------------------------------------------
 
-    async def serve(self, websocket: WebSocket) -> None:
-        """Handle one WebSocket from handshake to close."""
+    async def serve(
+        self, websocket: WebSocket, receive: Receive | None = None, send: Send | None = None
+    ) -> None:
+        """Handle one WebSocket from handshake to close (``receive``/``send``:
+        the ASGI callables under ``websocket``, for the frames)."""
         if self.closing:
             await websocket.close(CloseCode.GOING_AWAY, "server shutting down")
             return
-        connection = Connection(self, websocket)
+        connection = Connection(self, websocket, receive, send)
         self._connections[connection] = None
         try:
             await connection.serve()
@@ -574,6 +793,11 @@ class Hub:
     def send(self, devices: Sequence[Device], event: Event) -> None:
         """Deliver ``event`` to ``devices`` as one frame, encoded once."""
         text = encode(frame_of(event))
+        if isinstance(event, ReplyChunk):
+            for device in devices:
+                assert isinstance(device, Connection)
+                device.send_chunk(event, text)
+            return
         for device in devices:
             assert isinstance(device, Connection)
             device.send_text(text)
@@ -753,11 +977,19 @@ class Hub:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _endpoint(websocket: WebSocket) -> None:
+async def _endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    # An ASGI app, not a Starlette endpoint: the connection reads and writes
+    # its frames with ``receive``/``send`` directly.
+    websocket = WebSocket(scope, receive, send)
     hub: Hub = websocket.state.services.hub
-    await hub.serve(websocket)
+    await hub.serve(websocket, receive, send)
+
+
+class _Endpoint:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _endpoint(scope, receive, send)
 
 
 def routes() -> list[BaseRoute]:
     """The WebSocket routes."""
-    return [WebSocketRoute("/ws", _endpoint, name="ws")]
+    return [WebSocketRoute("/ws", _Endpoint(), name="ws")]

@@ -557,8 +557,18 @@ class ReplyStartFrame(_Frame, tag="reply.start", kw_only=True):
 
 class ReplyChunkFrame(_Frame, tag="reply.chunk", kw_only=True):
     reply_id: str
-    index: Count
+    index: Annotated[Count, Meta(description="The index of the (last) chunk this frame carries.")]
     text: str
+    first_index: (
+        Annotated[
+            Count,
+            Meta(
+                description="Present when chunks that waited for a slow reader were merged "
+                "into this frame: it carries chunks firstIndex..index, their text concatenated."
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class ReplyEndFrame(_Frame, tag="reply.end", kw_only=True):

@@ -22,6 +22,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from samvad.client import SamvadClient, ServerError
+from samvad.clock import ManualClock
 from samvad.config import Settings
 from samvad.errors import Unauthorized
 from samvad.models import Role, SessionStatus
@@ -775,4 +776,106 @@ async def test_a_state_frame_follows_the_same_rules_as_rest() -> None:
         stored = await server.services.persistence.get_state("u-state-rules")
         assert stored is not None and stored.data == {"topic": "loans"}
         assert (await client.ask("still usable")).reply.complete
+        await client.close()
+
+
+class Burst:
+    """Yields its words without awaiting: they all reach the send queue before
+    the connection's writer runs, as when a connection is behind."""
+
+    def __init__(self, words: list[str]) -> None:
+        self.words = words
+
+    async def reply(self, context: ReplyContext) -> AsyncIterator[str]:
+        for word in self.words:
+            yield word
+
+
+async def read_reply(client: SamvadClient) -> list[dict[str, Any]]:
+    """The frames from now to the next ``reply.end``, inclusive."""
+    frames: list[dict[str, Any]] = []
+    async with asyncio.timeout(10):
+        while not frames or frames[-1]["type"] != "reply.end":
+            frames.append(json.loads(await client.connection.recv()))
+    return frames
+
+
+async def test_chunks_waiting_in_the_send_queue_are_merged_into_one_frame() -> None:
+    words = [f"w{i} " for i in range(50)]
+    async with live_server(make_app()) as server:
+        server.services.hub.responder = Burst(words)
+        client = await open_client(server, "u-merge")
+        await client.message("go")
+        frames = await read_reply(client)
+        assert [f["type"] for f in frames] == ["ack", "reply.start", "reply.chunk", "reply.end"]
+        chunk, end = frames[2], frames[3]
+        assert chunk["firstIndex"] == 0 and chunk["index"] == len(words) - 1
+        assert chunk["text"] == end["text"] == "".join(words)
+        assert end["complete"]
+        await client.close()
+
+
+async def test_merged_chunks_keep_their_indexes_contiguous_and_their_size_bounded() -> None:
+    from samvad.web.realtime import MERGE_MAX_CHARS
+
+    words = [f"{i:04d}" + "x" * 996 for i in range(20)]  # 20,000 characters
+    async with live_server(make_app()) as server:
+        server.services.hub.responder = Burst(words)
+        server.services.hub.max_reply_chars = 100_000
+        client = await open_client(server, "u-merge-big")
+        await client.message("go")
+        frames = await read_reply(client)
+        chunks = [f for f in frames if f["type"] == "reply.chunk"]
+        assert len(chunks) > 1
+        expected = 0
+        for chunk in chunks:
+            assert chunk.get("firstIndex", chunk["index"]) == expected
+            assert len(chunk["text"]) <= MERGE_MAX_CHARS
+            expected = chunk["index"] + 1
+        assert expected == len(words)
+        assert "".join(c["text"] for c in chunks) == frames[-1]["text"] == "".join(words)
+        await client.close()
+
+
+async def test_a_lone_chunk_is_sent_as_it_was_encoded() -> None:
+    async with live_server(make_app()) as server:
+        server.services.hub.responder = Burst(["all at once"])
+        client = await open_client(server, "u-single")
+        await client.message("go")
+        frames = await read_reply(client)
+        assert frames[2] == {
+            "type": "reply.chunk",
+            "replyId": frames[1]["replyId"],
+            "index": 0,
+            "text": "all at once",
+        }
+        await client.close()
+
+
+async def test_a_connection_touches_its_session_once_per_touch_interval() -> None:
+    clock = ManualClock()
+    app = create_app(
+        Settings(store="memory", ws_reply_chunk_delay=0.0, touch_interval=30.0), clock=clock
+    )
+    async with live_server(app) as server:
+        persistence = server.services.persistence
+        client = await open_client(server, "u-touch")
+        session_id = client.session_id
+        assert session_id is not None
+
+        async def last_activity() -> Any:
+            session = await persistence.get_session(session_id)
+            assert session is not None
+            return session.last_activity
+
+        clock.advance(1)
+        await client.ask("first")
+        touched = clock.now()
+        assert await last_activity() == touched
+        clock.advance(5)
+        await client.ask("within the interval")
+        assert await last_activity() == touched
+        clock.advance(30)
+        await client.ask("after it")
+        assert await last_activity() == clock.now()
         await client.close()
