@@ -315,6 +315,8 @@ class ServerProtocol:
     :meth:`started` and :meth:`ended`.
     """
 
+    __slots__ = ("limiter", "max_frame_bytes", "state")
+
     def __init__(
         self,
         *,
