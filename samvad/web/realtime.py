@@ -127,6 +127,10 @@ _ids = itertools.count(1)
 
 #: Most characters of reply text merged into one queued ``reply.chunk`` frame.
 MERGE_MAX_CHARS = 8192
+#: Seconds a ``reply.chunk`` must have waited in a send queue before the next
+#: chunks merge into it: the connection is behind. A burst a responder yields
+#: at once to a connection that keeps up still goes out chunk by chunk.
+MERGE_AFTER = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,16 +142,27 @@ class _CloseRequest:
 class _Chunk:
     """A ``reply.chunk`` waiting in one connection's send queue.
 
-    While it waits, the next chunks of the same reply merge into it: a
-    connection that is behind gets one frame carrying chunks ``first..index``
+    Once it has waited ``MERGE_AFTER`` seconds, the next chunks of the same
+    reply merge into it: a connection that is behind gets one frame carrying
+    chunks ``first..index``
     (``firstIndex`` on the wire) instead of one frame each, so its backlog, and
     the CPU spent writing it, stay small, and what follows (the next ``ack``)
     is not queued behind a long tail of words.
     """
 
-    __slots__ = ("_first_text", "first", "index", "parts", "reply_id", "size", "text")
+    __slots__ = (
+        "_first_text",
+        "first",
+        "index",
+        "parts",
+        "queued_at",
+        "reply_id",
+        "size",
+        "text",
+    )
 
-    def __init__(self, event: ReplyChunk, text: str) -> None:
+    def __init__(self, event: ReplyChunk, text: str, queued_at: float) -> None:
+        self.queued_at = queued_at
         self.reply_id = event.reply_id
         self.first = self.index = event.index
         self.parts: list[str] | None = None
@@ -332,13 +347,18 @@ class Connection:
 
     def send_chunk(self, event: ReplyChunk, text: str) -> None:
         """Queue a ``reply.chunk`` (``text`` is its frame), merged into the
-        previous one of the same reply when that one still waits."""
+        previous one of the same reply when that one has waited long enough."""
         out = self._out
+        now = self.hub.clock.monotonic()
         if out and self.closing is None:
             tail = out[-1]
-            if isinstance(tail, _Chunk) and tail.merge(event):
+            if (
+                isinstance(tail, _Chunk)
+                and now - tail.queued_at >= MERGE_AFTER
+                and tail.merge(event)
+            ):
                 return
-        self._push(_Chunk(event, text))
+        self._push(_Chunk(event, text, now))
 
     def _push(self, item: _Outgoing) -> None:
         if self.closing is not None:

@@ -780,15 +780,22 @@ async def test_a_state_frame_follows_the_same_rules_as_rest() -> None:
 
 
 class Burst:
-    """Yields its words without awaiting: they all reach the send queue before
-    the connection's writer runs, as when a connection is behind."""
+    """Yields its words without awaiting; with a clock, moves it on before
+    each word as if the connection's writer had been kept waiting."""
 
-    def __init__(self, words: list[str]) -> None:
+    def __init__(self, words: list[str], clock: ManualClock | None = None) -> None:
         self.words = words
+        self.clock = clock
 
     async def reply(self, context: ReplyContext) -> AsyncIterator[str]:
         for word in self.words:
+            if self.clock is not None:
+                self.clock.advance(0.01)
             yield word
+
+
+def merging_app(clock: ManualClock) -> Starlette:
+    return create_app(Settings(store="memory", ws_reply_chunk_delay=0.0), clock=clock)
 
 
 async def read_reply(client: SamvadClient) -> list[dict[str, Any]]:
@@ -800,10 +807,11 @@ async def read_reply(client: SamvadClient) -> list[dict[str, Any]]:
     return frames
 
 
-async def test_chunks_waiting_in_the_send_queue_are_merged_into_one_frame() -> None:
+async def test_chunks_that_waited_in_the_send_queue_are_merged_into_one_frame() -> None:
+    clock = ManualClock()
     words = [f"w{i} " for i in range(50)]
-    async with live_server(make_app()) as server:
-        server.services.hub.responder = Burst(words)
+    async with live_server(merging_app(clock)) as server:
+        server.services.hub.responder = Burst(words, clock)
         client = await open_client(server, "u-merge")
         await client.message("go")
         frames = await read_reply(client)
@@ -815,12 +823,27 @@ async def test_chunks_waiting_in_the_send_queue_are_merged_into_one_frame() -> N
         await client.close()
 
 
+async def test_a_connection_that_keeps_up_gets_every_chunk_in_its_own_frame() -> None:
+    words = [f"w{i} " for i in range(5)]
+    async with live_server(merging_app(ManualClock())) as server:
+        server.services.hub.responder = Burst(words)  # all at once, no time passes
+        client = await open_client(server, "u-no-merge")
+        await client.message("go")
+        frames = await read_reply(client)
+        chunks = [f for f in frames if f["type"] == "reply.chunk"]
+        assert [c["index"] for c in chunks] == [0, 1, 2, 3, 4]
+        assert all("firstIndex" not in c for c in chunks)
+        assert [c["text"] for c in chunks] == words
+        await client.close()
+
+
 async def test_merged_chunks_keep_their_indexes_contiguous_and_their_size_bounded() -> None:
     from samvad.web.realtime import MERGE_MAX_CHARS
 
+    clock = ManualClock()
     words = [f"{i:04d}" + "x" * 996 for i in range(20)]  # 20,000 characters
-    async with live_server(make_app()) as server:
-        server.services.hub.responder = Burst(words)
+    async with live_server(merging_app(clock)) as server:
+        server.services.hub.responder = Burst(words, clock)
         server.services.hub.max_reply_chars = 100_000
         client = await open_client(server, "u-merge-big")
         await client.message("go")
