@@ -119,6 +119,11 @@ logger = logging.getLogger(__name__)
 CLOSE_TIMEOUT = 5.0
 #: Seconds ``close_all`` waits for connection handlers at shutdown.
 SHUTDOWN_DEADLINE = 10.0
+#: ``Connection._seen`` while a frame is being handled: the idle and start
+#: deadlines count only the time spent waiting for a frame.
+_HANDLING = float("inf")
+#: Seconds between two looks at a connection whose frame is handled past a deadline.
+_WATCHDOG_POLL = 0.1
 #: Fewest seconds between two rounds of ``durable`` frames (one per session each).
 DURABLE_INTERVAL = 0.25
 
@@ -431,8 +436,9 @@ class Connection:
         receive = self._receive
         try:
             while self.closing is None:
-                message = await receive()
                 self._seen = loop.time()
+                message = await receive()
+                self._seen = _HANDLING
                 kind = message["type"]
                 if kind == "websocket.disconnect":
                     self._peer_gone = True
@@ -459,6 +465,9 @@ class Connection:
         due = self._seen + idle
         if self.channel is None:
             due = min(due, self._deadline)
+        now = loop.time()
+        if due <= now:  # a frame is being handled past a deadline: look again soon
+            due = now + _WATCHDOG_POLL
         self._watchdog = loop.call_at(due, self._check_deadlines, loop)
 
     def _check_deadlines(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -468,6 +477,9 @@ class Connection:
             return
         now = loop.time()
         idle = self.hub.settings.ws_idle_timeout
+        if self._seen == _HANDLING:
+            self._arm_watchdog(loop)
+            return
         if self.channel is None and now >= self._deadline:
             logger.info("connection %s sent no start frame in time: closing", self.id)
             self.send(error_frame(StartTimeout.code, "No start frame in time."))

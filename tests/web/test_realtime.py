@@ -902,3 +902,16 @@ async def test_a_connection_touches_its_session_once_per_touch_interval() -> Non
         await client.ask("after it")
         assert await last_activity() == clock.now()
         await client.close()
+
+
+async def test_a_start_that_takes_longer_than_the_start_timeout_is_not_cut() -> None:
+    # The deadlines count the time spent waiting for a frame, not handling one.
+    async def slow_verify(token: str) -> str:
+        await asyncio.sleep(0.5)  # an identity provider slower than the start timeout
+        return token
+
+    app = make_app(slow_verify, auth="firebase", ws_start_timeout=0.2, ws_idle_timeout=30)
+    async with live_server(app) as server:
+        client = await open_client(server, "u-slow-start", token="u-slow-start")
+        assert (await client.ask("made it")).reply.complete
+        await client.close()
