@@ -404,9 +404,7 @@ class Bench:
         exchanges = {"samvad": SAMVAD_IDLE, "bare": BARE_WS}
         held: dict[str, int] = {}
         for name, server in self.servers():  # first connections: lazy imports, caches
-            held[name] = ws.connect(f"idle-{name}", server.ws_url, 50, exchanges[name])[
-                "connected"
-            ]
+            held[name] = ws.connect(f"idle-{name}", server.ws_url, 50, exchanges[name])["connected"]
         time.sleep(0.5)
         runs: dict[str, list[dict[str, Any]]] = {"samvad": [], "bare": []}
         for _ in range(self.args.repetitions):
@@ -428,9 +426,7 @@ class Bench:
                         "failures": result["failures"],
                         "rss_before_kib": before,
                         "rss_after_kib": after,
-                        "kib_per_connection": round((after - before) / added, 2)
-                        if added
-                        else None,
+                        "kib_per_connection": round((after - before) / added, 2) if added else None,
                         "load1": load1(),
                     }
                 )
