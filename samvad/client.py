@@ -317,6 +317,10 @@ class SamvadClient:
         )
         if resend:
             for entry in list(self._outbox.values()):
+                # Its seq is known again from the new ack: a server that lost
+                # the message numbers it anew, and a durable frame in the new
+                # numbering says nothing of the old one.
+                entry.seq = entry.message_id = None
                 await self._send_message(entry.text, entry.client_id, final=True)
         return started
 

@@ -605,6 +605,11 @@ export class SamvadClient {
             continue;
           }
         }
+      } else {
+        // Its seq comes again with the new ack: a server that lost the message
+        // numbers it anew, and a durable frame in the new numbering says nothing
+        // of the old one.
+        entry.seq = null;
       }
       this._transmitEntry(entry);
     }

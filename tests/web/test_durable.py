@@ -115,11 +115,13 @@ async def test_durable_frames_follow_the_acks_and_firestore_has_every_seq_they_c
             await sock.send(type="message", text=f"question {i}", clientId=f"c{i}")
             await sock.next("ack", clientId=f"c{i}")
             await sock.next("reply.end")
-        while not checked or checked[-1] < 12:
-            await sock.next("durable")
+            # Told along the way, not only at the end: each exchange (its
+            # message and reply, seqs 2i+1 and 2i+2) is announced in its turn.
+            while not checked or checked[-1] < 2 * i + 2:
+                await sock.next("durable")
 
     assert checked == sorted(set(checked)), "durable seqs only grow"
-    assert len(checked) > 2  # told along the way, not only at the end
+    assert len(checked) > 2
     # Each durable frame came after the ack of every user message it covers.
     acked: set[int] = set()
     for frame in sock.frames:
