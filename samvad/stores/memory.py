@@ -2,6 +2,14 @@
 
 It implements exactly the semantics of the Firestore store (the contract tests
 hold both to them), but it is not durable: a restart loses everything.
+
+Callers never alias what it stores: documents are deep-copied in and out, as a
+network round trip would. Profiles are the exception that keeps a flush cheap:
+they are kept as :class:`~samvad.models.Profile` values, whose history is a
+tuple of frozen messages that needs no copy; only their preferences (a plain
+dict) are deep-copied, when a write changes them. A flush of a full history
+therefore costs a merge of the new messages, not a copy and re-decoding of a
+hundred.
 """
 
 from __future__ import annotations
@@ -18,7 +26,6 @@ from samvad.documents import (
     SESSIONS,
     STATES,
     Document,
-    decode_profile,
     empty_profile,
     encode_profile,
     profile_with,
@@ -46,6 +53,8 @@ class MemoryStore(Store):
             SESSIONS: {},
             INTERRUPTIONS: {},
         }
+        # user_profiles, as values (see the module docstring); encoded on the way out.
+        self._profiles: dict[str, Profile] = {}
         self.writes = 0
 
     def _docs(self, collection: str) -> dict[str, Document]:
@@ -55,6 +64,15 @@ class MemoryStore(Store):
         return None
 
     async def get(self, collection: str, doc_id: str) -> Document | None:
+        if collection == PROFILES:
+            profile = self._profiles.get(doc_id)
+            if profile is None:
+                return None
+            # encode_profile builds fresh lists and maps of immutable values;
+            # only the preferences' nested values need copying.
+            encoded = encode_profile(profile)
+            encoded["preferences"] = copy.deepcopy(encoded["preferences"])
+            return encoded
         doc = self._docs(collection).get(doc_id)
         # A deep copy, as a network round trip would give: callers may not
         # alias the stored document.
@@ -72,23 +90,17 @@ class MemoryStore(Store):
         self.writes += 1
 
     async def write_profile(self, write: ProfileWrite, *, now: datetime) -> Profile:
-        docs = self._docs(PROFILES)
-        stored = docs.get(write.user_id)
-        cap, max_bytes = self.bounds.cap, self.bounds.max_bytes
-        current = (
-            decode_profile(write.user_id, stored, cap=cap, max_bytes=max_bytes)
-            if stored is not None
-            else empty_profile(write.user_id)
-        )
+        current = self._profiles.get(write.user_id) or empty_profile(write.user_id)
         profile = profile_with(
             current,
             messages=write.append,
-            preferences=write.preferences,
+            # The write's preferences belong to the caller: keep a copy.
+            preferences=copy.deepcopy(write.preferences) if write.preferences else None,
             now=now,
-            cap=cap,
-            max_bytes=max_bytes,
+            cap=self.bounds.cap,
+            max_bytes=self.bounds.max_bytes,
         )
-        docs[write.user_id] = copy.deepcopy(encode_profile(profile))
+        self._profiles[write.user_id] = profile
         self.writes += 1
         return profile
 
@@ -96,7 +108,7 @@ class MemoryStore(Store):
         field = "userId" if erase.scope is EraseScope.USER else "sessionId"
         if erase.scope is EraseScope.USER:
             self._docs(STATES).pop(erase.target_id, None)
-            self._docs(PROFILES).pop(erase.target_id, None)
+            self._profiles.pop(erase.target_id, None)
             sessions = self._delete_where(SESSIONS, "userId", erase.target_id)
             self._delete_where(IDEMPOTENCY_KEYS, "userId", erase.target_id)
         else:
@@ -161,7 +173,7 @@ class MemoryStore(Store):
             active_sessions=sum(
                 1 for d in self._docs(SESSIONS).values() if d.get("isActive") is True
             ),
-            total_profiles=len(self._docs(PROFILES)),
+            total_profiles=len(self._profiles),
             total_interruptions=len(self._docs(INTERRUPTIONS)),
         )
 
