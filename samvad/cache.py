@@ -1,5 +1,11 @@
 """The in-memory view cache: a bounded ``cachetools.TTLCache`` with single-flight loads.
 
+Bounded twice: in entries, and in bytes when given a ``sizeof`` (each entry
+counted as its value's :meth:`memory_bytes`-style estimate plus
+:data:`ENTRY_OVERHEAD` for the cache's own bookkeeping). Whichever bound is
+reached first evicts expired entries, then the least recently used. A value
+larger than the whole byte budget is served but not kept.
+
 A hit costs a dictionary lookup. A miss runs the loader once per key however
 many callers ask at the same time: the load runs in its own task, so a
 caller that goes away (a dropped connection) does not cancel it for the others.
@@ -19,6 +25,7 @@ from cachetools import TTLCache
 
 __all__ = [
     "ABSENT_TTL",
+    "ENTRY_OVERHEAD",
     "Cached",
     "Loader",
     "ViewCache",
@@ -26,6 +33,10 @@ __all__ = [
 
 #: Seconds a key found absent in the store is remembered as absent (at most the TTL).
 ABSENT_TTL = 60.0
+#: Bytes one cache entry costs besides its value: the key, the ``Cached``
+#: wrapper, cachetools' link object and its slots in three dicts (measured
+#: with tracemalloc at about 350, rounded up).
+ENTRY_OVERHEAD = 512
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -44,8 +55,35 @@ Loader = Callable[[], Awaitable[tuple[V | None, bool]]]
 """Returns (value or None when absent, complete)."""
 
 
+class _Bounded(TTLCache[K, "Cached[V]"]):
+    """A ``TTLCache`` bounded in bytes (its ``maxsize``) and in entries."""
+
+    def __init__(
+        self,
+        *,
+        max_entries: int,
+        max_bytes: int,
+        ttl: float,
+        timer: Callable[[], float],
+        sizeof: Callable[[V], int],
+    ) -> None:
+        super().__init__(
+            maxsize=max_bytes,
+            ttl=ttl,
+            timer=timer,
+            getsizeof=lambda entry: sizeof(entry.value) + ENTRY_OVERHEAD,
+        )
+        self.max_entries = max_entries
+
+    def __setitem__(self, key: K, value: Cached[V]) -> None:
+        if key not in self:
+            while len(self) >= self.max_entries:
+                self.popitem()
+        super().__setitem__(key, value)
+
+
 class ViewCache(Generic[K, V]):
-    """TTL- and size-bounded cache of views, keyed by document id."""
+    """TTL-, entry- and byte-bounded cache of views, keyed by document id."""
 
     def __init__(
         self,
@@ -54,8 +92,18 @@ class ViewCache(Generic[K, V]):
         ttl: float,
         timer: Callable[[], float],
         absent_ttl: float = ABSENT_TTL,
+        max_bytes: int | None = None,
+        sizeof: Callable[[V], int] | None = None,
     ) -> None:
-        self._data: TTLCache[K, Cached[V]] = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
+        self._data: TTLCache[K, Cached[V]]
+        if max_bytes is not None and sizeof is not None:
+            self._data = _Bounded(
+                max_entries=maxsize, max_bytes=max_bytes, ttl=ttl, timer=timer, sizeof=sizeof
+            )
+            # An absent key costs an entry and the key.
+            maxsize = max(1, min(maxsize, max_bytes // ENTRY_OVERHEAD))
+        else:
+            self._data = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
         # Keys the store had no document for, with whether that was read from
         # the store (True) or assumed in memory-only mode (False).
         self._absent: TTLCache[K, bool] = TTLCache(
@@ -68,6 +116,18 @@ class ViewCache(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._data)
 
+    @property
+    def bytes(self) -> int:
+        """Estimated bytes held (entries, when the cache is not bounded in bytes)."""
+        return int(self._data.currsize)
+
+    def _keep(self, key: K, entry: Cached[V]) -> None:
+        try:
+            self._data[key] = entry
+        except ValueError:
+            # Larger than the whole byte budget: served, not kept.
+            self._data.pop(key, None)
+
     def peek(self, key: K) -> Cached[V] | None:
         """The cached entry, without loading (and without counting a hit or miss).
 
@@ -76,7 +136,7 @@ class ViewCache(Generic[K, V]):
         return self._data.get(key)
 
     def put(self, key: K, value: V, *, complete: bool = True) -> None:
-        self._data[key] = Cached(value, complete)
+        self._keep(key, Cached(value, complete))
         self._absent.pop(key, None)
 
     def discard(self, key: K) -> None:
@@ -138,7 +198,7 @@ class ViewCache(Generic[K, V]):
             if self._loading.get(key) is not task:
                 return value, complete  # invalidated while it ran: not cached
             if value is not None:
-                self._data[key] = Cached(value, complete)
+                self._keep(key, Cached(value, complete))
                 self._absent.pop(key, None)
             else:
                 self._data.pop(key, None)

@@ -83,6 +83,9 @@ class Settings:
     # Cache
     cache_ttl: float = 1800.0
     cache_max_entries: int = 50_000
+    #: Estimated bytes the view caches may hold in all: half for profiles, a
+    #: quarter each for states and sessions (samvad.cache).
+    cache_max_bytes: int = 256 * 1024 * 1024
 
     # History (bytes bound at most 640 KiB: with 256 KiB of preferences a
     # profile document stays below Firestore's 1 MiB)
@@ -95,6 +98,8 @@ class Settings:
     touch_interval: float = 30.0
     flush_concurrency: int = 32
     max_pending_documents: int = 100_000
+    #: Estimated bytes the write backlog may hold (samvad.writebehind).
+    max_pending_bytes: int = 256 * 1024 * 1024
     firestore_deadline: float = 5.0
     probe_interval: float = 1.0
     probe_max_interval: float = 10.0
@@ -195,6 +200,7 @@ class Settings:
             ),
             cache_ttl=env.number("SAMVAD_CACHE_TTL_SECONDS", d.cache_ttl, lo=1.0),
             cache_max_entries=env.integer("SAMVAD_CACHE_MAX_ENTRIES", d.cache_max_entries, lo=1),
+            cache_max_bytes=env.integer("SAMVAD_CACHE_MAX_BYTES", d.cache_max_bytes, lo=64 * 1024),
             history_cap=env.integer("SAMVAD_HISTORY_CAP", d.history_cap, lo=1, hi=10_000),
             history_max_bytes=env.integer(
                 "SAMVAD_HISTORY_MAX_BYTES", d.history_max_bytes, lo=4096, hi=640 * 1024
@@ -204,6 +210,9 @@ class Settings:
             touch_interval=env.number("SAMVAD_TOUCH_INTERVAL_SECONDS", d.touch_interval, lo=0.0),
             flush_concurrency=env.integer(
                 "SAMVAD_FLUSH_CONCURRENCY", d.flush_concurrency, lo=1, hi=1000
+            ),
+            max_pending_bytes=env.integer(
+                "SAMVAD_MAX_PENDING_BYTES", d.max_pending_bytes, lo=64 * 1024
             ),
             max_pending_documents=env.integer(
                 "SAMVAD_MAX_PENDING_DOCUMENTS", d.max_pending_documents, lo=1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,6 +21,7 @@ __all__ = [
     "SessionStatus",
     "StoreCounts",
     "UserState",
+    "approx_bytes",
 ]
 
 
@@ -52,6 +54,28 @@ class Mode(StrEnum):
 MESSAGE_OVERHEAD_BYTES = 160
 
 
+# What a value takes in this process, approximately and on the high side, for
+# bounding caches and the write backlog in bytes (CPython 3.11, 64-bit; sizes
+# from sys.getsizeof, rounded up, with a share of the containers' tables).
+_OBJECT_BYTES = 64  # an object with a few slots, or a small int, float or datetime
+_ITEM_BYTES = 72  # one key of a dict with its share of the table, or one list slot
+_MESSAGE_BYTES = 256  # a Message with its id, timestamp and slot values, beyond its content
+
+
+def approx_bytes(value: Any) -> int:
+    """Approximate memory of a JSON-like value (dicts, lists, strings, numbers,
+    datetimes), erring on the high side. Linear in the value's size."""
+    if isinstance(value, str | bytes):
+        return sys.getsizeof(value)
+    if isinstance(value, Mapping):
+        return _OBJECT_BYTES + sum(
+            _ITEM_BYTES + approx_bytes(k) + approx_bytes(v) for k, v in value.items()
+        )
+    if isinstance(value, list | tuple):
+        return _OBJECT_BYTES + sum(_ITEM_BYTES + approx_bytes(item) for item in value)
+    return _OBJECT_BYTES
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """One entry of a user's conversation history."""
@@ -74,6 +98,10 @@ class Message:
             size += len(self.client_id.encode())
         return size
 
+    def memory_bytes(self) -> int:
+        """Approximate bytes this message takes in memory (see :func:`approx_bytes`)."""
+        return sys.getsizeof(self.content) + _MESSAGE_BYTES
+
 
 @dataclass(frozen=True, slots=True)
 class UserState:
@@ -86,6 +114,10 @@ class UserState:
     data: Mapping[str, Any]
     updated_at: datetime | None = None
     is_active: bool = True
+
+    def memory_bytes(self) -> int:
+        """Approximate bytes this view takes in memory (see :func:`approx_bytes`)."""
+        return 4 * _OBJECT_BYTES + approx_bytes(self.data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +134,16 @@ class Profile:
     last_updated: datetime | None = None
     history_bytes: int = 0
 
+    def memory_bytes(self) -> int:
+        """Approximate bytes this view takes in memory (see :func:`approx_bytes`).
+
+        Constant time in the history's length: ``history_bytes`` already sums
+        the messages' stored sizes (UTF-8, never fewer bytes than CPython keeps
+        for the same text, plus :data:`MESSAGE_OVERHEAD_BYTES`).
+        """
+        history = self.history_bytes + len(self.history) * (_MESSAGE_BYTES + _ITEM_BYTES)
+        return 5 * _OBJECT_BYTES + history + approx_bytes(self.preferences)
+
 
 @dataclass(frozen=True, slots=True)
 class Session:
@@ -116,6 +158,15 @@ class Session:
     last_activity: datetime | None = None
     ended_at: datetime | None = None
     expire_at: datetime | None = None
+
+    def memory_bytes(self) -> int:
+        """Approximate bytes this view takes in memory (see :func:`approx_bytes`)."""
+        return (
+            10 * _OBJECT_BYTES
+            + approx_bytes(self.id)
+            + approx_bytes(self.language or "")
+            + approx_bytes(self.metadata)
+        )
 
     @property
     def is_active(self) -> bool:
@@ -162,3 +213,5 @@ class PersistenceStatus:
     last_error: str | None = None
     #: Changes Firestore refused for their content, set aside in the dead-letter.
     writes_set_aside: int = 0
+    #: Estimated memory of the pending writes (bounded by ``SAMVAD_MAX_PENDING_BYTES``).
+    pending_bytes: int = 0

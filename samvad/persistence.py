@@ -170,6 +170,8 @@ class CacheStats:
     hits: int
     misses: int
     entries: int
+    #: Estimated bytes held (see ``SAMVAD_CACHE_MAX_BYTES``).
+    bytes: int = 0
 
 
 class Persistence:
@@ -210,10 +212,19 @@ class Persistence:
             dead_letter=self._keep_dead_letter,
         )
         timer = self.clock.monotonic
-        size, ttl = s.cache_max_entries, s.cache_ttl
-        self.states: ViewCache[str, UserState] = ViewCache(maxsize=size, ttl=ttl, timer=timer)
-        self.profiles: ViewCache[str, Profile] = ViewCache(maxsize=size, ttl=ttl, timer=timer)
-        self.sessions: ViewCache[str, Session] = ViewCache(maxsize=size, ttl=ttl, timer=timer)
+        size, ttl, budget = s.cache_max_entries, s.cache_ttl, s.cache_max_bytes
+        # The byte budget: half for profiles (histories), a quarter each for
+        # states and sessions. Evicting never loses a write: unconfirmed
+        # writes live in the write-behind and are laid over the next load.
+        self.states: ViewCache[str, UserState] = ViewCache(
+            maxsize=size, ttl=ttl, timer=timer, max_bytes=budget // 4, sizeof=UserState.memory_bytes
+        )
+        self.profiles: ViewCache[str, Profile] = ViewCache(
+            maxsize=size, ttl=ttl, timer=timer, max_bytes=budget // 2, sizeof=Profile.memory_bytes
+        )
+        self.sessions: ViewCache[str, Session] = ViewCache(
+            maxsize=size, ttl=ttl, timer=timer, max_bytes=budget // 4, sizeof=Session.memory_bytes
+        )
         self._background: set[asyncio.Task[Any]] = set()
         # Coherence across instances (samvad.coherence): who hears of each
         # write, and what other instances wrote and erased.
@@ -408,7 +419,9 @@ class Persistence:
     def cache_stats(self) -> dict[str, CacheStats]:
         """Hits, misses and entries of the ``states``, ``profiles`` and ``sessions`` caches."""
         return {
-            name: CacheStats(hits=cache.hits, misses=cache.misses, entries=len(cache))
+            name: CacheStats(
+                hits=cache.hits, misses=cache.misses, entries=len(cache), bytes=cache.bytes
+            )
             for name, cache in (
                 ("states", self.states),
                 ("profiles", self.profiles),
