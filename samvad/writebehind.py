@@ -14,8 +14,9 @@ flushes writes to the store:
   done. The bookkeeping is :class:`samvad.barriers.Barriers`.
 * **Outage** — a store that cannot be reached switches the queue to memory-only
   mode: nothing is dispatched, writes keep accumulating (bounded by
-  ``max_pending``), a prober pings the store with backoff, and the first
-  successful ping replays everything. No store error ever reaches a caller.
+  ``max_pending`` documents and ``max_pending_bytes``), a prober pings the
+  store with backoff, and the first successful ping replays everything. No
+  store error ever reaches a caller.
 * **Poison** — a change the store refuses for its content never holds up
   anything else. A refused write is split into its parts (each field; each
   message and preference), written part by part, and a part refused twice is
@@ -104,6 +105,8 @@ class _Entry:
     erase_mark: int = -1
     #: Journal sequence numbers of the writes folded into this entry.
     journal: list[int] = field(default_factory=list)
+    #: Estimated memory of ``write`` (counted in ``WriteBehind.pending_bytes``).
+    bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,7 @@ class WriteBehindConfig:
     touch_interval: float = 30.0
     concurrency: int = 32
     max_pending: int = 100_000
+    max_pending_bytes: int = 256 * 1024 * 1024
     retry_max_backoff: float = 30.0
     probe_interval: float = 1.0
     probe_max_interval: float = 10.0
@@ -147,6 +151,7 @@ class WriteBehindConfig:
             touch_interval=settings.touch_interval,
             concurrency=settings.flush_concurrency,
             max_pending=settings.max_pending_documents,
+            max_pending_bytes=settings.max_pending_bytes,
             retry_max_backoff=settings.retry_max_backoff,
             probe_interval=settings.probe_interval,
             probe_max_interval=settings.probe_max_interval,
@@ -184,6 +189,8 @@ class WriteBehind:
 
         self._queued: dict[Key, _Entry] = {}
         self._inflight: dict[Key, _Entry] = {}
+        #: Estimated memory of every queued and in-flight write.
+        self.pending_bytes = 0
         self._heap: list[tuple[float, int, Key]] = []
         self._parked: set[Key] = set()
         self._last_flush: dict[Key, float] = {}
@@ -246,13 +253,18 @@ class WriteBehind:
         self._on_durable = observer if self._store.durable else None
 
     def admit(self, write: Write) -> None:
-        """Raise :class:`BacklogFull` if :meth:`submit` would refuse ``write``."""
+        """Raise :class:`BacklogFull` if :meth:`submit` would refuse ``write``.
+
+        Erasures are always admitted. At the bound in documents a write that
+        would add a document is refused; at the bound in bytes every write is
+        (a write folded into a queued one still adds what it carries).
+        """
         if self._closed:
             raise RuntimeError("Cannot submit a write once the write-behind queue is closed.")
-        if (
-            not isinstance(write, Erase)
-            and self.pending_count >= self._config.max_pending
-            and write.key not in self._queued
+        if isinstance(write, Erase):
+            return
+        if self.pending_bytes >= self._config.max_pending_bytes or (
+            self.pending_count >= self._config.max_pending and write.key not in self._queued
         ):
             raise BacklogFull("Too many writes are waiting for Firestore; try again shortly.")
 
@@ -277,6 +289,7 @@ class WriteBehind:
             if journal_seq is not None:
                 entry.journal.append(journal_seq)
             entry.write.absorb(write)  # type: ignore[arg-type]  # same key, same type
+            self._resize(entry)
             if not write.touch:
                 entry.lag_from = min(entry.lag_from, now)
                 due = self._due(key, now, touch=False)
@@ -295,10 +308,21 @@ class WriteBehind:
             lag_from=now + (self._config.touch_interval if write.touch else 0.0),
             journal=[] if journal_seq is None else [journal_seq],
         )
+        self._resize(entry)
         self._queued[key] = entry
         self._empty.clear()
         heapq.heappush(self._heap, (entry.due_at, seq, key))
         self._wake.set()
+
+    def _resize(self, entry: _Entry) -> None:
+        size = entry.write.approx_bytes()
+        self.pending_bytes += size - entry.bytes
+        entry.bytes = size
+
+    def _gone(self, entry: _Entry) -> None:
+        """``entry`` left the queue for good (written, dropped or void)."""
+        self.pending_bytes -= entry.bytes
+        entry.bytes = 0
 
     def pending_writes(self, key: Key) -> list[Write]:
         """The live writes for ``key`` not yet confirmed by the store (in flight first).
@@ -344,6 +368,7 @@ class WriteBehind:
             if barrier in entry.write.barriers:
                 del self._queued[key]
                 self._parked.discard(key)
+                self._gone(entry)
                 dropped += 1
         for key, (_, barriers) in list(self._committed.items()):
             if barrier in barriers:
@@ -469,6 +494,7 @@ class WriteBehind:
             mode_since=self._mode_since,
             last_error=self._last_error,
             writes_set_aside=self._counters.set_aside,
+            pending_bytes=self.pending_bytes,
         )
 
     @property
@@ -547,6 +573,7 @@ class WriteBehind:
             if barrier in entry.write.barriers:
                 del self._queued[key]
                 self._parked.discard(key)
+                self._gone(entry)
                 dropped.extend(entry.journal)
         for key, (_, barriers) in list(self._committed.items()):
             if barrier in barriers:
@@ -761,6 +788,7 @@ class WriteBehind:
 
     def _done(self, entry: _Entry) -> None:
         self._release(entry)
+        self._gone(entry)
         now = self._clock.monotonic()
         self._last_flush[entry.key] = now
         queued = self._queued.get(entry.key)
@@ -795,6 +823,7 @@ class WriteBehind:
         if self._covered(entry):
             # Erased while in flight: the erase waited for this write, which
             # failed; the write is simply gone, as the erase asked.
+            self._gone(entry)
             self._confirmed(entry.journal)
             return
         if exc is not None:
@@ -803,6 +832,8 @@ class WriteBehind:
         if newer is not None:
             write.absorb(newer.write)  # type: ignore[arg-type]  # same key, same type
             entry.journal.extend(newer.journal)
+            self._gone(newer)
+        self._resize(entry)
         failed_before = entry.attempts > 0
         entry.attempts += 1
         now = self._clock.monotonic()

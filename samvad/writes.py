@@ -16,9 +16,10 @@ from enum import StrEnum
 from typing import Any
 
 from samvad.documents import PROFILES, Document
-from samvad.models import Message
+from samvad.models import Message, approx_bytes
 
 __all__ = [
+    "WRITE_OVERHEAD_BYTES",
     "Barrier",
     "Erase",
     "EraseScope",
@@ -35,6 +36,10 @@ Key = tuple[str, str]
 
 Barrier = tuple[str, str]
 """("user", userId) or ("session", sessionId)."""
+
+#: Bytes a queued write costs besides its content: the write, its queue entry
+#: and their keys (for bounding the write backlog in bytes).
+WRITE_OVERHEAD_BYTES = 512
 
 
 def user_barrier(user_id: str) -> Barrier:
@@ -97,6 +102,10 @@ class FieldsWrite:
         owner = doc.get("userId")
         return isinstance(owner, str) and owner != "" and owner != self.user_id
 
+    def approx_bytes(self) -> int:
+        """Approximate memory this write holds (see :func:`samvad.models.approx_bytes`)."""
+        return WRITE_OVERHEAD_BYTES + approx_bytes(self.fields) + approx_bytes(self.defaults)
+
     def result(self, doc: Mapping[str, Any] | None) -> Document | None:
         """The document after this write, or None when it needs one and there is none."""
         if doc is None and self.must_exist:
@@ -138,6 +147,14 @@ class ProfileWrite:
     def touch(self) -> bool:
         return False
 
+    def approx_bytes(self) -> int:
+        """Approximate memory this write holds (see :func:`samvad.models.approx_bytes`)."""
+        return (
+            WRITE_OVERHEAD_BYTES
+            + sum(message.memory_bytes() for message in self.append)
+            + approx_bytes(self.preferences)
+        )
+
     def absorb(self, later: ProfileWrite) -> None:
         self.append.extend(later.append)
         if len(self.append) > self.cap:
@@ -165,6 +182,10 @@ class Erase:
     @property
     def barrier(self) -> Barrier:
         return (self.scope.value, self.target_id)
+
+    def approx_bytes(self) -> int:
+        """Approximate memory this write holds."""
+        return WRITE_OVERHEAD_BYTES
 
     @property
     def barriers(self) -> tuple[Barrier, ...]:

@@ -202,6 +202,11 @@ def persistence_metrics(
         value=status.pending_documents,
     )
     yield GaugeMetricFamily(
+        "samvad_pending_writes_bytes",
+        "Estimated memory of the writes waiting for the store.",
+        value=status.pending_bytes,
+    )
+    yield GaugeMetricFamily(
         "samvad_pending_writes_in_flight",
         "Documents being written to the store right now.",
         value=status.pending_in_flight,
@@ -229,13 +234,18 @@ def persistence_metrics(
     entries = GaugeMetricFamily(
         "samvad_cache_entries", "Entries in the view cache, by cache.", labels=["cache"]
     )
+    size = GaugeMetricFamily(
+        "samvad_cache_bytes", "Estimated memory of the view cache, by cache.", labels=["cache"]
+    )
     for name, stats in caches.items():
         hits.add_metric([name], stats.hits)
         misses.add_metric([name], stats.misses)
         entries.add_metric([name], stats.entries)
+        size.add_metric([name], stats.bytes)
     yield hits
     yield misses
     yield entries
+    yield size
 
 
 def journal_metrics(stats: JournalStats) -> Iterator[Metric]:
