@@ -5,7 +5,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from samvad.cache import ViewCache
+from samvad.cache import ENTRY_OVERHEAD, ViewCache
 from samvad.clock import ManualClock
 
 
@@ -229,3 +229,104 @@ async def test_a_load_invalidated_while_it_runs_is_returned_but_not_cached() -> 
     assert entry is not None
     assert entry.value == "after"
     assert cache.misses == 2
+
+
+def sized(clock: ManualClock, *, max_bytes: int, maxsize: int = 1000) -> ViewCache[str, str]:
+    """A cache bounded in bytes: a value's size is its length."""
+    return ViewCache(
+        maxsize=maxsize, ttl=60.0, timer=clock.monotonic, max_bytes=max_bytes, sizeof=len
+    )
+
+
+def keys(cache: ViewCache[str, str]) -> list[str]:
+    return sorted(key for key, _ in cache.items())
+
+
+def test_a_byte_bound_evicts_the_least_recently_used() -> None:
+    clock = ManualClock()
+    entry = ENTRY_OVERHEAD + 100
+    cache = sized(clock, max_bytes=3 * entry)
+    for key in ("a", "b", "c"):
+        cache.put(key, "x" * 100)
+    assert cache.bytes == 3 * entry
+    cache.put("d", "x" * 100)
+    assert keys(cache) == ["b", "c", "d"]
+    assert cache.bytes == 3 * entry
+    assert cache.peek("b") is not None  # a write's peek is a use too
+    cache.put("e", "x" * 100)
+    assert keys(cache) == ["b", "d", "e"]
+
+
+async def test_a_read_keeps_an_entry_under_the_byte_bound() -> None:
+    clock = ManualClock()
+    cache = sized(clock, max_bytes=3 * (ENTRY_OVERHEAD + 100))
+    for key in ("a", "b", "c"):
+        cache.put(key, "x" * 100)
+
+    async def load() -> tuple[str | None, bool]:
+        raise AssertionError("a hit does not load")
+
+    assert await cache.get("a", load) == "x" * 100
+    cache.put("d", "x" * 100)
+    assert keys(cache) == ["a", "c", "d"]
+
+
+def test_a_large_value_evicts_as_many_as_it_needs() -> None:
+    clock = ManualClock()
+    cache = sized(clock, max_bytes=4 * (ENTRY_OVERHEAD + 100))
+    for key in ("a", "b", "c", "d"):
+        cache.put(key, "x" * 100)
+    cache.put("big", "x" * (2 * ENTRY_OVERHEAD + 300))
+    assert keys(cache) == ["big", "d"]
+    assert cache.bytes <= 4 * (ENTRY_OVERHEAD + 100)
+
+
+def test_a_value_larger_than_the_budget_is_not_kept() -> None:
+    clock = ManualClock()
+    cache = sized(clock, max_bytes=2 * (ENTRY_OVERHEAD + 100))
+    cache.put("a", "x" * 100)
+    cache.put("huge", "x" * 10_000)
+    assert cache.peek("huge") is None
+    assert cache.peek("a") is not None
+    cache.put("a", "y" * 10_000)  # a replacement too large drops the old value
+    assert cache.peek("a") is None
+    assert cache.bytes == 0
+
+
+async def test_a_loaded_value_larger_than_the_budget_is_served_not_kept() -> None:
+    clock = ManualClock()
+    cache = sized(clock, max_bytes=ENTRY_OVERHEAD + 100)
+    loads = 0
+
+    async def load() -> tuple[str | None, bool]:
+        nonlocal loads
+        loads += 1
+        return "x" * 10_000, True
+
+    assert await cache.get("k", load) == "x" * 10_000
+    assert await cache.get("k", load) == "x" * 10_000
+    assert loads == 2
+
+
+def test_the_entry_bound_holds_beside_the_byte_bound() -> None:
+    clock = ManualClock()
+    cache = sized(clock, max_bytes=1_000_000, maxsize=2)
+    for key in ("a", "b", "c"):
+        cache.put(key, "x")
+    assert keys(cache) == ["b", "c"]
+    cache.put("c", "y")  # replacing an entry evicts nothing
+    assert keys(cache) == ["b", "c"]
+
+
+def test_expired_entries_go_first_and_free_their_bytes() -> None:
+    clock = ManualClock()
+    cache = sized(clock, max_bytes=3 * (ENTRY_OVERHEAD + 100))
+    cache.put("old", "x" * 100)
+    clock.advance(30)
+    cache.put("a", "x" * 100)
+    cache.put("b", "x" * 100)
+    clock.advance(31)  # "old" expires, "a" and "b" do not
+    cache.put("c", "x" * 100)
+    assert keys(cache) == ["a", "b", "c"]
+    cache.discard("a")
+    assert cache.bytes == 2 * (ENTRY_OVERHEAD + 100)

@@ -201,6 +201,24 @@ async def test_profile_preferences_merge_and_message_flags_survive(store: Store)
     assert profile.history == (flagged,)
 
 
+async def test_a_stored_profile_is_not_aliased_by_its_writer_or_its_readers(
+    store: Store,
+) -> None:
+    preferences: dict[str, object] = {"voice": {"speed": 1.0}}
+    write = ProfileWrite(user_id="u1", append=[msg(0)], preferences=preferences)
+    await store.write_profile(write, now=T0)
+    preferences["voice"] = {"speed": 9.0}  # the writer changes what it wrote...
+    write.append.append(msg(1))
+    doc = await store.get(PROFILES, "u1")
+    assert doc is not None
+    doc["preferences"]["voice"]["speed"] = 7.0  # ...and a reader what it read
+    doc["conversationHistory"].clear()
+    again = await store.get(PROFILES, "u1")
+    assert again is not None
+    assert again["preferences"] == {"voice": {"speed": 1.0}}
+    assert [m["id"] for m in again["conversationHistory"]] == ["m0000"]
+
+
 async def test_erasing_a_user_deletes_everything_of_theirs_only(store: Store) -> None:
     await store.write_fields(fields(STATES, "u1", "u1", a=1))
     await store.write_fields(fields(STATES, "u2", "u2", a=1))

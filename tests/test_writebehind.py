@@ -381,6 +381,58 @@ async def test_the_pending_bound_refuses_new_documents_but_not_updates_or_erases
     assert await store.get(STATES, "b") is None
 
 
+async def test_the_byte_bound_refuses_every_write_but_erases_until_the_backlog_drains(
+    store: FlakyStore, clock: ManualClock
+) -> None:
+    three = message("a", 0)
+    three.absorb(message("a", 1))
+    three.absorb(message("a", 2))
+    queue = make(store, clock, max_pending_bytes=three.approx_bytes())
+    await queue.start()
+    store.down = True
+    queue.report_unavailable(RuntimeError("test"))
+    for i in range(3):
+        queue.submit(message("a", i))  # folded into one entry, each adds its bytes
+    assert queue.pending_bytes == three.approx_bytes()
+    assert queue.pending_count == 1
+    with pytest.raises(BacklogFull):
+        queue.submit(message("a", 3))  # at the bound even an update is refused...
+    with pytest.raises(BacklogFull):
+        queue.submit(state("b", v=1))
+    queue.submit(Erase(EraseScope.USER, "c"))  # ...but never an erase
+    assert queue.status().pending_bytes == queue.pending_bytes
+    store.down = False
+    assert await queue.close(5) == 0
+    assert queue.pending_bytes == 0
+    stored = await store.get(PROFILES, "a")
+    assert stored is not None
+    assert [m["id"] for m in stored["conversationHistory"]] == ["a-000", "a-001", "a-002"]
+
+
+async def test_an_erase_frees_the_bytes_of_the_writes_it_drops(
+    store: FlakyStore, clock: ManualClock
+) -> None:
+    queue = make(store, clock)
+    await queue.start()
+    store.down = True
+    queue.report_unavailable(RuntimeError("test"))
+    queue.submit(message("a", 0))
+    queue.submit(state("a", v=1))
+    queue.submit(state("b", v=1))
+    before = queue.pending_bytes
+    queue.submit(Erase(EraseScope.USER, "a"))
+    assert (
+        queue.pending_bytes
+        == before
+        - message("a", 0).approx_bytes()
+        - state("a", v=1).approx_bytes()
+        + Erase(EraseScope.USER, "a").approx_bytes()
+    )
+    store.down = False
+    assert await queue.close(5) == 0
+    assert queue.pending_bytes == 0
+
+
 async def test_close_flushes_pending_writes_ignoring_the_interval(
     store: FlakyStore, clock: ManualClock
 ) -> None:
