@@ -341,7 +341,10 @@ def main() -> None:
     parser.add_argument("--flood-seconds", type=float, default=20.0)
     parser.add_argument("--flood-rate", type=float, default=20.0)
     parser.add_argument(
-        "--flush-interval", type=float, default=1.0, help="SAMVAD_FLUSH_INTERVAL_SECONDS"
+        "--flush-interval",
+        type=float,
+        default=Settings().flush_interval,
+        help="SAMVAD_FLUSH_INTERVAL_SECONDS (default: the server's)",
     )
     parser.add_argument(
         "--absent-ttl", type=float, help="seconds absence is cached (0: as before it was)"

@@ -93,7 +93,9 @@ class Settings:
     history_max_bytes: int = 512 * 1024
 
     # Write-behind
-    flush_interval: float = 1.0
+    #: 1.5 s keeps a user talking at one message a second (and its replies)
+    #: under half a Firestore write per message (docs/benchmarks.md, section 4).
+    flush_interval: float = 1.5
     flush_linger: float = 0.05
     touch_interval: float = 30.0
     flush_concurrency: int = 32

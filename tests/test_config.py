@@ -11,7 +11,9 @@ def test_defaults_without_environment() -> None:
     settings = Settings.from_env({})
     assert settings.cache_ttl == 1800.0
     assert settings.history_cap == 100
-    assert settings.flush_interval == 1.0
+    assert settings.flush_interval == 1.5
+    assert settings.cache_max_bytes == 256 * 1024 * 1024
+    assert settings.max_pending_bytes == 256 * 1024 * 1024
     assert settings.store == "auto"
     assert settings.port == 8080
     assert not settings.firestore_configured
@@ -24,6 +26,8 @@ def test_values_are_read_from_the_environment() -> None:
             "SAMVAD_HISTORY_CAP": "20",
             "SAMVAD_STORE": "Memory",
             "SAMVAD_FLUSH_INTERVAL_SECONDS": "0.5",
+            "SAMVAD_CACHE_MAX_BYTES": "1048576",
+            "SAMVAD_MAX_PENDING_BYTES": "2097152",
             "SAMVAD_PERSIST_INTERRUPTIONS": "yes",
             "SAMVAD_CORS_ORIGINS": "https://a.example, https://b.example",
             "GOOGLE_CLOUD_PROJECT": "my-project",
@@ -35,6 +39,7 @@ def test_values_are_read_from_the_environment() -> None:
     assert settings.history_cap == 20
     assert settings.store == "memory"
     assert settings.flush_interval == 0.5
+    assert (settings.cache_max_bytes, settings.max_pending_bytes) == (1048576, 2097152)
     assert settings.persist_interruptions is True
     assert settings.cors_origins == ("https://a.example", "https://b.example")
     assert settings.project == "my-project"
@@ -57,6 +62,8 @@ def test_values_are_read_from_the_environment() -> None:
         ("SAMVAD_FIRESTORE_DEADLINE_SECONDS", "0", "at least"),
         ("SAMVAD_IDEMPOTENCY_TTL_SECONDS", "0", "at least"),
         ("SAMVAD_IDEMPOTENCY_CACHE_BYTES", "-1", "at least"),
+        ("SAMVAD_CACHE_MAX_BYTES", "1000", "at least"),
+        ("SAMVAD_MAX_PENDING_BYTES", "lots", "must be an integer"),
         ("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/key.json", "not a readable file"),
     ],
 )
