@@ -169,6 +169,23 @@ class FirestoreStore(Store):
     def _doc(self, collection: str, doc_id: str) -> Any:
         return self.client.collection(collection).document(doc_id)
 
+    async def _snapshot(self, ref: Any, transaction: Any = None) -> Any:
+        """One document's snapshot, reading the response stream to its end.
+
+        ``AsyncDocumentReference.get`` returns on the first message of its
+        ``BatchGetDocuments`` stream and leaves the stream unread: each such
+        read kept its gRPC call, its task and both messages alive (measured:
+        about 0.9 of them per cached user, most of the server's memory per
+        user with Firestore; ``docs/benchmarks.md``, section 12). ``get_all``
+        read to the end lets the call finish.
+        """
+        found = None
+        async for snapshot in self.client.get_all([ref], transaction=transaction, **self._kw()):
+            found = snapshot
+        if found is None:
+            raise StoreUnavailable("Firestore answered a document read with nothing")
+        return found
+
     async def _offload(self, fields: Document, build: Callable[..., _T], *args: Any) -> _T:
         """``build(*args, fields)``, on the encoder thread unless ``fields`` are a few scalars.
 
@@ -201,7 +218,7 @@ class FirestoreStore(Store):
 
     async def get(self, collection: str, doc_id: str) -> Document | None:
         async def read() -> Document | None:
-            snapshot = await self._doc(collection, doc_id).get(**self._kw())
+            snapshot = await self._snapshot(self._doc(collection, doc_id))
             return snapshot.to_dict() if snapshot.exists else None
 
         return await self._bounded(read)
@@ -311,7 +328,7 @@ class FirestoreStore(Store):
             return
 
         async def with_defaults(transaction: Any) -> None:
-            snapshot = await ref.get(transaction=transaction, **self._kw())
+            snapshot = await self._snapshot(ref, transaction)
             if write.must_exist and not snapshot.exists:
                 return  # erased (perhaps by another instance): do not re-create it
             stored = snapshot.to_dict() if snapshot.exists else {}
@@ -332,7 +349,7 @@ class FirestoreStore(Store):
         # safe: a conflicting commit retries with a fresh read, and merging by
         # message id keeps a retried commit idempotent.
         async def append(transaction: Any) -> Profile:
-            snapshot = await ref.get(transaction=transaction, **self._kw())
+            snapshot = await self._snapshot(ref, transaction)
             current = (
                 decode_profile(
                     write.user_id, snapshot.to_dict() or {}, cap=cap, max_bytes=max_bytes
@@ -454,7 +471,7 @@ class FirestoreStore(Store):
         ref = self._doc(SESSIONS, session_id)
 
         async def delete_session() -> int:
-            snapshot = await ref.get(**self._kw())
+            snapshot = await self._snapshot(ref)
             await ref.delete(**self._kw())
             return 1 if snapshot.exists else 0
 
