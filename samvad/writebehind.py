@@ -107,6 +107,8 @@ class _Entry:
     journal: list[int] = field(default_factory=list)
     #: Estimated memory of ``write`` (counted in ``WriteBehind.pending_bytes``).
     bytes: int = 0
+    #: ``bytes`` as last counted in full (see ``WriteBehind._grow``).
+    counted: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +291,7 @@ class WriteBehind:
             if journal_seq is not None:
                 entry.journal.append(journal_seq)
             entry.write.absorb(write)  # type: ignore[arg-type]  # same key, same type
-            self._resize(entry)
+            self._grow(entry, write)
             if not write.touch:
                 entry.lag_from = min(entry.lag_from, now)
                 due = self._due(key, now, touch=False)
@@ -315,7 +317,22 @@ class WriteBehind:
         self._wake.set()
 
     def _resize(self, entry: _Entry) -> None:
+        """Count ``entry``'s write in full (linear in its size)."""
         size = entry.write.approx_bytes()
+        self.pending_bytes += size - entry.bytes
+        entry.bytes = entry.counted = size
+
+    def _grow(self, entry: _Entry, later: Write) -> None:
+        """Count ``later``, just folded into ``entry``, in time linear in ``later``.
+
+        Folding trims a history and replaces fields, so adding overcounts;
+        once the estimate has doubled since the last full count, count again
+        (amortized constant time per write, never less than the truth).
+        """
+        size = entry.bytes + later.approx_bytes()
+        if size > 2 * entry.counted:
+            self._resize(entry)
+            return
         self.pending_bytes += size - entry.bytes
         entry.bytes = size
 
