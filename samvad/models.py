@@ -65,15 +65,40 @@ _MESSAGE_BYTES = 256  # a Message with its id, timestamp and slot values, beyond
 def approx_bytes(value: Any) -> int:
     """Approximate memory of a JSON-like value (dicts, lists, strings, numbers,
     datetimes), erring on the high side. Linear in the value's size."""
+    kind = type(value)
+    if kind is str:
+        return sys.getsizeof(value)
+    if kind in _SCALARS:
+        return _OBJECT_BYTES
+    if kind is dict:
+        size = _OBJECT_BYTES + len(value) * _ITEM_BYTES
+        for key, item in value.items():
+            # Leaves inline: this runs for every write queued.
+            size += sys.getsizeof(key) if type(key) is str else approx_bytes(key)
+            leaf = type(item)
+            if leaf is str:
+                size += sys.getsizeof(item)
+            elif leaf in _SCALARS:
+                size += _OBJECT_BYTES
+            else:
+                size += approx_bytes(item)
+        return size
+    if kind is list or kind is tuple:
+        size = _OBJECT_BYTES + len(value) * _ITEM_BYTES
+        for item in value:
+            size += approx_bytes(item)
+        return size
+    # Rarer shapes (subclasses, other mappings and sequences), by their ABCs.
     if isinstance(value, str | bytes):
         return sys.getsizeof(value)
     if isinstance(value, Mapping):
-        return _OBJECT_BYTES + sum(
-            _ITEM_BYTES + approx_bytes(k) + approx_bytes(v) for k, v in value.items()
-        )
+        return approx_bytes(dict(value))
     if isinstance(value, list | tuple):
-        return _OBJECT_BYTES + sum(_ITEM_BYTES + approx_bytes(item) for item in value)
+        return approx_bytes(list(value))
     return _OBJECT_BYTES
+
+
+_SCALARS = frozenset({int, float, bool, type(None), datetime})
 
 
 @dataclass(frozen=True, slots=True)
