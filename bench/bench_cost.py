@@ -4,7 +4,7 @@ the highest sustained write rate to one document, against the Firestore emulator
     python bench/bench_cost.py [--minute-users 20] [--day-users 50] [--json PATH]
 
 The server runs in this process (uvicorn on a free port, ``create_app`` with
-the default write-behind settings: flush interval 1 s, linger 50 ms, touch
+the default write-behind settings: flush interval 1.5 s, linger 50 ms, touch
 interval 30 s) against the real Firestore emulator (started here unless
 FIRESTORE_EMULATOR_HOST is set), behind a store that counts the operations
 Firestore bills, per document: a document read is one read, a plain set one

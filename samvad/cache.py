@@ -76,7 +76,7 @@ class _Bounded(TTLCache[K, "Cached[V]"]):
         self.max_entries = max_entries
 
     def __setitem__(self, key: K, value: Cached[V]) -> None:
-        if key not in self:
+        if len(self) >= self.max_entries and key not in self:
             while len(self) >= self.max_entries:
                 self.popitem()
         super().__setitem__(key, value)

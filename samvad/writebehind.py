@@ -328,7 +328,11 @@ class WriteBehind:
         Folding trims a history and replaces fields, so adding overcounts;
         once the estimate has doubled since the last full count, count again
         (amortized constant time per write, never less than the truth).
+        A touch re-sends a session's fields unchanged but for its activity
+        times: folded into a write of that session, it adds nothing.
         """
+        if later.touch and entry.counted:
+            return
         size = entry.bytes + later.approx_bytes()
         if size > 2 * entry.counted:
             self._resize(entry)
