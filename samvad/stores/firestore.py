@@ -176,7 +176,7 @@ class FirestoreStore(Store):
         ``BatchGetDocuments`` stream and leaves the stream unread: each such
         read kept its gRPC call, its task and both messages alive (measured:
         about 0.9 of them per cached user, most of the server's memory per
-        user with Firestore; ``docs/benchmarks.md``, section 12; upstream
+        user with Firestore; ``docs/benchmarks.md``, section 14; upstream
         googleapis/python-firestore#835). ``get_all``
         read to the end lets the call finish.
         """
