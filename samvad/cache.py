@@ -67,13 +67,12 @@ class _Bounded(TTLCache[K, "Cached[V]"]):
         timer: Callable[[], float],
         sizeof: Callable[[V], int],
     ) -> None:
-        super().__init__(
-            maxsize=max_bytes,
-            ttl=ttl,
-            timer=timer,
-            getsizeof=lambda entry: sizeof(entry.value) + ENTRY_OVERHEAD,
-        )
+        super().__init__(maxsize=max_bytes, ttl=ttl, timer=timer, getsizeof=self._entry_size)
         self.max_entries = max_entries
+        self._sizeof = sizeof
+
+    def _entry_size(self, entry: Cached[V]) -> int:
+        return self._sizeof(entry.value) + ENTRY_OVERHEAD
 
     def __setitem__(self, key: K, value: Cached[V]) -> None:
         if len(self) >= self.max_entries and key not in self:

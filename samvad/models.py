@@ -166,8 +166,9 @@ class Profile:
         the messages' stored sizes (UTF-8, never fewer bytes than CPython keeps
         for the same text, plus :data:`MESSAGE_OVERHEAD_BYTES`).
         """
-        history = self.history_bytes + len(self.history) * (_MESSAGE_BYTES + _ITEM_BYTES)
-        return 5 * _OBJECT_BYTES + history + approx_bytes(self.preferences)
+        size = 6 * _OBJECT_BYTES + self.history_bytes
+        size += len(self.history) * (_MESSAGE_BYTES + _ITEM_BYTES)
+        return size + approx_bytes(self.preferences) if self.preferences else size
 
 
 @dataclass(frozen=True, slots=True)

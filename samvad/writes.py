@@ -149,11 +149,10 @@ class ProfileWrite:
 
     def approx_bytes(self) -> int:
         """Approximate memory this write holds (see :func:`samvad.models.approx_bytes`)."""
-        return (
-            WRITE_OVERHEAD_BYTES
-            + sum(message.memory_bytes() for message in self.append)
-            + approx_bytes(self.preferences)
-        )
+        size = WRITE_OVERHEAD_BYTES
+        for message in self.append:
+            size += message.memory_bytes()
+        return size + approx_bytes(self.preferences) if self.preferences else size
 
     def absorb(self, later: ProfileWrite) -> None:
         self.append.extend(later.append)
