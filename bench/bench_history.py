@@ -8,8 +8,8 @@ In-process, over the memory store: 200 users each hold ``n`` messages (1 and
 write-behind does once per document per flush interval); ``append`` is
 ``Persistence.append_message`` (what a request does: the cached view and the
 queued write; a one-hour flush interval keeps the write-behind out of the
-timing). Median microseconds. Run the same script on two trees
-(``PYTHONPATH=TREE``) alternately to compare them.
+timing). Median microseconds. To compare two trees, run a copy of the script in
+each (it imports ``samvad`` from its own tree), alternately.
 """
 
 from __future__ import annotations
