@@ -26,6 +26,7 @@ from samvad.web.http_errors import error_response
 
 __all__ = ["DurableResponsesMiddleware"]
 
+
 def _persistence(scope: Scope) -> Persistence | None:
     # The lifespan's state (copied into every request's scope), else the app's.
     state = scope.get("state")
