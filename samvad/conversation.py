@@ -715,6 +715,9 @@ class Engine:
         if client_id is not None and conversation.client_ids is not None:
             original = conversation.client_ids.get(client_id)
             if original is not None:
+                # Written again (merged by id, so at most once in the store):
+                # what a client re-sends is what it was not told is durable.
+                self.service.record_again(conversation.user_id, original)
                 self.fanout.send([device], Acked(original, client_id, duplicate=True))
                 return original
         self._cut(conversation, reason="new_message")

@@ -79,7 +79,7 @@ from samvad.models import (
     UserState,
 )
 from samvad.overlay import RemoteWrites
-from samvad.stores.base import HistoryBounds, SessionCursor, Store
+from samvad.stores.base import HistoryBounds, SessionCursor, Store, StoreRejected, StoreUnavailable
 from samvad.writebehind import FlushObserver, Read, WriteBehind, WriteBehindConfig
 from samvad.writes import (
     Barrier,
@@ -455,7 +455,7 @@ class Persistence:
     ) -> Awaitable[Read[Document | None]]:
         """The stored document and the unconfirmed writes to lay over it (other
         instances' first, then this one's)."""
-        pending = partial(self._unconfirmed, (collection, doc_id))
+        pending = partial(self.unconfirmed, (collection, doc_id))
         if self.remote.erased(barriers):
             return self._remotely_erased(pending)
         return self.writes.read(
@@ -649,6 +649,32 @@ class Persistence:
         )
         return message
 
+    async def stored_message_ids(self, user_id: str) -> frozenset[str] | None:
+        """The ids of the messages the store holds in ``user_id``'s history,
+        read from it now (not from a view); None when it cannot answer."""
+        try:
+            doc = await self.store.get(PROFILES, user_id)
+        except (StoreUnavailable, StoreRejected):
+            return None
+        history = doc.get("conversationHistory") if doc is not None else None
+        if not isinstance(history, list):
+            return frozenset()
+        return frozenset(
+            m["id"] for m in history if isinstance(m, dict) and isinstance(m.get("id"), str)
+        )
+
+    def store_again(self, user_id: str, message: Message) -> None:
+        """Submit ``message``, already in the view, for the store once more.
+
+        Stores merge messages by id, so this changes nothing where the store
+        has it; where it does not — it was heard from another instance that
+        died before flushing it — this instance writes it now.
+        """
+        self._write_profile(
+            ProfileWrite(user_id=user_id, append=[message], cap=self.settings.history_cap),
+            self._now(),
+        )
+
     def set_preferences(self, user_id: str, preferences: Mapping[str, Any]) -> None:
         """Merge ``preferences`` into a user's profile (each top-level key replaced whole)."""
         write = ProfileWrite(
@@ -670,7 +696,7 @@ class Persistence:
             if cached is None:
                 continue
             # Other instances' writes the commit may predate, then this one's.
-            view = self._overlay_profile(committed, self._unconfirmed((PROFILES, user_id)))
+            view = self._overlay_profile(committed, self.unconfirmed((PROFILES, user_id)))
             if view is not None:
                 self.profiles.put(user_id, view, complete=cached.complete)
 
@@ -971,7 +997,10 @@ class Persistence:
         """
         self._taps.append(tap)
 
-    def _unconfirmed(self, key: tuple[str, str]) -> list[Write]:
+    def unconfirmed(self, key: tuple[str, str]) -> list[Write]:
+        """The writes of document ``key`` the store may not have yet: other
+        instances' (heard of, perhaps never flushed: such an instance may have
+        died) and this one's, oldest first."""
         return [*self.remote.writes(key), *self.writes.pending_writes(key)]
 
     def _erased(self, barriers: tuple[Barrier, ...]) -> bool:

@@ -66,7 +66,7 @@ from samvad.ratelimit import RateLimiter, RateLimits
 from samvad.responder import ReplyContext
 from samvad.stores.base import SessionCursor
 from samvad.validation import check_merged
-from samvad.writes import ProfileWrite
+from samvad.writes import ProfileWrite, Write
 
 __all__ = [
     "LiveSessions",
@@ -606,30 +606,46 @@ class SessionService:
             state=state,
             history=history,
             session_history=ours,
-            durable_seq=self._durable_seq(user_id, session_id, ours),
+            durable_seq=await self._durable_seq(user_id, session_id, ours),
             history_complete=state_complete and profile_complete,
         )
 
-    def _durable_seq(self, user_id: str, session_id: str, ours: tuple[Message, ...]) -> int:
+    async def _durable_seq(self, user_id: str, session_id: str, ours: tuple[Message, ...]) -> int:
         """The highest ``seq`` up to which every message of the session is in the store.
 
         Known only for a durable store whose profile view was read from it
         (not during an outage): the stored history's highest, below the oldest
-        message of the session still waiting for the store.
+        message of the session still waiting for the store. Messages heard from
+        other instances (the change feed) that the store does not hold yet are
+        adopted: written by this instance too (merged by id), since their
+        instance may have died before writing them.
         """
         persistence = self.persistence
+        key = (PROFILES, user_id)
         cached = persistence.profiles.peek(user_id)
         if not persistence.store.durable or cached is None or not cached.complete:
             return 0
-        waiting = [
-            message.seq
-            for write in persistence.writes.pending_writes((PROFILES, user_id))
-            if isinstance(write, ProfileWrite)
-            for message in write.append
-            if message.session_id == session_id and message.seq is not None
-        ]
+
+        def of_session(writes: Iterable[Write]) -> list[Message]:
+            return [
+                message
+                for write in writes
+                if isinstance(write, ProfileWrite)
+                for message in write.append
+                if message.session_id == session_id and message.seq is not None
+            ]
+
+        heard = of_session(persistence.remote.writes(key))
+        if heard:
+            stored = await persistence.stored_message_ids(user_id)
+            for message in heard:
+                if stored is not None and message.id not in stored:
+                    persistence.store_again(user_id, message)
+            if stored is None:
+                return 0  # the store cannot tell now: nothing is counted
+        waiting = [m.seq for m in of_session(persistence.writes.pending_writes(key))]
         if waiting:
-            return max(0, min(waiting) - 1)
+            return max(0, min(s for s in waiting if s is not None) - 1)
         return max((m.seq for m in ours if m.seq is not None), default=0)
 
     def record_message(
@@ -656,6 +672,13 @@ class SessionService:
         )
         self.observer.message_stored(role, Transport.WEBSOCKET)
         return message
+
+    def record_again(self, user_id: str, message: Message) -> None:
+        """A client sent ``message`` again (its ``clientId``): make sure the
+        store gets it — this instance may have it only from another instance
+        that died before writing it — without counting it twice (may raise
+        :class:`BacklogFull`)."""
+        self.persistence.store_again(user_id, message)
 
     def push_interruption(self, interruption: Interruption) -> None:
         """Keep a barge-in's context for the session's next reply (and log it,

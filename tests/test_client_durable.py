@@ -8,6 +8,7 @@ import asyncio
 import signal
 from pathlib import Path
 
+import httpx
 import pytest
 from google.cloud.firestore import AsyncClient
 
@@ -98,3 +99,68 @@ async def test_without_durable_frames_a_message_is_kept_until_its_ack() -> None:
             await client.message("hello", client_id=client_id)
             again = await client.wait_for("ack")
             assert again == {**ack, "duplicate": True}
+
+
+@pytest.mark.firestore
+@pytest.mark.timeout(300)
+async def test_messages_another_instance_heard_but_never_wrote_are_written_when_sent_again(
+    tmp_path: Path,
+    firestore_emulator: str,
+    firestore_project: str,
+    firestore_client: AsyncClient,
+) -> None:
+    # Instance B hears A's messages through the change feed and lays them over
+    # its view; A dies (kill -9, no journal) before writing them. Heard of is
+    # not stored: B must neither call them durable nor answer their re-send
+    # with a duplicate ack alone, or the client drops them and they are lost.
+    user, session = "cr-heard", "cr-heard-s"
+    texts = [f"heard {i:02d}" for i in range(8)]
+    b = await serve(tmp_path, "b", firestore_emulator, firestore_project)
+    a = await serve(
+        tmp_path, "a", firestore_emulator, firestore_project,
+        SAMVAD_FLUSH_INTERVAL_SECONDS="60",
+    )  # fmt: skip
+    try:
+        client = await SamvadClient.connect(
+            a.ws_url, user_id=user, session_id=session, heartbeat=None
+        )
+        for text in texts:
+            await client.ask(text)
+        kept = [entry.text for entry in client.pending]
+        assert len(kept) >= len(texts) - 1, kept  # A flushed at most its first write
+
+        async def b_heard_them() -> None:
+            async with httpx.AsyncClient(base_url=b.url) as http:
+                while True:
+                    response = await http.get(f"/api/session/{user}/history")
+                    contents = [m["content"] for m in response.json().get("messages", [])]
+                    if response.status_code == 200 and texts[-1] in contents:
+                        return
+                    await asyncio.sleep(0.1)
+
+        async with asyncio.timeout(30):
+            await b_heard_them()
+        assert await asyncio.to_thread(a.stop, signal.SIGKILL) == -signal.SIGKILL
+
+        snapshot = await firestore_client.collection(PROFILES).document(user).get()
+        stored = {
+            m["seq"]
+            for m in (snapshot.to_dict() or {}).get("conversationHistory", [])
+            if m.get("sessionId") == session
+        }
+        started = await client.reconnect(b.ws_url)
+        assert started.last_seq >= 2 * len(texts) - 1, "B did not hear A's messages"
+        # B's first word on durability counts only what Firestore holds.
+        first = await client.wait_for("durable")
+        assert set(range(1, first["seq"] + 1)) <= stored, (first, sorted(stored))
+        await client.wait_durable(within=60)
+        assert client.pending == []
+        await client.close()
+    finally:
+        a.stop(signal.SIGKILL)
+        assert await asyncio.to_thread(b.stop) == 0
+
+    snapshot = await firestore_client.collection(PROFILES).document(user).get()
+    history = (snapshot.to_dict() or {})["conversationHistory"]
+    ours = [m for m in history if m.get("sessionId") == session and m["role"] == "user"]
+    assert [m["content"] for m in ours] == texts

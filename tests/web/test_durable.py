@@ -216,7 +216,8 @@ async def test_a_fresh_server_on_the_same_firestore_knows_the_client_ids_from_th
         sock = Socket(ws)
         await sock.send(type="start", userId=user, sessionId=session, resume={"lastSeq": 1})
         await sock.next("resume")
-        # It knows from the history that Firestore has all of it.
+        # It knows from Firestore that it has all of it (what it heard of
+        # server one's writes through the change feed is checked there too).
         assert await sock.recv() == {"type": "durable", "sessionId": session, "seq": 2}
         await sock.send(type="message", text="only once", clientId="c-once")
         assert await sock.next("ack") == {**original, "duplicate": True}
