@@ -16,20 +16,18 @@ from samvad.client import SamvadClient
 from samvad.config import Settings
 from samvad.documents import PROFILES
 from samvad.web.app import create_app
-from tests.support.serve import ServeProcess, start_serve
+from tests.support.serve import ServeProcess, serve_on_firestore
 from tests.support.server import live_server
 
 MESSAGES = 20  # 40 with the replies: below the history cap
 
 
 async def serve(tmp_path: Path, name: str, emulator: str, project: str, **env: str) -> ServeProcess:
-    return await asyncio.to_thread(
-        start_serve,
+    return await serve_on_firestore(
         tmp_path,
         name,
-        SAMVAD_STORE="firestore",
-        FIRESTORE_EMULATOR_HOST=emulator,
-        GOOGLE_CLOUD_PROJECT=project,
+        emulator,
+        project,
         SAMVAD_JOURNAL="off",  # Cloud Run: the disk is memory, gone with the instance
         SAMVAD_RESPONDER_CHUNK_DELAY_SECONDS="0",
         **env,

@@ -24,7 +24,7 @@ from samvad.persistence import DEAD_LETTER_FILE
 from samvad.web.app import create_app
 from tests.support.faultproxy import FaultProxy
 from tests.support.metrics import scrape
-from tests.support.serve import ServeProcess, start_serve
+from tests.support.serve import ServeProcess, serve_on_firestore, start_serve
 from tests.support.server import live_server
 
 # A kill -9 in the middle of profile transactions leaves their locks on the
@@ -47,15 +47,8 @@ FAST_OUTAGE = {
 
 async def serve(tmp_path: Path, name: str, emulator: str, project: str, **env: str) -> ServeProcess:
     """``samvad serve`` on ``emulator`` with its data (and journal) in ``tmp_path/data``."""
-    return await asyncio.to_thread(
-        start_serve,
-        tmp_path,
-        name,
-        SAMVAD_STORE="firestore",
-        FIRESTORE_EMULATOR_HOST=emulator,
-        GOOGLE_CLOUD_PROJECT=project,
-        SAMVAD_DATA_DIR=str(tmp_path / "data"),
-        **env,
+    return await serve_on_firestore(
+        tmp_path, name, emulator, project, SAMVAD_DATA_DIR=str(tmp_path / "data"), **env
     )
 
 

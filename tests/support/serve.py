@@ -3,6 +3,7 @@ signals, exit codes, logs."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -122,3 +123,19 @@ def start_serve(tmp_path: Path, name: str = "serve", **env: str) -> ServeProcess
         time.sleep(0.05)
     served.stop(signal.SIGKILL)
     raise AssertionError(f"samvad serve was not ready in 60 s:\n{served.output()}")
+
+
+async def serve_on_firestore(
+    tmp_path: Path, name: str, host: str, project: str, **env: str
+) -> ServeProcess:
+    """:func:`start_serve` (off the event loop) on the Firestore at ``host``
+    (the emulator, or a fault proxy in front of it) for ``project``."""
+    return await asyncio.to_thread(
+        start_serve,
+        tmp_path,
+        name,
+        SAMVAD_STORE="firestore",
+        FIRESTORE_EMULATOR_HOST=host,
+        GOOGLE_CLOUD_PROJECT=project,
+        **env,
+    )

@@ -25,7 +25,7 @@ from samvad.documents import IDEMPOTENCY_KEYS, PROFILES, SESSIONS, STATES
 from samvad.idempotency import record_id
 from samvad.web.apidocs import openapi_document
 from samvad.web.app import create_app
-from tests.support.serve import ServeProcess, start_serve
+from tests.support.serve import ServeProcess, serve_on_firestore
 from tests.support.server import live_server
 
 pytestmark = pytest.mark.firestore
@@ -331,16 +331,7 @@ async def test_a_key_evicted_from_memory_is_read_from_firestore(
 # -- real processes -----------------------------------------------------------------
 
 
-async def serve(tmp_path: Path, name: str, emulator: str, project: str, **env: str) -> ServeProcess:
-    return await asyncio.to_thread(
-        start_serve,
-        tmp_path,
-        name,
-        SAMVAD_STORE="firestore",
-        FIRESTORE_EMULATOR_HOST=emulator,
-        GOOGLE_CLOUD_PROJECT=project,
-        **env,
-    )
+serve = serve_on_firestore
 
 
 async def stop(server: ServeProcess, sig: signal.Signals = signal.SIGTERM) -> None:
