@@ -35,6 +35,7 @@ Firestore write: :class:`~samvad.persistence.Persistence` returns at once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
@@ -589,15 +590,23 @@ class SessionService:
         """
         self.authorize(principal, user_id)
         bind_log_context(session_id=session_id)
-        owner, _ = await self.session_owner(session_id)
+        persistence = self.persistence
+        # The three reads at once: a Firestore that answers slowly costs a
+        # start one read's time, not three (each may take up to the deadline
+        # before the queue switches to memory-only mode). The user's own
+        # state and profile are read before the session's owner is known;
+        # nothing of them leaves unless the session is theirs.
+        (owner, _), (state, state_complete), (profile, profile_complete) = await asyncio.gather(
+            self.session_owner(session_id),
+            persistence.read_state(user_id),
+            persistence.read_profile(user_id),
+        )
         ensure_owner(owner, user_id, session_id)
-        session = await self.persistence.save_session(
+        session = await persistence.save_session(
             session_id, user_id=user_id, language=language, metadata=metadata
         )
         # Memory-only mode does not stop a start: it goes on with what this
         # instance holds, and says so (``historyIncomplete``).
-        state, state_complete = await self.persistence.read_state(user_id)
-        profile, profile_complete = await self.persistence.read_profile(user_id)
         history = profile.history if profile is not None else ()
         erased = self._erased_messages.get(session_id, frozenset())
         ours = session_messages(history, session_id, erased)

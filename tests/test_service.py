@@ -4,6 +4,8 @@ fake live side that records what the use cases asked of it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -12,6 +14,7 @@ import pytest
 
 from samvad.clock import ManualClock
 from samvad.config import Settings
+from samvad.documents import PROFILES, SESSIONS, STATES, Document
 from samvad.errors import Conflict, Forbidden, NotFound, PayloadTooLarge, RateLimited
 from samvad.interruptions import Interruption, InterruptionStack
 from samvad.models import Role, SessionStatus, UserState
@@ -89,8 +92,14 @@ def settings(**changes: object) -> Settings:
 @pytest.fixture
 async def world() -> AsyncIterator[World]:
     s = settings(max_merged_object_bytes=2_000)
-    clock = ManualClock(T0)
     store = MemoryStore(bounds=HistoryBounds(cap=s.history_cap, max_bytes=s.history_max_bytes))
+    async with world_on(store, s) as world:
+        yield world
+
+
+@contextlib.asynccontextmanager
+async def world_on(store: MemoryStore, s: Settings) -> AsyncIterator[World]:
+    clock = ManualClock(T0)
     async with store, Persistence(store, settings=s, clock=clock) as persistence:
         live, counts = FakeLive(), Counts()
         service = SessionService(
@@ -175,6 +184,36 @@ async def test_start_opens_the_session_and_reads_the_snapshot(world: World) -> N
     assert snapshot.state is not None and snapshot.state.data == {"language": "en"}
     assert [m.content for m in snapshot.history] == ["elsewhere"]
     assert snapshot.session_history == ()
+
+
+class HeldReads(MemoryStore):
+    """Document reads wait for ``release``; ``waiting`` holds their collections."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: set[str] = set()
+        self.three_waiting = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def get(self, collection: str, doc_id: str) -> Document | None:
+        self.waiting.add(collection)
+        if len(self.waiting) == 3:
+            self.three_waiting.set()
+        await self.release.wait()
+        return await super().get(collection, doc_id)
+
+
+async def test_a_start_reads_the_session_state_and_profile_at_once() -> None:
+    """A store that answers slowly costs a start one read's time, not three:
+    the three reads are all in flight before any of them is answered."""
+    store = HeldReads()
+    async with world_on(store, settings()) as w:
+        start = asyncio.create_task(w.service.start(ALICE, user_id="alice", session_id="s1"))
+        await asyncio.wait_for(store.three_waiting.wait(), 5)
+        assert store.waiting == {SESSIONS, STATES, PROFILES}
+        store.release.set()
+        snapshot = await asyncio.wait_for(start, 5)
+        assert snapshot.session.user_id == "alice"
 
 
 # -- ending ---------------------------------------------------------------------------
