@@ -1,6 +1,6 @@
 """In-process cost of the persistence hot path, and Firestore writes per message.
 
-    python bench/bench_persistence.py [--emulator] [--gc default|freeze|off|T0,T1,T2] [--json PATH]
+    python bench/bench_persistence.py [--emulator] [--gc MODE] [--skip-writes] [--json PATH]
 
 1. cached state read: ``await persistence.get_state(user)`` on a cache hit;
 2. append one message: ``persistence.append_message(...)`` (memory + queue);
@@ -17,8 +17,10 @@
    same writes (the write-behind decides them, not the store).
 
 ``--gc`` chooses what the garbage collector does during 1-3: ``default``
-(CPython's thresholds), ``freeze`` (``gc.freeze()`` once the 1,000 users are
-loaded, as a server could after start-up), ``off`` (``gc.disable()``: shows
+(CPython's thresholds), ``server`` (what ``samvad serve`` does once started:
+``samvad.server.tune_gc``, a freeze and rarer full collections), ``freeze``
+(``gc.freeze()`` once the 1,000 users are loaded, as a server could after
+start-up), ``off`` (``gc.disable()``: shows
 what is the collector and what the code), or ``T0,T1,T2`` thresholds for
 ``gc.set_threshold``.
 """
@@ -46,6 +48,7 @@ from samvad.interruptions import InterruptionStack
 from samvad.models import Role
 from samvad.persistence import Persistence
 from samvad.principal import ANONYMOUS
+from samvad.server import tune_gc
 from samvad.service import SessionService
 from samvad.stores.base import HistoryBounds, Store
 from samvad.stores.firestore import FirestoreStore
@@ -61,7 +64,9 @@ ANSWER = (
 
 def apply_gc_mode(mode: str) -> None:
     gc.collect()
-    if mode == "freeze":
+    if mode == "server":
+        tune_gc()
+    elif mode == "freeze":
         gc.freeze()
     elif mode == "off":
         gc.disable()
@@ -194,7 +199,7 @@ async def main() -> None:
     parser.add_argument("--emulator", action="store_true", help="use the Firestore emulator")
     parser.add_argument("--iterations", type=int, default=100_000)
     parser.add_argument("--rate", type=float, default=10.0)
-    parser.add_argument("--gc", default="default", help="default, freeze, off or T0,T1,T2")
+    parser.add_argument("--gc", default="default", help="default, server, freeze, off or T0,T1,T2")
     parser.add_argument("--skip-writes", action="store_true", help="only the hot path")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""The in-memory view cache: a bounded ``cachetools.TTLCache`` with single-flight loads.
+"""The in-memory view cache: bounded, expiring, with single-flight loads.
 
 Bounded twice: in entries, and in bytes when given a ``sizeof`` (each entry
 counted as its value's :meth:`memory_bytes`-style estimate plus
@@ -6,22 +6,25 @@ counted as its value's :meth:`memory_bytes`-style estimate plus
 reached first evicts expired entries, then the least recently used. A value
 larger than the whole byte budget is served but not kept.
 
-A hit costs a dictionary lookup. A miss runs the loader once per key however
-many callers ask at the same time: the load runs in its own task, so a
-caller that goes away (a dropped connection) does not cancel it for the others.
-Absence is cached too, for a shorter time (:data:`ABSENT_TTL`): a user
-without a saved state is not read again from the store on every reply, and a
-document another instance creates still shows up here within a minute.
+An entry's size is measured once, when it is put, and kept beside it: what
+an eviction or a replacement subtracts is what was added. An entry expires
+``ttl`` seconds after it was put (a read makes it recently used, not younger).
+
+A hit costs a dictionary lookup and a clock read. A miss runs the loader once
+per key however many callers ask at the same time: the load runs in its own
+task, so a caller that goes away (a dropped connection) does not cancel it for
+the others. Absence is cached too, for a shorter time (:data:`ABSENT_TTL`): a
+user without a saved state is not read again from the store on every reply,
+and a document another instance creates still shows up here within a minute.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
-
-from cachetools import TTLCache
 
 __all__ = [
     "ABSENT_TTL",
@@ -34,12 +37,13 @@ __all__ = [
 #: Seconds a key found absent in the store is remembered as absent (at most the TTL).
 ABSENT_TTL = 60.0
 #: Bytes one cache entry costs besides its value: the key, the ``Cached``
-#: wrapper, cachetools' link object and its slots in three dicts (measured
-#: with tracemalloc at about 350, rounded up).
+#: wrapper, the entry's tuple and its slots in the two ordered dicts
+#: (measured with tracemalloc at about 350, rounded up).
 ENTRY_OVERHEAD = 512
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,30 +59,98 @@ Loader = Callable[[], Awaitable[tuple[V | None, bool]]]
 """Returns (value or None when absent, complete)."""
 
 
-class _Bounded(TTLCache[K, "Cached[V]"]):
-    """A ``TTLCache`` bounded in bytes (its ``maxsize``) and in entries."""
+class _Expiring(Generic[K, T]):
+    """Values kept ``ttl`` seconds after they were put, bounded in entries and in
+    size (each value's size given when it is put), least recently used evicted.
+
+    Two ordered dicts: one in order of use (a hit moves its key to the end),
+    one in order of expiry (with one ``ttl`` for all, the order of the puts).
+    """
+
+    __slots__ = ("_by_expiry", "_entries", "_timer", "_ttl", "max_entries", "max_size", "size")
 
     def __init__(
-        self,
-        *,
-        max_entries: int,
-        max_bytes: int,
-        ttl: float,
-        timer: Callable[[], float],
-        sizeof: Callable[[V], int],
+        self, *, max_entries: int, max_size: int, ttl: float, timer: Callable[[], float]
     ) -> None:
-        super().__init__(maxsize=max_bytes, ttl=ttl, timer=timer, getsizeof=self._entry_size)
         self.max_entries = max_entries
-        self._sizeof = sizeof
+        self.max_size = max_size
+        self.size = 0
+        self._ttl = ttl
+        self._timer = timer
+        # key -> (value, size, expires at), least recently used first.
+        self._entries: OrderedDict[K, tuple[T, int, float]] = OrderedDict()
+        # key -> expires at, soonest first.
+        self._by_expiry: OrderedDict[K, float] = OrderedDict()
 
-    def _entry_size(self, entry: Cached[V]) -> int:
-        return self._sizeof(entry.value) + ENTRY_OVERHEAD
+    def __len__(self) -> int:
+        self._expire(self._timer())
+        return len(self._entries)
 
-    def __setitem__(self, key: K, value: Cached[V]) -> None:
-        if len(self) >= self.max_entries and key not in self:
-            while len(self) >= self.max_entries:
-                self.popitem()
-        super().__setitem__(key, value)
+    def held(self) -> int:
+        """The size of the live entries."""
+        self._expire(self._timer())
+        return self.size
+
+    def get(self, key: K) -> T | None:
+        """The live value of ``key`` (now its most recently used), or None."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[2] <= self._timer():
+            self.pop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: K, value: T, size: int) -> bool:
+        """Keep ``value`` for ``key``; False (and nothing kept for ``key``) when
+        ``size`` alone exceeds the bound."""
+        self.pop(key)
+        if size > self.max_size:
+            return False
+        now = self._timer()
+        entries = self._entries
+        if len(entries) >= self.max_entries or self.size + size > self.max_size:
+            self._expire(now)
+            while entries and (
+                len(entries) >= self.max_entries or self.size + size > self.max_size
+            ):
+                self.pop(next(iter(entries)))
+        expires = now + self._ttl
+        entries[key] = (value, size, expires)
+        self._by_expiry[key] = expires
+        self.size += size
+        return True
+
+    def size_of(self, key: K) -> int | None:
+        entry = self._entries.get(key)
+        return None if entry is None else entry[1]
+
+    def pop(self, key: K) -> T | None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return None
+        del self._by_expiry[key]
+        self.size -= entry[1]
+        return entry[0]
+
+    def _expire(self, now: float) -> None:
+        by_expiry = self._by_expiry
+        while by_expiry:
+            key, expires = next(iter(by_expiry.items()))
+            if expires > now:
+                return
+            self.pop(key)
+
+    def items(self) -> list[tuple[K, T]]:
+        """A snapshot of the live entries."""
+        now = self._timer()
+        return [(key, entry[0]) for key, entry in self._entries.items() if entry[2] > now]
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._by_expiry.clear()
+        self.size = 0
 
 
 class ViewCache(Generic[K, V]):
@@ -94,19 +166,21 @@ class ViewCache(Generic[K, V]):
         max_bytes: int | None = None,
         sizeof: Callable[[V], int] | None = None,
     ) -> None:
-        self._data: TTLCache[K, Cached[V]]
         if max_bytes is not None and sizeof is not None:
-            self._data = _Bounded(
-                max_entries=maxsize, max_bytes=max_bytes, ttl=ttl, timer=timer, sizeof=sizeof
+            self._sizeof: Callable[[V], int] | None = sizeof
+            self._data: _Expiring[K, Cached[V]] = _Expiring(
+                max_entries=maxsize, max_size=max_bytes, ttl=ttl, timer=timer
             )
             # An absent key costs an entry and the key.
             maxsize = max(1, min(maxsize, max_bytes // ENTRY_OVERHEAD))
         else:
-            self._data = TTLCache(maxsize=maxsize, ttl=ttl, timer=timer)
+            # Bounded in entries only: each counts 1.
+            self._sizeof = None
+            self._data = _Expiring(max_entries=maxsize, max_size=maxsize, ttl=ttl, timer=timer)
         # Keys the store had no document for, with whether that was read from
         # the store (True) or assumed in memory-only mode (False).
-        self._absent: TTLCache[K, bool] = TTLCache(
-            maxsize=maxsize, ttl=min(ttl, absent_ttl), timer=timer
+        self._absent: _Expiring[K, bool] = _Expiring(
+            max_entries=maxsize, max_size=maxsize, ttl=min(ttl, absent_ttl), timer=timer
         )
         self._loading: dict[K, asyncio.Task[tuple[V | None, bool]]] = {}
         self.hits = 0
@@ -118,14 +192,17 @@ class ViewCache(Generic[K, V]):
     @property
     def bytes(self) -> int:
         """Estimated bytes held (entries, when the cache is not bounded in bytes)."""
-        return int(self._data.currsize)
+        return self._data.held()
 
-    def _keep(self, key: K, entry: Cached[V]) -> None:
-        try:
-            self._data[key] = entry
-        except ValueError:
-            # Larger than the whole byte budget: served, not kept.
-            self._data.pop(key, None)
+    def _keep(self, key: K, entry: Cached[V], size: int | None = None) -> None:
+        # Larger than the whole byte budget: served, not kept (put drops it).
+        sizeof = self._sizeof
+        if sizeof is None:
+            self._data.put(key, entry, 1)
+        else:
+            self._data.put(
+                key, entry, (sizeof(entry.value) if size is None else size) + ENTRY_OVERHEAD
+            )
 
     def peek(self, key: K) -> Cached[V] | None:
         """The cached entry, without loading (and without counting a hit or miss).
@@ -134,14 +211,24 @@ class ViewCache(Generic[K, V]):
         """
         return self._data.get(key)
 
-    def put(self, key: K, value: V, *, complete: bool = True) -> None:
-        self._keep(key, Cached(value, complete))
-        self._absent.pop(key, None)
+    def size_of(self, key: K) -> int | None:
+        """What ``key``'s value was counted as when it was put (its ``sizeof``);
+        None when nothing is cached for it or the cache counts entries only."""
+        if self._sizeof is None:
+            return None
+        size = self._data.size_of(key)
+        return None if size is None else size - ENTRY_OVERHEAD
+
+    def put(self, key: K, value: V, *, complete: bool = True, size: int | None = None) -> None:
+        """Cache ``value``; ``size`` is its ``sizeof`` when the caller knows it
+        already (saves measuring it again)."""
+        self._keep(key, Cached(value, complete), size)
+        self._absent.pop(key)
 
     def discard(self, key: K) -> None:
         """Forget ``key`` (its value, or that it is absent): the next get loads it."""
-        self._data.pop(key, None)
-        self._absent.pop(key, None)
+        self._data.pop(key)
+        self._absent.pop(key)
 
     def invalidate(self, key: K) -> None:
         """Forget ``key`` and disown a load of it in flight: its answer, read
@@ -157,7 +244,7 @@ class ViewCache(Generic[K, V]):
 
     def items(self) -> Iterator[tuple[K, V]]:
         """A snapshot of the live entries."""
-        for key, entry in list(self._data.items()):
+        for key, entry in self._data.items():
             yield key, entry.value
 
     def clear(self) -> None:
@@ -198,10 +285,10 @@ class ViewCache(Generic[K, V]):
                 return value, complete  # invalidated while it ran: not cached
             if value is not None:
                 self._keep(key, Cached(value, complete))
-                self._absent.pop(key, None)
+                self._absent.pop(key)
             else:
-                self._data.pop(key, None)
-                self._absent[key] = complete
+                self._data.pop(key)
+                self._absent.put(key, complete, 1)
             return value, complete
         finally:
             if self._loading.get(key) is task:

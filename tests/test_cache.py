@@ -330,3 +330,45 @@ def test_expired_entries_go_first_and_free_their_bytes() -> None:
     assert keys(cache) == ["a", "b", "c"]
     cache.discard("a")
     assert cache.bytes == 2 * (ENTRY_OVERHEAD + 100)
+
+
+def test_an_entry_is_measured_once_when_it_is_put() -> None:
+    clock = ManualClock()
+    measured: list[str] = []
+
+    def sizeof(value: str) -> int:
+        measured.append(value)
+        return len(value)
+
+    cache: ViewCache[str, str] = ViewCache(
+        maxsize=1000,
+        ttl=60.0,
+        timer=clock.monotonic,
+        max_bytes=2 * (ENTRY_OVERHEAD + 100),
+        sizeof=sizeof,
+    )
+    cache.put("a", "x" * 100)
+    cache.put("b", "y" * 100)
+    assert cache.peek("a") is not None
+    cache.put("c", "z" * 100)  # evicts "b" by the size it was put with
+    cache.discard("a")
+    assert measured == ["x" * 100, "y" * 100, "z" * 100]
+    assert keys(cache) == ["c"]
+    assert cache.bytes == ENTRY_OVERHEAD + 100
+
+
+def test_a_size_the_caller_knows_is_not_measured_again() -> None:
+    clock = ManualClock()
+
+    def sizeof(value: str) -> int:
+        raise AssertionError("measured although the size was given")
+
+    cache: ViewCache[str, str] = ViewCache(
+        maxsize=1000, ttl=60.0, timer=clock.monotonic, max_bytes=10_000, sizeof=sizeof
+    )
+    cache.put("a", "x" * 100, size=100)
+    assert cache.size_of("a") == 100
+    assert cache.bytes == ENTRY_OVERHEAD + 100
+    cache.put("a", "y" * 100, size=cache.size_of("a"))
+    assert cache.bytes == ENTRY_OVERHEAD + 100
+    assert cache.size_of("b") is None
