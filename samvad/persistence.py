@@ -44,7 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from samvad.cache import ViewCache
+from samvad.cache import Cached, ViewCache
 from samvad.clock import Clock, SystemClock, to_iso, truncate_ms
 from samvad.config import Settings
 from samvad.documents import (
@@ -487,11 +487,18 @@ class Persistence:
             max_bytes=s.history_max_bytes,
         )
 
-    def _write_profile(self, write: ProfileWrite, now: datetime) -> None:
-        """Queue ``write`` and apply it to the cached view (or warm an uncached one)."""
-        self._adopt_committed()  # before the write joins the pending ones
+    def _write_profile(
+        self, write: ProfileWrite, now: datetime, *, adopted: Cached[Profile] | None = None
+    ) -> None:
+        """Queue ``write`` and apply it to the cached view (or warm an uncached one).
+
+        ``adopted``: the cached view, peeked after :meth:`_adopt_committed` by a
+        caller that did both just before (nothing can run in between).
+        """
+        if adopted is None:
+            self._adopt_committed()  # before the write joins the pending ones
         self._submit(write)
-        cached = self.profiles.peek(write.user_id)
+        cached = adopted or self.profiles.peek(write.user_id)
         if cached is None:
             self.profiles.discard(write.user_id)  # it may be cached as absent
             self._warm(self.get_profile(write.user_id))
@@ -645,7 +652,9 @@ class Persistence:
             client_id=client_id,
         )
         self._write_profile(
-            ProfileWrite(user_id=user_id, append=[message], cap=self.settings.history_cap), now
+            ProfileWrite(user_id=user_id, append=[message], cap=self.settings.history_cap),
+            now,
+            adopted=cached,
         )
         return message
 
