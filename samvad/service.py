@@ -615,15 +615,21 @@ class SessionService:
             state=state,
             history=history,
             session_history=ours,
-            durable_seq=await self._durable_seq(user_id, session_id, ours),
+            durable_seq=await self._durable_seq(
+                user_id, session_id, ours, read_whole=profile_complete
+            ),
             history_complete=state_complete and profile_complete,
         )
 
-    async def _durable_seq(self, user_id: str, session_id: str, ours: tuple[Message, ...]) -> int:
+    async def _durable_seq(
+        self, user_id: str, session_id: str, ours: tuple[Message, ...], *, read_whole: bool
+    ) -> int:
         """The highest ``seq`` up to which every message of the session is in the store.
 
         Known only for a durable store whose profile view was read from it
-        (not during an outage): the stored history's highest, below the oldest
+        (``read_whole``: not during an outage; the read's own answer, not the
+        cache's, which the change feed may have emptied since): the stored
+        history's highest, below the oldest
         message of the session still waiting for the store. Messages heard from
         other instances (the change feed) that the store does not hold yet are
         adopted: written by this instance too (merged by id), since their
@@ -631,8 +637,7 @@ class SessionService:
         """
         persistence = self.persistence
         key = (PROFILES, user_id)
-        cached = persistence.profiles.peek(user_id)
-        if not persistence.store.durable or cached is None or not cached.complete:
+        if not persistence.store.durable or not read_whole:
             return 0
 
         def of_session(writes: Iterable[Write]) -> list[Message]:
