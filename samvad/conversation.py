@@ -288,7 +288,10 @@ class ReplyRunner(Protocol):
 
     def start(self, reply: Reply) -> None:
         """Run the responder for ``reply``; feed :meth:`Engine.reply_chunk` and
-        :meth:`Engine.reply_done`, or :meth:`Engine.reply_failed` on a bug."""
+        :meth:`Engine.reply_done`, or :meth:`Engine.reply_failed` on a bug.
+
+        It may do so before it returns (a responder whose chunks are ready):
+        the engine calls it last, with the reply's state complete."""
         ...
 
     def cancel(self, reply: Reply) -> None:
@@ -742,6 +745,7 @@ class Engine:
         )
         conversation.reply = reply
         self._broadcast(conversation, ReplyStarted(reply.id, reply.in_reply_to))
+        # Last: the runner may stream (and end) the whole reply before it returns.
         self.runner.start(reply)
 
     def _reply_conversation(self, reply: Reply) -> Conversation | None:

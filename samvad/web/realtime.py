@@ -14,8 +14,9 @@ moves frames and runs tasks:
 - the idle and start deadlines are one timer per connection that checks when
   the last frame came, not a timeout around every read;
 - the :class:`Hub` delivers the engine's events as frames (``FanOut``), runs
-  each reply's responder as a supervised task (``ReplyRunner``), and schedules
-  the engine's orphan deadlines on the event loop.
+  each reply's responder (``ReplyRunner``: at once, up to its first wait, then
+  as a supervised task), and schedules the engine's orphan deadlines on the
+  event loop.
 
 Nothing here awaits a Firestore write. The protocol is documented in
 ``docs/protocol.md``.
@@ -27,7 +28,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -853,9 +855,25 @@ class Hub:
     # -- ReplyRunner -------------------------------------------------------------------
 
     def start(self, reply: Reply) -> None:
-        """Stream the responder's answer to ``reply`` as a supervised task."""
+        """Stream the responder's answer to ``reply``.
+
+        The reply runs at once, in the caller, up to its first wait: a
+        responder whose chunks are ready (and a reply context found in the
+        caches) ends the reply without a task. One that has to wait goes on
+        from there in a supervised task, as if it had been one from the start.
+        """
+        run = self._run_reply(reply)
+        try:
+            waiting = run.send(None)
+        except StopIteration:
+            return
+        except Exception as exc:
+            run.close()
+            logger.error("reply %s failed", reply.id, exc_info=exc)
+            self.engine.reply_failed(reply)
+            return
         self._replies[reply] = self.spawn(
-            self._run_reply(reply),
+            _go_on(run, waiting),
             name=f"samvad-reply-{reply.id}",
             on_failure=lambda: self.engine.reply_failed(reply),
         )
@@ -1007,6 +1025,35 @@ class Hub:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _go_on(run: Coroutine[Any, Any, None], waiting: Any) -> None:
+    """The rest of ``run``, a coroutine started by hand (``run.send(None)``)
+    that suspended on ``waiting`` (what a coroutine yields to its task: a
+    future, or None to let the loop go round once).
+
+    Run as a task, it hands the task ``waiting`` as ``run`` itself would have,
+    then delegates to ``run``: the task waits on the same future, a
+    cancellation reaches ``run`` the same way (the future is cancelled, or the
+    ``CancelledError`` is thrown in), and ``run`` goes on as in a task of its own.
+    """
+    await _resumed(run, waiting)
+
+
+@types.coroutine
+def _resumed(run: Coroutine[Any, Any, None], waiting: Any) -> Generator[Any, None, None]:
+    try:
+        yield waiting
+    except BaseException as exc:
+        # Thrown into the task while it waited (a cancellation the future
+        # could not take): ``run`` gets it where it waits.
+        try:
+            waiting = run.throw(exc)
+        except StopIteration:
+            return
+        yield from _resumed(run, waiting)
+        return
+    yield from run
 
 
 async def _endpoint(scope: Scope, receive: Receive, send: Send) -> None:

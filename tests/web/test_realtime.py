@@ -635,6 +635,67 @@ async def test_replies_are_cut_at_the_size_limit() -> None:
         await client.close()
 
 
+class TaskNames:
+    """The names of the tasks the event loop creates while installed (a task factory)."""
+
+    def __init__(self) -> None:
+        self.created: list[asyncio.Task[Any]] = []
+        self._loop = asyncio.get_running_loop()
+        self._previous = self._loop.get_task_factory()
+
+    def __enter__(self) -> TaskNames:
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+            task = asyncio.Task(coro, loop=loop, **kwargs)
+            self.created.append(task)
+            return task
+
+        self._loop.set_task_factory(factory)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.set_task_factory(self._previous)
+
+    def replies(self) -> list[str]:
+        return [t.get_name() for t in self.created if t.get_name().startswith("samvad-reply-")]
+
+
+async def test_a_reply_whose_chunks_are_ready_runs_without_a_task() -> None:
+    class Ready:
+        async def reply(self, context: ReplyContext) -> AsyncIterator[str]:
+            yield "All of it at once."
+
+    async with live_server(make_app()) as server:
+        server.services.hub.responder = Ready()
+        client = await open_client(server, "u-ready")
+        await client.ask("warm the caches")
+        with TaskNames() as tasks:
+            exchange = await client.ask("hello")
+        assert exchange.reply.complete
+        assert exchange.reply.text == "All of it at once."
+        assert (exchange.ack["seq"], exchange.reply.seq) == (3, 4)
+        assert tasks.replies() == []
+        await client.close()
+
+
+async def test_a_reply_that_waits_goes_on_in_a_task_and_barge_in_still_cuts_it() -> None:
+    gate = Gate()
+    async with live_server(make_app()) as server:
+        server.services.hub.responder = EchoResponder(sleep=gate.sleep)
+        client = await open_client(server, "u-waits")
+        with TaskNames() as tasks:
+            await client.message("a long answer please")
+            chunk = await first_chunk(client)
+            assert len(tasks.replies()) == 1  # the first chunk came before the first wait
+            await client.interrupt()
+            interrupted = await client.wait_for("interrupted")
+        assert interrupted["heard"] == chunk["text"]
+        assert server.services.hub._replies == {}
+        gate.open()
+        exchange = await client.ask("and now all of it")
+        assert exchange.reply.complete
+        await client.close()
+
+
 async def test_shutdown_closes_with_1001_and_stores_the_reply_in_flight() -> None:
     gate = Gate()
     async with live_server(make_app()) as server:
