@@ -9,11 +9,13 @@ record before it). A request that wrote nothing — a read, an answer replayed
 for a retry, a refusal — waits for every write submitted before it: what it
 shows or acknowledges may be another request's write, and nothing a response
 shows may be lost to a crash (with nothing in flight that costs one check,
-no wait). Every outgoing
-WebSocket frame is held until the journal has every write submitted before it
-(``Persistence.durable``). Either way one group commit is shared by all the
-writes of the moment. A journal that cannot write turns the response into a
-503; on a WebSocket the error closes the connection before the frame is sent.
+no wait). One group commit is shared by all the writes of the moment. A
+journal that cannot write turns the response into a 503.
+
+WebSocket scopes pass through untouched: the endpoint holds its frames itself
+(:mod:`samvad.web.realtime`: no frame leaves before the journal has every
+write submitted before it was queued, one wait per batch of frames), which
+spares every frame a wrapper.
 """
 
 from __future__ import annotations
@@ -43,11 +45,8 @@ class DurableResponsesMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
+        if scope["type"] == "http":
             await self._http(scope, receive, send)
-        elif kind == "websocket":
-            await self._websocket(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
@@ -81,17 +80,3 @@ class DurableResponsesMiddleware:
             await self.app(scope, receive, held)
         finally:
             current_receipt.reset(token)
-
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        persistence = _persistence(scope)
-        if persistence is None or persistence.journal is None:
-            await self.app(scope, receive, send)
-            return
-        durable = persistence.durable
-
-        async def held(message: Message) -> None:
-            if message["type"] == "websocket.send":
-                await durable()
-            await send(message)
-
-        await self.app(scope, receive, held)

@@ -121,11 +121,13 @@ class RequestContextMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "websocket":
+            # The ids of the connection's log lines; its frames pass untouched
+            # (the endpoint counts the connections it accepts).
             request_id, trace = _request_context(scope)
             token = request_id_var.set(request_id)
             trace_token = trace_var.set(trace)
             try:
-                await self.app(scope, receive, self._count_accept(send))
+                await self.app(scope, receive, send)
             finally:
                 trace_var.reset(trace_token)
                 request_id_var.reset(token)
@@ -175,16 +177,6 @@ class RequestContextMiddleware:
             user_id_var.reset(user_token)
             request_id_var.reset(request_token)
             trace_var.reset(trace_token)
-
-    def _count_accept(self, send: Send) -> Send:
-        opened = self.metrics.ws_opened
-
-        async def send_counting(message: Message) -> None:
-            if message["type"] == "websocket.accept":
-                opened.inc()
-            await send(message)
-
-        return send_counting
 
 
 ORIGIN_HEADER = b"origin"

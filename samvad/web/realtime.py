@@ -406,13 +406,23 @@ class Connection:
     async def _write_loop(self) -> None:
         out = self._out
         send = self._send
+        persistence = self.hub.service.persistence
         loop = asyncio.get_running_loop()
+        # Acknowledged means durable: no frame leaves before the journal has
+        # every write submitted before it was queued. One wait covers every
+        # frame queued when it began (``covered``, at the head of the queue).
+        covered = 0
         while True:
             if not out:
                 wakeup = self._wakeup = loop.create_future()
                 await wakeup
                 continue
+            if not covered and persistence.journal is not None:
+                covered = len(out)
+                await persistence.durable()  # JournalUnavailable: close, send nothing more
             item = out.pop(0)
+            if covered:
+                covered -= 1
             try:
                 if isinstance(item, _CloseRequest):
                     async with asyncio.timeout(CLOSE_TIMEOUT):
@@ -637,6 +647,8 @@ class Connection:
             self.proto.closed()
             self._finish()
             return
+        if self.hub.metrics is not None:
+            self.hub.metrics.ws_opened.inc()
         writer = self._writer = asyncio.create_task(self._write_loop(), name=f"ws-{self.id}-w")
         writer.add_done_callback(self._writer_done)
         self._reading = asyncio.current_task()
@@ -799,7 +811,14 @@ class Hub:
         if departure.orphan_deadline is not None and connection.channel is not None:
             self._at(departure.orphan_deadline, self.engine.orphan_deadline, connection.channel)
         if departure.end_session and departure.session_id is not None:
-            await self.service.session_left(departure.session_id)
+            try:
+                await self.service.session_left(departure.session_id)
+            except SamvadError as exc:  # a full backlog, a journal that cannot write
+                logger.warning(
+                    "session %s: its end could not be recorded (%s)",
+                    departure.session_id,
+                    exc.code,
+                )
 
     def _at(self, deadline: float, call: Callable[[Conversation], None], arg: Conversation) -> None:
         """Call ``call(arg)`` at the monotonic time ``deadline`` (the engine's clock)."""

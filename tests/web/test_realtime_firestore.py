@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from google.cloud.firestore import AsyncClient
+from websockets.exceptions import ConnectionClosed
 
 from samvad.client import SamvadClient
 from samvad.config import Settings
@@ -196,3 +199,31 @@ async def test_a_firestore_outage_mid_conversation_is_invisible_to_the_client(
     assert state["during"] == "outage"
     session = await document(firestore_client, "sessions", "fs-out-s")
     assert session["isActive"] is False
+
+
+async def test_no_frame_leaves_before_the_journal_has_the_writes_before_it(
+    tmp_path: Path, firestore_emulator: str, firestore_project: str
+) -> None:
+    settings = settings_for(firestore_emulator, firestore_project, journal=True, data_dir=tmp_path)
+    async with live_server(create_app(settings)) as server:
+        journal = server.services.persistence.journal
+        assert journal is not None
+        client = await open_client(server, "u-journal")
+        assert (await client.ask("written")).reply.complete
+
+        def broken(fd: int) -> None:
+            raise OSError("the disk went away")
+
+        journal._fsync = broken  # the next writes never reach the disk
+        await client.message("never on disk")
+        frames: list[dict[str, Any]] = []
+        async with asyncio.timeout(10):
+            try:
+                while True:
+                    frames.append(json.loads(await client.connection.recv()))
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd is not None else None
+        # The message was not acknowledged, nor anything after it sent: the
+        # connection was closed instead.
+        assert [f for f in frames if f["type"] not in ("durable",)] == []
+        assert code == 1011
