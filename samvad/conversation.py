@@ -423,13 +423,33 @@ class Departure:
 class Conversation:
     """One live session: its devices, sequence numbers, reply and replay buffer."""
 
+    # One per live session, most of them idle: no per-instance dict, and the
+    # replay buffer made with the session's first message.
+    __slots__ = (
+        "_window",
+        "client_ids",
+        "devices",
+        "durable_seq",
+        "last_reply",
+        "last_seq",
+        "orphan_deadline",
+        "pending_interruption",
+        "recent",
+        "reply",
+        "session_id",
+        "state",
+        "user_id",
+    )
+
     def __init__(self, *, session_id: str, user_id: str, seq: int, window: int) -> None:
         self.session_id = session_id
         self.user_id = user_id
         self.last_seq = seq
         self.state = SessionState.ACTIVE
         self.devices: dict[Device, None] = {}
-        self.recent: deque[Message] = deque(maxlen=max(1, window))
+        #: The session's latest messages, for a device that resumes (None: none yet).
+        self.recent: deque[Message] | None = None
+        self._window = max(1, window)
         self.reply: Reply | None = None
         self.last_reply: Reply | None = None
         self.pending_interruption: Interruption | None = None
@@ -450,6 +470,13 @@ class Conversation:
             self.client_ids.move_to_end(message.client_id)
             if len(self.client_ids) > _REMEMBERED_CLIENT_IDS:
                 self.client_ids.popitem(last=False)
+
+    def remember(self, message: Message) -> None:
+        """Keep ``message`` in the replay buffer (the latest ``window`` messages)."""
+        recent = self.recent
+        if recent is None:
+            recent = self.recent = deque(maxlen=self._window)
+        recent.append(message)
 
     def __repr__(self) -> str:
         return f"<Conversation {self.session_id} {self.state.value}>"
@@ -602,7 +629,7 @@ class Engine:
     ) -> tuple[ResumePlan, InFlight | None]:
         """What a device that saw up to ``last_seen`` gets replayed, and the reply in flight."""
         plan = plan_resume(
-            [*session_history, *conversation.recent],
+            [*session_history, *(conversation.recent or ())],
             session_id=conversation.session_id,
             last_seen=last_seen,
             current=conversation.last_seq,
@@ -683,7 +710,7 @@ class Engine:
             conversation.remember_client_ids((message,))
         conversation.last_seq = seq
         self._remember_seq(conversation.session_id, conversation.user_id, seq)
-        conversation.recent.append(message)
+        conversation.remember(message)
         return message
 
     def _append_reply(
@@ -949,7 +976,7 @@ class Engine:
             conversation.reply = None
             self.runner.cancel(reply)
         conversation.pending_interruption = None
-        conversation.recent.clear()
+        conversation.recent = None
         conversation.last_reply = None
         if conversation.devices:
             self.fanout.disconnect(list(conversation.devices), Disconnect.ERASED)

@@ -428,6 +428,23 @@ async def test_a_failed_reply_task_disconnects_its_session_only(world: World) ->
     assert world.wire.closed == [(ALICE_PHONE, Disconnect.FAILED)]
 
 
+async def test_an_idle_session_holds_no_replay_buffer_until_its_first_message(
+    world: World,
+) -> None:
+    conversation = await world.join(ALICE_PHONE, "s1")
+    assert conversation.recent is None
+    assert not hasattr(conversation, "__dict__")
+    for n in range(60):
+        world.engine.user_message(ALICE_PHONE, f"m{n}")
+        stream(world, "ok")
+    assert conversation.recent is not None
+    assert [m.seq for m in conversation.recent] == list(range(71, 121))  # the last 50
+    world.wire.take()
+    resumed = await world.open(ALICE_LAPTOP, "s1", resume_from=118)
+    assert resumed.resume is not None and resumed.resume.recovered
+    assert [m.seq for m in resumed.resume.messages] == [119, 120]
+
+
 async def test_illegal_transitions_say_what_was_wrong(world: World) -> None:
     conversation = await world.join(ALICE_PHONE, "s1")
     world.engine.user_message(ALICE_PHONE, "q")
