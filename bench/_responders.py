@@ -15,6 +15,8 @@ from samvad.responder import EchoResponder, ReplyContext
 
 
 class OneChunkResponder:
+    task_free = True  # as EchoResponder's: reply() binds nothing to its task
+
     def __init__(self) -> None:
         self._echo = EchoResponder()
 

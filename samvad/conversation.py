@@ -290,8 +290,8 @@ class ReplyRunner(Protocol):
         """Run the responder for ``reply``; feed :meth:`Engine.reply_chunk` and
         :meth:`Engine.reply_done`, or :meth:`Engine.reply_failed` on a bug.
 
-        It may do so before it returns (a responder whose chunks are ready):
-        the engine calls it last, with the reply's state complete."""
+        It may do so before it returns (a task-free responder whose chunks
+        are ready): the engine calls it last, with the reply's state complete."""
         ...
 
     def cancel(self, reply: Reply) -> None:

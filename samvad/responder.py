@@ -8,6 +8,14 @@ as they come. Cancelling the iteration (barge-in) must be safe at any ``await``.
 The built-in :class:`EchoResponder` is deterministic and needs no network, so
 tests and demos run offline; ``docs/protocol.md`` shows how to plug in an LLM
 (``SAMVAD_RESPONDER=package.module:factory``).
+
+Each reply runs in a task of its own, unless its responder has a true
+``task_free`` attribute: it promises that ``reply`` binds nothing to the task
+it runs in (no ``asyncio.timeout``, task group or anyio cancel scope around a
+wait, no context variable set), so the reply can start in the caller's task
+and move to a task only when it first waits. A reply whose chunks are ready
+then costs no task at all. :class:`EchoResponder` is task-free; an LLM
+client's HTTP call usually is not.
 """
 
 from __future__ import annotations
@@ -85,6 +93,9 @@ class EchoResponder:
     was cut off. ``chunk_delay`` seconds pass between chunks (through ``sleep``,
     injectable for tests); the first chunk comes at once.
     """
+
+    #: ``reply`` only sleeps (see the module's docstring).
+    task_free = True
 
     def __init__(self, *, chunk_delay: float = 0.0, sleep: Sleep = asyncio.sleep) -> None:
         if chunk_delay < 0:

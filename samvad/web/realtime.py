@@ -14,9 +14,9 @@ moves frames and runs tasks:
 - the idle and start deadlines are one timer per connection that checks when
   the last frame came, not a timeout around every read;
 - the :class:`Hub` delivers the engine's events as frames (``FanOut``), runs
-  each reply's responder (``ReplyRunner``: at once, up to its first wait, then
-  as a supervised task), and schedules the engine's orphan deadlines on the
-  event loop.
+  each reply's responder as a supervised task (``ReplyRunner``; a
+  ``task_free`` one at once, up to its first wait), and schedules the
+  engine's orphan deadlines on the event loop.
 
 Nothing here awaits a Firestore write. The protocol is documented in
 ``docs/protocol.md``.
@@ -874,14 +874,25 @@ class Hub:
     # -- ReplyRunner -------------------------------------------------------------------
 
     def start(self, reply: Reply) -> None:
-        """Stream the responder's answer to ``reply``.
+        """Stream the responder's answer to ``reply`` as a supervised task.
 
-        The reply runs at once, in the caller, up to its first wait: a
-        responder whose chunks are ready (and a reply context found in the
-        caches) ends the reply without a task. One that has to wait goes on
-        from there in a supervised task, as if it had been one from the start.
+        A responder that says it is ``task_free`` (:mod:`samvad.responder`)
+        runs at once instead, in the caller, up to its first wait: with its
+        chunks ready (and the reply context found in the caches) the reply ends
+        without a task; one that has to wait goes on from there in a supervised
+        task, as if it had been one from the start.
         """
         run = self._run_reply(reply)
+        if not getattr(self.responder, "task_free", False):
+            # It may bind what it does to its task (a timeout, a task group, a
+            # cancel scope entered before a wait and left after it): a task
+            # of its own from the start.
+            self._replies[reply] = self.spawn(
+                run,
+                name=f"samvad-reply-{reply.id}",
+                on_failure=lambda: self.engine.reply_failed(reply),
+            )
+            return
         try:
             waiting = run.send(None)
         except StopIteration:

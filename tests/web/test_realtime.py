@@ -659,8 +659,10 @@ class TaskNames:
         return [t.get_name() for t in self.created if t.get_name().startswith("samvad-reply-")]
 
 
-async def test_a_reply_whose_chunks_are_ready_runs_without_a_task() -> None:
+async def test_a_task_free_reply_whose_chunks_are_ready_runs_without_a_task() -> None:
     class Ready:
+        task_free = True
+
         async def reply(self, context: ReplyContext) -> AsyncIterator[str]:
             yield "All of it at once."
 
@@ -677,7 +679,34 @@ async def test_a_reply_whose_chunks_are_ready_runs_without_a_task() -> None:
         await client.close()
 
 
-async def test_a_reply_that_waits_goes_on_in_a_task_and_barge_in_still_cuts_it() -> None:
+async def test_a_reply_is_a_task_of_its_own_unless_its_responder_is_task_free() -> None:
+    class Bound:
+        """Say, a timeout around a wait: what it binds to a task must find the same
+        task after the wait (an anyio cancel scope refuses to be left elsewhere)."""
+
+        def __init__(self) -> None:
+            self.same_task: list[bool] = []
+
+        async def reply(self, context: ReplyContext) -> AsyncIterator[str]:
+            entered = asyncio.current_task()
+            await asyncio.sleep(0)
+            self.same_task.append(asyncio.current_task() is entered)
+            yield "Bound to its task."
+
+    async with live_server(make_app()) as server:
+        bound = server.services.hub.responder = Bound()
+        client = await open_client(server, "u-bound")
+        with TaskNames() as tasks:
+            exchange = await client.ask("hello")
+            again = await client.ask("again")
+        assert exchange.reply.complete and again.reply.complete
+        assert exchange.reply.text == "Bound to its task."
+        assert bound.same_task == [True, True]
+        assert len(tasks.replies()) == 2
+        await client.close()
+
+
+async def test_a_task_free_reply_that_waits_goes_on_in_a_task_and_barge_in_still_cuts_it() -> None:
     gate = Gate()
     async with live_server(make_app()) as server:
         server.services.hub.responder = EchoResponder(sleep=gate.sleep)
