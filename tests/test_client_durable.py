@@ -114,9 +114,11 @@ async def test_messages_another_instance_heard_but_never_wrote_are_written_when_
     user, session = "cr-heard", "cr-heard-s"
     texts = [f"heard {i:02d}" for i in range(8)]
     b = await serve(tmp_path, "b", firestore_emulator, firestore_project)
+    # A writes the first message at once (no linger: however fast the next
+    # asks come, they are not in that write), then nothing for a minute.
     a = await serve(
         tmp_path, "a", firestore_emulator, firestore_project,
-        SAMVAD_FLUSH_INTERVAL_SECONDS="60",
+        SAMVAD_FLUSH_INTERVAL_SECONDS="60", SAMVAD_FLUSH_LINGER_SECONDS="0",
     )  # fmt: skip
     try:
         client = await SamvadClient.connect(
