@@ -1,9 +1,10 @@
 """A small expiring map with single-flight loads, for the ADK session service.
 
-:class:`samvad.cache.ViewCache` (``cachetools.TTLCache``) costs tens of
-microseconds a lookup; an ADK turn looks up a session and two scoped states
-several times, so this one keeps entries in a plain dict, checks expiry on
-read and evicts the oldest entry beyond ``maxsize``. Absence is not cached.
+:class:`samvad.cache.ViewCache` keeps byte budgets, completeness marks and
+cached absence, which an ADK turn (a session and two scoped states looked up
+several times) does not need: this one keeps entries in a plain dict, checks
+expiry on read and evicts the oldest entry beyond ``maxsize``. Absence is not
+cached.
 """
 
 from __future__ import annotations
