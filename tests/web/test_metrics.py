@@ -9,12 +9,14 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from samvad.client import SamvadClient
 from samvad.config import Settings
 from samvad.models import Mode
 from samvad.responder import EchoResponder
 from samvad.web.app import create_app
+from samvad.web.metrics import LatencyHistogram, LoopCounter
 from tests.support.faultproxy import FaultProxy
 from tests.support.metrics import Scrape, scrape
 from tests.support.server import live_server, outage_settings
@@ -204,3 +206,51 @@ async def test_an_outage_shows_as_memory_mode_failed_writes_and_a_growing_backlo
     assert up.value("samvad_persistence_mode", mode="firestore") == 1
     assert up.value("samvad_pending_writes") == 0
     assert up.value("samvad_store_writes_total", collection="user_states", outcome="ok") == 2
+
+
+def test_the_lock_free_latency_histogram_exposes_what_prometheus_histogram_does() -> None:
+    buckets = (0.0005, 0.001, 0.5, 5.0)
+    observed = [("GET", "/a", 200, 0.0005), ("GET", "/a", 200, 0.0007), ("GET", "/a", 200, 9.0)]
+    observed += [("POST", "/b", 400, 0.4), ("GET", "/a", 404, 0.0)]
+    theirs_registry = CollectorRegistry()
+    theirs = Histogram(
+        "latency", "Doc.", ["method", "route", "status"], buckets=buckets, registry=theirs_registry
+    )
+    ours = LatencyHistogram("latency", "Doc.", buckets)
+    ours_registry = CollectorRegistry()
+    ours_registry.register(ours)
+    for method, route, status, seconds in observed:
+        theirs.labels(method, route, str(status)).observe(seconds)
+        ours.child(method, route, status).observe(seconds)
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        # _created holds the time each label set was first seen: not comparable.
+        return sorted(line for line in text.splitlines() if "_created{" not in line)
+
+    assert lines(ours_registry) == lines(theirs_registry)
+    assert "latency_created{" in generate_latest(ours_registry).decode()
+
+
+def test_the_lock_free_counters_expose_what_prometheus_counters_do() -> None:
+    theirs_registry, ours_registry = CollectorRegistry(), CollectorRegistry()
+    theirs_labelled = Counter("frames", "Doc.", ["type"], registry=theirs_registry)
+    theirs_plain = Counter("opened", "Doc.", registry=theirs_registry)
+    Counter("unused", "Doc.", ["limit"], registry=theirs_registry)
+    ours_labelled = LoopCounter("frames", "Doc.", ["type"])
+    ours_plain = LoopCounter("opened", "Doc.")
+    for collector in (ours_labelled, ours_plain, LoopCounter("unused", "Doc.", ["limit"])):
+        ours_registry.register(collector)
+    for kind in ("ping", "message", "ping"):
+        theirs_labelled.labels(kind).inc()
+        ours_labelled.labels(kind).inc()
+    theirs_plain.inc(2)
+    ours_plain.inc(2)
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return sorted(line for line in text.splitlines() if "_created" not in line)
+
+    assert lines(ours_registry) == lines(theirs_registry)
+    with pytest.raises(ValueError, match="non-negative"):
+        ours_plain.inc(-1)
