@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 
+from samvad.config import Settings
 from samvad.logs import (
     SAMPLED_KEY,
     SPAN_KEY,
@@ -15,6 +16,7 @@ from samvad.logs import (
     ContextFilter,
     JsonFormatter,
     TraceContext,
+    configure_logging,
     parse_trace,
     trace_var,
 )
@@ -90,3 +92,18 @@ def test_a_served_request_logs_under_its_trace(tmp_path: Path) -> None:
     assert access, served.output()
     assert access[0][TRACE_KEY] == f"projects/trace-project/traces/{TRACE}"
     assert access[0][SPAN_KEY] == "0000000000000007"
+
+
+def test_uvicorn_access_lines_reach_no_handler_so_uvicorn_skips_them() -> None:
+    # uvicorn formats an access line per response whenever the logger has a
+    # handler anywhere up its chain (hasHandlers, once per connection).
+    root = logging.getLogger()
+    access = logging.getLogger("uvicorn.access")
+    saved = (root.handlers[:], root.level, access.level, access.propagate, access.handlers[:])
+    try:
+        configure_logging(Settings(log_level="DEBUG"))
+        assert root.hasHandlers()
+        assert not access.hasHandlers()
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        access.level, access.propagate, access.handlers[:] = saved[2], saved[3], saved[4]
