@@ -13,11 +13,12 @@ from typing import Any
 
 import msgspec
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp
 
 from samvad import __version__
 from samvad.clock import Clock, SystemClock
@@ -44,7 +45,12 @@ from samvad.web.metrics import (
     persistence_metrics,
     readiness_metrics,
 )
-from samvad.web.middleware import RequestContextMiddleware, WebSocketOriginMiddleware
+from samvad.web.middleware import (
+    HttpEdge,
+    RequestContextMiddleware,
+    WebSocketOriginMiddleware,
+    exception_handlers,
+)
 from samvad.web.routing import IndexedRouter
 from samvad.web.schemas import (
     FeedView,
@@ -254,10 +260,7 @@ def create_app(
         *realtime.routes(),
         *demo.routes(settings),
     ]
-    app = Starlette(
-        middleware=_middleware(settings, metrics),
-        exception_handlers=EXCEPTION_HANDLERS,
-    )
+    app = _SamvadApp(settings, metrics)
     # The hot routes by a dict lookup instead of Starlette's one-by-one match.
     app.router = IndexedRouter(
         routes, guards=[r for r in routes if rest.is_path_guard(r)], lifespan=lifespan
@@ -304,28 +307,62 @@ def _open_verifier(settings: Settings, clock: Clock) -> FirebaseTokenVerifier | 
     return FirebaseTokenVerifier.open(settings, clock=clock)
 
 
-def _middleware(settings: Settings, metrics: Metrics) -> list[Middleware]:
-    stack = [Middleware(RequestContextMiddleware, metrics=metrics, access_log=settings.access_log)]
-    if settings.cors_origins:
-        # Browsers send ID tokens in the Authorization header, never cookies:
-        # no credentialed CORS. Service keys (X-API-Key) are not for browsers.
-        stack.append(
-            Middleware(
-                CORSMiddleware,
-                allow_origins=list(settings.cors_origins),
-                allow_methods=["GET", "POST", "PUT", "DELETE"],
-                allow_headers=["Authorization", "Content-Type", "X-Device-ID", "X-Request-ID"],
-                expose_headers=["X-Request-ID", "Retry-After"],
-                allow_credentials=False,
-                max_age=600,
-            )
-        )
-    stack.append(
-        Middleware(
-            WebSocketOriginMiddleware,
-            allowed_origins=(*settings.cors_origins, *settings.ws_origins),
-        )
+class _SamvadApp(Starlette):
+    """Starlette with Samvad's middleware stack (:func:`_middleware_stack`)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        super().__init__(exception_handlers=EXCEPTION_HANDLERS)
+        self._settings = settings
+        self._metrics = metrics
+
+    def build_middleware_stack(self) -> ASGIApp:
+        if self.user_middleware:
+            raise RuntimeError("Samvad's app builds its own middleware stack: add none to it.")
+        return _middleware_stack(self.router, self._settings, self._metrics)
+
+
+def _middleware_stack(router: ASGIApp, settings: Settings, metrics: Metrics) -> ASGIApp:
+    """HTTP through one layer (``HttpEdge``: the request context, the journal
+    hold, the exception handlers), CORS between its parts when configured; a
+    WebSocket handshake and the lifespan through the per-concern layers.
+    Starlette's own stack would add two more layers to every request
+    (``ServerErrorMiddleware`` and ``ExceptionMiddleware``, whose work the
+    edge does)."""
+    handlers, server_error = exception_handlers(EXCEPTION_HANDLERS)
+    # WebSocket and lifespan scopes: request context, Origin check, every
+    # frame held for the journal, then the exception handlers.
+    other: ASGIApp = ExceptionMiddleware(router, handlers=handlers)
+    other = DurableResponsesMiddleware(other)
+    other = WebSocketOriginMiddleware(
+        other, allowed_origins=(*settings.cors_origins, *settings.ws_origins)
     )
-    # Innermost: a write is acknowledged only once the journal has it.
-    stack.append(Middleware(DurableResponsesMiddleware))
-    return stack
+    other = RequestContextMiddleware(other, metrics=metrics, access_log=settings.access_log)
+    if not settings.cors_origins:
+        return HttpEdge(
+            router,
+            other=other,
+            metrics=metrics,
+            access_log=settings.access_log,
+            server_error=server_error,
+            handlers=handlers,
+        )
+    # Browsers send ID tokens in the Authorization header, never cookies:
+    # no credentialed CORS. Service keys (X-API-Key) are not for browsers.
+    # Inside the request context (a preflight gets a request id and a metric),
+    # outside the hold and the error handlers (their responses get CORS headers).
+    cors = CORSMiddleware(
+        HttpEdge(router, other=router, handlers=handlers),
+        allow_origins=list(settings.cors_origins),
+        allow_methods=["GET", "POST", "PUT", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", "X-Device-ID", "X-Request-ID"],
+        expose_headers=["X-Request-ID", "Retry-After"],
+        allow_credentials=False,
+        max_age=600,
+    )
+    return HttpEdge(
+        cors,
+        other=other,
+        metrics=metrics,
+        access_log=settings.access_log,
+        server_error=server_error,
+    )

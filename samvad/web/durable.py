@@ -20,13 +20,18 @@ spares every frame a wrapper.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from samvad.journal import JournalUnavailable
 from samvad.persistence import Persistence, WriteReceipt, current_receipt
 from samvad.web.http_errors import error_response
 
-__all__ = ["DurableResponsesMiddleware"]
+__all__ = ["DurableResponsesMiddleware", "Hold", "journal_hold", "unavailable_response"]
+
+#: Waits until the journal has a receipt's writes (or, given None, every write so far).
+Hold = Callable[[WriteReceipt | None], Awaitable[None]]
 
 
 def _persistence(scope: Scope) -> Persistence | None:
@@ -34,8 +39,26 @@ def _persistence(scope: Scope) -> Persistence | None:
     state = scope.get("state")
     services = state.get("services") if state else None
     if services is None:
-        services = getattr(scope["app"].state, "services", None)
+        services = getattr(getattr(scope.get("app"), "state", None), "services", None)
     return services.persistence if services is not None else None
+
+
+def journal_hold(scope: Scope) -> Hold | None:
+    """What an HTTP response of this scope must wait for before it starts, or
+    None when there is no journal (nothing to wait for). The caller makes a
+    :class:`WriteReceipt` current for the request and, at the response's start,
+    awaits the hold with it when it holds a record, else with None; a
+    :class:`JournalUnavailable` it raises turns the response into a 503
+    (:func:`unavailable_response`)."""
+    persistence = _persistence(scope)
+    if persistence is None or persistence.journal is None:
+        return None
+    return persistence.durable
+
+
+def unavailable_response(exc: JournalUnavailable) -> ASGIApp:
+    """The response that replaces one whose writes the journal could not take."""
+    return error_response(exc.status_code, exc.message, code=exc.code)
 
 
 class DurableResponsesMiddleware:
@@ -51,11 +74,10 @@ class DurableResponsesMiddleware:
             await self.app(scope, receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        persistence = _persistence(scope)
-        if persistence is None or persistence.journal is None:
+        durable = journal_hold(scope)
+        if durable is None:
             await self.app(scope, receive, send)
             return
-        durable = persistence.durable
         receipt = WriteReceipt()
         replaced = False
 
@@ -70,8 +92,7 @@ class DurableResponsesMiddleware:
                     await durable(receipt if receipt.record is not None else None)
                 except JournalUnavailable as exc:
                     replaced = True
-                    response = error_response(exc.status_code, exc.message, code=exc.code)
-                    await response(scope, receive, send)
+                    await unavailable_response(exc)(scope, receive, send)
                     return
             await send(message)
 

@@ -2,6 +2,16 @@
 WebSocket (a request id, log context and metrics), and the ``Origin`` check of
 WebSocket handshakes (:class:`WebSocketOriginMiddleware`).
 
+An HTTP request goes through one layer, :class:`HttpEdge`: the request
+context, the journal hold of ``samvad.web.durable`` and the app's exception
+handlers in one ``send`` wrapper (a layer per concern cost a coroutine frame
+and a ``send`` wrapper each, for every request and every message of its
+response). A WebSocket handshake (and the lifespan) takes the per-concern
+layers as before: :class:`RequestContextMiddleware`,
+:class:`WebSocketOriginMiddleware`,
+:class:`~samvad.web.durable.DurableResponsesMiddleware` and Starlette's
+``ExceptionMiddleware``.
+
 The request context (no per-request objects beyond a closure; another
 engineer benchmarks the REST hot path) takes the client's ``X-Request-ID``
 when it is a sane id or makes one, echoes it on the response, exposes it to log
@@ -15,11 +25,14 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from samvad.journal import JournalUnavailable
 from samvad.logs import (
     TraceContext,
     parse_trace,
@@ -28,6 +41,8 @@ from samvad.logs import (
     trace_var,
     user_id_var,
 )
+from samvad.persistence import WriteReceipt, current_receipt
+from samvad.web.durable import journal_hold, unavailable_response
 from samvad.web.metrics import UNMATCHED_ROUTE, Metrics
 
 __all__ = [
@@ -35,8 +50,11 @@ __all__ = [
     "MAX_REQUEST_ID_LENGTH",
     "ORIGIN_HEADER",
     "REQUEST_ID_HEADER",
+    "ErrorHandler",
+    "HttpEdge",
     "RequestContextMiddleware",
     "WebSocketOriginMiddleware",
+    "exception_handlers",
     "origin_logger",
     "route_label",
 ]
@@ -177,6 +195,200 @@ class RequestContextMiddleware:
             user_id_var.reset(user_token)
             request_id_var.reset(request_token)
             trace_var.reset(trace_token)
+
+
+#: An exception handler of the app: the request and the exception, to a response.
+ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+class HttpEdge:
+    """Every HTTP request in one layer; every other scope to ``other``.
+
+    For an HTTP request, in this order from the outside in (each part can be
+    switched off, so that a layer such as CORS can sit between two parts):
+
+    * ``context``: the request id (``X-Request-ID``, echoed), the log context,
+      the latency metric and the access log, as :class:`RequestContextMiddleware`
+      does; and the ``server_error`` handler, for an exception no other
+      handler takes, as Starlette's ``ServerErrorMiddleware`` does (the 500 it
+      sends carries the request id; the exception is raised again for the
+      server to log);
+    * ``guard``: the journal hold (``samvad.web.durable``: the response starts
+      once the journal has the writes the request made, or a 503 replaces it)
+      and the app's ``handlers`` by exception class, as Starlette's
+      ``ExceptionMiddleware`` (a handled error's response is held too).
+
+    ``other`` gets WebSocket and lifespan scopes: the per-concern layers.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        other: ASGIApp,
+        metrics: Metrics | None = None,
+        access_log: bool = False,
+        server_error: ErrorHandler | None = None,
+        handlers: Mapping[type[Exception], ErrorHandler] | None = None,
+    ) -> None:
+        self.app = app
+        self.other = other
+        self.metrics = metrics
+        self.access_log = access_log
+        self.server_error = server_error
+        #: With ``handlers``: the guard part is on.
+        self.guard = handlers is not None
+        self.handlers: dict[type[Exception], ErrorHandler] = dict(handlers or {})
+        # What Starlette's ExceptionMiddleware puts in the scope, for routes
+        # that handle their own exceptions (``request_response``).
+        self._scope_handlers: tuple[dict[Any, ErrorHandler], dict[int, ErrorHandler]] = (
+            dict(self.handlers),
+            {},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.other(scope, receive, send)
+        elif self.metrics is None:
+            await self._guarded(scope, receive, send)
+        else:
+            await self._request(scope, receive, send)
+
+    def handler(self, exc: Exception) -> ErrorHandler | None:
+        """The handler of ``exc``'s nearest class that has one."""
+        for cls in type(exc).__mro__:
+            found = self.handlers.get(cls)
+            if found is not None:
+                return found
+        return None
+
+    async def _request(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The context part, then (when on) the guard part."""
+        metrics = self.metrics
+        assert metrics is not None
+        request_id, trace = _request_context(scope)
+        header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
+        status = 500
+        started = False
+
+        async def forward(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        request_token = request_id_var.set(request_id)
+        # Cloud Logging groups a request's log lines under its trace (samvad.logs).
+        trace_token = trace_var.set(trace)
+        # A request starts with no user or session (a task's context is a copy:
+        # only a caller that set them, such as a test calling the app, needs this).
+        user_token = user_id_var.set(None) if user_id_var.get() is not None else None
+        session_token = session_id_var.set(None) if session_id_var.get() is not None else None
+        began = time.perf_counter()
+        try:
+            if self.guard:
+                await self._guarded(scope, receive, forward)
+            else:
+                await self.app(scope, receive, forward)
+        except Exception as exc:
+            if self.server_error is None:
+                raise
+            if not started:
+                response = await self.server_error(Request(scope), exc)
+                await response(scope, receive, forward)
+            raise
+        finally:
+            elapsed = time.perf_counter() - began
+            route = route_label(scope)
+            metrics.observe_http(scope["method"], route, status, elapsed)
+            if self.access_log:
+                _log_access(scope["method"], route, status, elapsed)
+            if session_token is not None:
+                session_id_var.reset(session_token)
+            if user_token is not None:
+                user_id_var.reset(user_token)
+            request_id_var.reset(request_token)
+            trace_var.reset(trace_token)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The guard part: the journal hold and the exception handlers."""
+        scope["starlette.exception_handlers"] = self._scope_handlers
+        hold = journal_hold(scope)
+        receipt = WriteReceipt() if hold is not None else None
+        started = False
+        replaced = False
+
+        async def held(message: Message) -> None:
+            nonlocal started, replaced
+            if replaced:
+                return  # the rest of a response that was replaced by a 503
+            if message["type"] == "http.response.start":
+                started = True
+                if hold is not None:
+                    assert receipt is not None
+                    try:
+                        # Its own writes; a request that made none waits for
+                        # what is in flight, which it may show or acknowledge.
+                        await hold(receipt if receipt.record is not None else None)
+                    except JournalUnavailable as exc:
+                        replaced = True
+                        await unavailable_response(exc)(scope, receive, send)
+                        return
+            await send(message)
+
+        receipt_token = current_receipt.set(receipt) if receipt is not None else None
+        try:
+            await self.app(scope, receive, held)
+        except Exception as exc:
+            handler = self.handler(exc)
+            if handler is None:
+                raise
+            if started:
+                raise RuntimeError(
+                    "Caught handled exception, but response already started."
+                ) from exc
+            response = await handler(Request(scope, receive, send), exc)
+            await response(scope, receive, held)
+            # Reused exception instances would pile up tracebacks across requests.
+            exc.__traceback__ = None
+        finally:
+            if receipt_token is not None:
+                current_receipt.reset(receipt_token)
+
+
+def _log_access(method: str, route: str, status: int, elapsed: float) -> None:
+    logger.info(
+        "%s %s %d %.1f ms",
+        method,
+        route,
+        status,
+        elapsed * 1000,
+        extra={
+            "method": method,
+            "route": route,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 3),
+        },
+    )
+
+
+def exception_handlers(
+    handlers: Mapping[Any, ErrorHandler],
+) -> tuple[dict[type[Exception], ErrorHandler], ErrorHandler | None]:
+    """The app's handlers split as Starlette splits them: by exception class,
+    and the one for ``Exception`` (or 500), the server error's."""
+    by_class: dict[type[Exception], ErrorHandler] = {}
+    server_error = None
+    for key, value in handlers.items():
+        if key in (500, Exception):
+            server_error = value
+        elif isinstance(key, type) and issubclass(key, Exception):
+            by_class[key] = value
+        else:
+            raise ValueError(f"Exception handlers are keyed by exception class, not {key!r}.")
+    return by_class, server_error
 
 
 ORIGIN_HEADER = b"origin"

@@ -96,6 +96,7 @@ async def test_cors_preflight_allows_configured_origins_only() -> None:
         foreign = await http.get(path, headers={"Origin": "https://evil.example"})
     assert allowed.status_code == 200
     assert allowed.headers["access-control-allow-origin"] == ORIGIN
+    assert len(allowed.headers["x-request-id"]) == 32, "a preflight is a request too"
     assert "POST" in allowed.headers["access-control-allow-methods"]
     assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
     assert "access-control-allow-credentials" not in allowed.headers
