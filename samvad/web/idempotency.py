@@ -36,6 +36,16 @@ MAX_KEY_LENGTH = 255
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+_RAW_HEADER = HEADER.encode()
+#: Where :func:`idempotent` leaves a keyed request's claim for :func:`claim_key`
+#: (the scope, not ``request.state``: that builds an object per request).
+_PENDING = "samvad.idempotency"
+
+
+def _has_key(request: Request) -> bool:
+    return any(name == _RAW_HEADER for name, _ in request.scope["headers"])
+
+
 def read_key(request: Request) -> str | None:
     """The request's key, or None without the header; a bad value is a 400."""
     values = request.headers.getlist(HEADER)
@@ -75,10 +85,10 @@ def idempotent(route: str) -> Callable[[Handler], Handler]:
         async def run(request: Request) -> Response:
             # The value is checked in claim_key, after the caller is
             # authenticated: who may not act gets a 401/403, not a 400.
-            if HEADER not in request.headers:
+            if not _has_key(request):
                 return await handler(request)
             pending = _Pending(route=route)
-            request.state.idempotency = pending
+            request.scope[_PENDING] = pending
             try:
                 response = await handler(request)
             except _Replay as replay:
@@ -113,7 +123,7 @@ async def claim_key(request: Request, user_id: str, *request_parts: object) -> N
     ``request_parts`` are what makes two requests the same (the parsed body,
     and whatever else the write takes from the request). Without a key, nothing.
     """
-    pending: _Pending | None = getattr(request.state, "idempotency", None)
+    pending: _Pending | None = request.scope.get(_PENDING)
     if pending is None:
         return
     key = read_key(request)

@@ -120,8 +120,24 @@ def parse_json(text: str) -> Any:
     return value
 
 
-def _check_content_type(request: Request) -> None:
-    raw = request.headers.get("content-type")
+def _body_headers(request: Request) -> tuple[str | None, str | None]:
+    """The first ``Content-Type`` and ``Content-Length``, in one pass over the
+    raw headers (``request.headers`` scans them again for each name)."""
+    content_type: bytes | None = None
+    content_length: bytes | None = None
+    for name, value in request.scope["headers"]:
+        if name == b"content-type":
+            if content_type is None:
+                content_type = value
+        elif name == b"content-length" and content_length is None:
+            content_length = value
+    return (
+        content_type.decode("latin-1") if content_type is not None else None,
+        content_length.decode("latin-1") if content_length is not None else None,
+    )
+
+
+def _check_content_type(raw: str | None) -> None:
     if raw is None:
         return  # curl -d without -H, scripts: the body still has to parse as JSON
     media_type = raw.split(";", 1)[0].strip().lower()
@@ -134,7 +150,10 @@ def _check_content_type(request: Request) -> None:
 
 async def read_body(request: Request, *, limit: int) -> bytes:
     """The raw body, or :class:`PayloadTooLarge` once it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
+    return await _read_body(request, _body_headers(request)[1], limit=limit)
+
+
+async def _read_body(request: Request, declared: str | None, *, limit: int) -> bytes:
     if declared is not None:
         try:
             length = int(declared)
@@ -153,7 +172,7 @@ async def read_body(request: Request, *, limit: int) -> bytes:
     except ClientDisconnect:
         # Nobody will read the answer; this keeps it out of the error log.
         raise BadRequest("The client went away before sending the whole body") from None
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:
@@ -172,8 +191,9 @@ def parse_object(raw: bytes) -> dict[str, Any]:
 
 async def read_json_object(request: Request, *, limit: int) -> dict[str, Any]:
     """Read, bound and parse a request body that must be one JSON object."""
-    _check_content_type(request)
-    return parse_object(await read_body(request, limit=limit))
+    content_type, declared = _body_headers(request)
+    _check_content_type(content_type)
+    return parse_object(await _read_body(request, declared, limit=limit))
 
 
 async def decode_body(request: Request, shape: type[_S], *, limit: int) -> _S:
