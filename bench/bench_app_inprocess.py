@@ -7,8 +7,8 @@ What ``bench_overhead.py`` cannot separate on a loaded machine: the app's own
 CPU per request. ``GET /api/session/{u}/state`` (100 users with a saved
 state, memory store, no journal) and ``POST /api/session/{u}/history`` (one
 200-character message to each of 100 users whose histories are at the
-100-message cap) are sent straight into each app's ASGI callable, the apps
-alternating round by round; the figure is the best round's
+100-message cap, and to users new to each round) are sent straight into
+each app's ASGI callable, the apps alternating round by round; the figure is the best round's
 process CPU per request (``gc.freeze()`` and the server's GC thresholds, as
 ``samvad serve`` sets them). uvicorn's own work (parsing, socket writes) is the
 same for both apps and is not in these figures.
@@ -22,6 +22,7 @@ import gc
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,24 +130,34 @@ async def run(requests: int, rounds: int) -> dict[str, Any]:
     async def no_body() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    workloads = {
-        "get_state": ("GET", "state", _HEADERS, no_body),
-        "post_history_full": ("POST", "history", body_headers, message_body),
+    # The path of request i of round r.
+    workloads: dict[str, tuple[str, Callable[[int, int], str], Any, Any]] = {
+        "get_state": ("GET", lambda r, i: f"/api/session/s-{i % 100}/state", _HEADERS, no_body),
+        "post_history_full": (
+            "POST",
+            lambda r, i: f"/api/session/s-{i % 100}/history",
+            body_headers,
+            message_body,
+        ),
+        # Users new to each round (bench_overhead's post_history_empty).
+        "post_history_empty": (
+            "POST",
+            lambda r, i: f"/api/session/n{r}-{i}/history",
+            body_headers,
+            message_body,
+        ),
     }
     figures: dict[str, Any] = {"requests_per_round": requests, "rounds": rounds}
-    for workload, (method, resource, headers, body) in workloads.items():
-        scopes = {
-            name: [
-                _scope(lifespan.state, method, f"/api/session/s-{i % 100}/{resource}", headers)
-                for i in range(requests)
-            ]
-            for name, lifespan in apps.items()
-        }
+    for workload, (method, path, headers, body) in workloads.items():
         best = {name: float("inf") for name in apps}
-        for _ in range(rounds):
+        for round_ in range(rounds):
             for name, lifespan in apps.items():
+                scopes = [
+                    _scope(lifespan.state, method, path(round_, i), headers)
+                    for i in range(requests)
+                ]
                 started = time.process_time()
-                for scope in scopes[name]:
+                for scope in scopes:
                     await lifespan.app(dict(scope), body, _send)
                 best[name] = min(best[name], (time.process_time() - started) / requests * 1e6)
                 await asyncio.sleep(0)
