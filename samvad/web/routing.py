@@ -156,9 +156,13 @@ class IndexedRouter(Router):
         if scope.get("root_path"):
             return None  # Starlette strips it first: leave that to its loop
         segments = scope["path"].split("/")
-        for layout in self._layouts.get(len(segments), ()):
+        layouts = self._layouts.get(len(segments))
+        if layouts is None:
+            return None
+        method = scope["method"]
+        for layout in layouts:
             entry = layout.table.get(layout.literals(segments))
-            if entry is None or scope["method"] not in entry.methods:
+            if entry is None or method not in entry.methods:
                 continue
             values = layout.params(segments)
             if not all(values):
@@ -169,9 +173,10 @@ class IndexedRouter(Router):
                     for guard in self.guards:
                         if guard.matches(scope)[0] is not Match.NONE:
                             return None
-            path_params = dict(scope.get("path_params", ()))
-            path_params.update(zip(entry.names, values, strict=True))
-            return entry, path_params
+            # Same lengths by construction (both from the layout's shape).
+            found = dict(zip(entry.names, values, strict=False))
+            given = scope.get("path_params")
+            return entry, {**given, **found} if given else found
         return None
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
