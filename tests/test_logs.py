@@ -15,10 +15,14 @@ from samvad.logs import (
     TRACE_KEY,
     ContextFilter,
     JsonFormatter,
+    LogContext,
     TraceContext,
+    bind_log_context,
     configure_logging,
+    log_context_var,
     parse_trace,
     trace_var,
+    user_id_var,
 )
 from tests.support.serve import start_serve
 
@@ -107,3 +111,16 @@ def test_uvicorn_access_lines_reach_no_handler_so_uvicorn_skips_them() -> None:
     finally:
         root.handlers[:], root.level = saved[0], saved[1]
         access.level, access.propagate, access.handlers[:] = saved[2], saved[3], saved[4]
+
+
+def test_a_request_keeps_its_ids_in_one_context_object() -> None:
+    token = log_context_var.set(LogContext("req-9", TraceContext(TRACE)))
+    try:
+        bind_log_context(user_id="u9", session_id="s9")
+        record = logging.LogRecord("samvad", logging.INFO, __file__, 1, "hello", (), None)
+        assert ContextFilter().filter(record)
+        assert user_id_var.get() is None, "the request's ids stay in its own object"
+    finally:
+        log_context_var.reset(token)
+    assert (record.request_id, record.user_id, record.session_id) == ("req-9", "u9", "s9")
+    assert record._trace == TraceContext(TRACE)

@@ -34,7 +34,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from samvad.journal import JournalUnavailable
 from samvad.logs import (
+    LogContext,
     TraceContext,
+    log_context_var,
     parse_trace,
     request_id_var,
     session_id_var,
@@ -279,13 +281,8 @@ class HttpEdge:
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
-        request_token = request_id_var.set(request_id)
-        # Cloud Logging groups a request's log lines under its trace (samvad.logs).
-        trace_token = trace_var.set(trace)
-        # A request starts with no user or session (a task's context is a copy:
-        # only a caller that set them, such as a test calling the app, needs this).
-        user_token = user_id_var.set(None) if user_id_var.get() is not None else None
-        session_token = session_id_var.set(None) if session_id_var.get() is not None else None
+        # The ids its log lines carry; Cloud Logging groups them under its trace.
+        context_token = log_context_var.set(LogContext(request_id, trace))
         began = time.perf_counter()
         try:
             if self.guard:
@@ -305,12 +302,7 @@ class HttpEdge:
             metrics.observe_http(scope["method"], route, status, elapsed)
             if self.access_log:
                 _log_access(scope["method"], route, status, elapsed)
-            if session_token is not None:
-                session_id_var.reset(session_token)
-            if user_token is not None:
-                user_id_var.reset(user_token)
-            request_id_var.reset(request_token)
-            trace_var.reset(trace_token)
+            log_context_var.reset(context_token)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The guard part: the journal hold and the exception handlers."""
