@@ -249,12 +249,10 @@ class HttpEdge:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.other(scope, receive, send)
-        elif self.metrics is None:
-            await self._guarded(scope, receive, send)
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
         else:
-            await self._request(scope, receive, send)
+            await self.other(scope, receive, send)
 
     def handler(self, exc: Exception) -> ErrorHandler | None:
         """The handler of ``exc``'s nearest class that has one."""
@@ -264,90 +262,86 @@ class HttpEdge:
                 return found
         return None
 
-    async def _request(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The context part, then (when on) the guard part."""
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self.metrics
-        assert metrics is not None
-        request_id, trace = _request_context(scope)
-        header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
-        status = 500
-        started = False
-
-        async def forward(message: Message) -> None:
-            nonlocal status, started
-            if message["type"] == "http.response.start":
-                started = True
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()), header]
-            await send(message)
-
-        # The ids its log lines carry; Cloud Logging groups them under its trace.
-        context_token = log_context_var.set(LogContext(request_id, trace))
-        began = time.perf_counter()
-        try:
-            if self.guard:
-                await self._guarded(scope, receive, forward)
-            else:
-                await self.app(scope, receive, forward)
-        except Exception as exc:
-            if self.server_error is None:
-                raise
-            if not started:
-                response = await self.server_error(Request(scope), exc)
-                await response(scope, receive, forward)
-            raise
-        finally:
-            elapsed = time.perf_counter() - began
-            route = route_label(scope)
-            metrics.observe_http(scope["method"], route, status, elapsed)
-            if self.access_log:
-                _log_access(scope["method"], route, status, elapsed)
-            log_context_var.reset(context_token)
-
-    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The guard part: the journal hold and the exception handlers."""
-        scope["starlette.exception_handlers"] = self._scope_handlers
-        hold = journal_hold(scope)
+        header: tuple[bytes, bytes] | None = None
+        context_token = None
+        if metrics is not None:
+            request_id, trace = _request_context(scope)
+            header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
+            # The ids its log lines carry; Cloud Logging groups them under its trace.
+            context_token = log_context_var.set(LogContext(request_id, trace))
+        hold = None
+        receipt_token = None
+        if self.guard:
+            # For routes that handle their own exceptions (``request_response``).
+            scope["starlette.exception_handlers"] = self._scope_handlers
+            hold = journal_hold(scope)
         receipt = WriteReceipt() if hold is not None else None
+        if receipt is not None:
+            receipt_token = current_receipt.set(receipt)
+        holding = hold is not None
+        status = 500
         started = False
         replaced = False
 
-        async def held(message: Message) -> None:
-            nonlocal started, replaced
+        async def edge_send(message: Message) -> None:
+            nonlocal holding, status, started, replaced
             if replaced:
                 return  # the rest of a response that was replaced by a 503
             if message["type"] == "http.response.start":
                 started = True
-                if hold is not None:
-                    assert receipt is not None
+                if holding:
+                    assert hold is not None and receipt is not None
                     try:
                         # Its own writes; a request that made none waits for
                         # what is in flight, which it may show or acknowledge.
                         await hold(receipt if receipt.record is not None else None)
                     except JournalUnavailable as exc:
+                        holding = False
+                        await unavailable_response(exc)(scope, receive, edge_send)
                         replaced = True
-                        await unavailable_response(exc)(scope, receive, send)
                         return
+                status = message["status"]
+                if header is not None:
+                    message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
-        receipt_token = current_receipt.set(receipt) if receipt is not None else None
+        began = time.perf_counter()
         try:
-            await self.app(scope, receive, held)
+            try:
+                await self.app(scope, receive, edge_send)
+            except Exception as exc:
+                handler = self.handler(exc) if self.guard else None
+                if handler is None:
+                    raise
+                if started:
+                    raise RuntimeError(
+                        "Caught handled exception, but response already started."
+                    ) from exc
+                response = await handler(Request(scope, receive, send), exc)
+                await response(scope, receive, edge_send)
+                # Reused exception instances would pile up tracebacks across requests.
+                exc.__traceback__ = None
         except Exception as exc:
-            handler = self.handler(exc)
-            if handler is None:
+            if self.server_error is None:
                 raise
-            if started:
-                raise RuntimeError(
-                    "Caught handled exception, but response already started."
-                ) from exc
-            response = await handler(Request(scope, receive, send), exc)
-            await response(scope, receive, held)
-            # Reused exception instances would pile up tracebacks across requests.
-            exc.__traceback__ = None
+            if not started:
+                holding = False  # answered outside the hold, as Starlette did
+                response = await self.server_error(Request(scope), exc)
+                await response(scope, receive, edge_send)
+            raise
         finally:
             if receipt_token is not None:
                 current_receipt.reset(receipt_token)
+            if metrics is not None:
+                elapsed = time.perf_counter() - began
+                route = route_label(scope)
+                metrics.observe_http(scope["method"], route, status, elapsed)
+                if self.access_log:
+                    _log_access(scope["method"], route, status, elapsed)
+            if context_token is not None:
+                log_context_var.reset(context_token)
 
 
 def _log_access(method: str, route: str, status: int, elapsed: float) -> None:
