@@ -35,7 +35,6 @@ from samvad.stores.base import Store
 from samvad.stores.factory import build_store
 from samvad.web import apidocs, demo, realtime, rest
 from samvad.web.auth import FirebaseTokenVerifier, TokenVerifier
-from samvad.web.durable import DurableResponsesMiddleware
 from samvad.web.http_errors import EXCEPTION_HANDLERS
 from samvad.web.metrics import (
     CONTENT_TYPE,
@@ -329,10 +328,9 @@ def _middleware_stack(router: ASGIApp, settings: Settings, metrics: Metrics) -> 
     (``ServerErrorMiddleware`` and ``ExceptionMiddleware``, whose work the
     edge does)."""
     handlers, server_error = exception_handlers(EXCEPTION_HANDLERS)
-    # WebSocket and lifespan scopes: request context, Origin check, every
-    # frame held for the journal, then the exception handlers.
+    # WebSocket and lifespan scopes: request context, Origin check, then the
+    # exception handlers (the endpoint holds its frames for the journal).
     other: ASGIApp = ExceptionMiddleware(router, handlers=handlers)
-    other = DurableResponsesMiddleware(other)
     other = WebSocketOriginMiddleware(
         other, allowed_origins=(*settings.cors_origins, *settings.ws_origins)
     )

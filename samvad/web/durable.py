@@ -2,33 +2,34 @@
 before the write is in the journal.
 
 A handler acknowledges a write by sending something: the REST response, the
-WebSocket ``ack`` frame. This middleware holds the start of an HTTP response
-until the journal has, on disk, the writes that request made (its
+WebSocket ``ack`` frame. The start of an HTTP response waits until the journal
+has, on disk, the writes that request made (its
 :class:`~samvad.persistence.WriteReceipt`: its newest record, and with it every
-record before it). A request that wrote nothing — a read, an answer replayed
-for a retry, a refusal — waits for every write submitted before it: what it
-shows or acknowledges may be another request's write, and nothing a response
-shows may be lost to a crash (with nothing in flight that costs one check,
-no wait). One group commit is shared by all the writes of the moment. A
-journal that cannot write turns the response into a 503.
-
-WebSocket scopes pass through untouched: the endpoint holds its frames itself
-(:mod:`samvad.web.realtime`: no frame leaves before the journal has every
-write submitted before it was queued, one wait per batch of frames), which
-spares every frame a wrapper.
+record before it); :func:`journal_hold` gives what to wait for and the HTTP
+edge (``samvad.web.middleware.HttpEdge``) waits for it. A request that wrote
+nothing — a read, an answer replayed for a retry, a refusal — waits for every
+write submitted before it: what it shows or acknowledges may be another
+request's write, and nothing a response shows may be lost to a crash (with
+nothing in flight that costs one check, no wait). WebSocket frames are held
+by the endpoint itself (:mod:`samvad.web.realtime`: no frame leaves before the
+journal has every write submitted before it was queued, one wait per batch of
+frames), which spares every frame a wrapper. Either way one group commit is
+shared by all the writes of the moment. A journal that cannot write turns the
+response into a 503 (:func:`unavailable_response`); on a WebSocket the error
+closes the connection before the frame is sent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Scope
 
 from samvad.journal import JournalUnavailable
-from samvad.persistence import Persistence, WriteReceipt, current_receipt
+from samvad.persistence import Persistence, WriteReceipt
 from samvad.web.http_errors import error_response
 
-__all__ = ["DurableResponsesMiddleware", "Hold", "journal_hold", "unavailable_response"]
+__all__ = ["Hold", "journal_hold", "unavailable_response"]
 
 #: Waits until the journal has a receipt's writes (or, given None, every write so far).
 Hold = Callable[[WriteReceipt | None], Awaitable[None]]
@@ -59,45 +60,3 @@ def journal_hold(scope: Scope) -> Hold | None:
 def unavailable_response(exc: JournalUnavailable) -> ASGIApp:
     """The response that replaces one whose writes the journal could not take."""
     return error_response(exc.status_code, exc.message, code=exc.code)
-
-
-class DurableResponsesMiddleware:
-    """Hold responses and frames until the journal has the writes they acknowledge."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await self._http(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        durable = journal_hold(scope)
-        if durable is None:
-            await self.app(scope, receive, send)
-            return
-        receipt = WriteReceipt()
-        replaced = False
-
-        async def held(message: Message) -> None:
-            nonlocal replaced
-            if replaced:
-                return  # the rest of a response that was replaced by a 503
-            if message["type"] == "http.response.start":
-                try:
-                    # Its own writes; a request that made none waits for what
-                    # is in flight, which it may show or acknowledge.
-                    await durable(receipt if receipt.record is not None else None)
-                except JournalUnavailable as exc:
-                    replaced = True
-                    await unavailable_response(exc)(scope, receive, send)
-                    return
-            await send(message)
-
-        token = current_receipt.set(receipt)
-        try:
-            await self.app(scope, receive, held)
-        finally:
-            current_receipt.reset(token)

@@ -8,9 +8,8 @@ handlers in one ``send`` wrapper (a layer per concern cost a coroutine frame
 and a ``send`` wrapper each, for every request and every message of its
 response). A WebSocket handshake (and the lifespan) takes the per-concern
 layers as before: :class:`RequestContextMiddleware`,
-:class:`WebSocketOriginMiddleware`,
-:class:`~samvad.web.durable.DurableResponsesMiddleware` and Starlette's
-``ExceptionMiddleware``.
+:class:`WebSocketOriginMiddleware` and Starlette's ``ExceptionMiddleware``
+(the endpoint holds its frames for the journal itself).
 
 The request context (no per-request objects beyond a closure; another
 engineer benchmarks the REST hot path) takes the client's ``X-Request-ID``
@@ -39,9 +38,7 @@ from samvad.logs import (
     log_context_var,
     parse_trace,
     request_id_var,
-    session_id_var,
     trace_var,
-    user_id_var,
 )
 from samvad.persistence import WriteReceipt, current_receipt
 from samvad.web.durable import journal_hold, unavailable_response
@@ -131,7 +128,9 @@ def route_label(scope: Scope) -> str:
 
 
 class RequestContextMiddleware:
-    """Request id, log context, latency metrics and the optional access log."""
+    """The request context of a WebSocket connection: its request id and trace
+    in the log context, and the connections accepted counted. (An HTTP
+    request's context is :class:`HttpEdge`'s; other scopes pass through.)"""
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics, access_log: bool = False) -> None:
         self.app = app
@@ -152,51 +151,7 @@ class RequestContextMiddleware:
                 trace_var.reset(trace_token)
                 request_id_var.reset(token)
             return
-        if kind != "http":
-            await self.app(scope, receive, send)
-            return
-
-        request_id, trace = _request_context(scope)
-        header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
-        status = 500
-        request_token = request_id_var.set(request_id)
-        # Cloud Logging groups a request's log lines under its trace (samvad.logs).
-        trace_token = trace_var.set(trace)
-        user_token = user_id_var.set(None)
-        session_token = session_id_var.set(None)
-        started = time.perf_counter()
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()), header]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            elapsed = time.perf_counter() - started
-            route = route_label(scope)
-            self.metrics.observe_http(scope["method"], route, status, elapsed)
-            if self.access_log:
-                logger.info(
-                    "%s %s %d %.1f ms",
-                    scope["method"],
-                    route,
-                    status,
-                    elapsed * 1000,
-                    extra={
-                        "method": scope["method"],
-                        "route": route,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 3),
-                    },
-                )
-            session_id_var.reset(session_token)
-            user_id_var.reset(user_token)
-            request_id_var.reset(request_token)
-            trace_var.reset(trace_token)
+        await self.app(scope, receive, send)
 
 
 #: An exception handler of the app: the request and the exception, to a response.
