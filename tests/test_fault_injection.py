@@ -257,3 +257,47 @@ async def test_a_transaction_cut_before_its_commit_releases_its_locks_when_fires
             ProfileWrite(user_id="frank", preferences={"seen": True}), now=datetime.now(UTC)
         )
     assert profile.preferences == {"seen": True}
+
+
+async def test_a_write_given_up_at_the_deadline_never_lands_after_a_later_one(
+    fault_proxy: FaultProxy, firestore_emulator: str, firestore_project: str
+) -> None:
+    """The library goes on with a transaction after its caller stopped waiting
+    (it retries beginning it while Firestore is unreachable): a write the
+    queue was told had failed could land later, over an erase made meanwhile
+    (an erased message came back once in CI). Once its caller has given up,
+    no attempt of it commits."""
+    stale = ProfileWrite(
+        user_id="grace",
+        append=[Message(id="m1", role=Role.USER, content="erased", timestamp=datetime.now(UTC))],
+    )
+    cut_off = FirestoreStore(
+        lambda: make_client(project=firestore_project, emulator_host=fault_proxy.host_port),
+        deadline=1.0,
+    )
+    other = FirestoreStore(
+        lambda: make_client(project=firestore_project, emulator_host=firestore_emulator),
+        deadline=5.0,
+    )
+    async with cut_off, other:
+        await other.write_profile(ProfileWrite(user_id="grace"), now=datetime.now(UTC))
+        await cut_off.ping()  # connected before the cut
+        fault_proxy.cut()
+        async with asyncio.timeout(15):
+            with pytest.raises(StoreUnavailable):
+                await cut_off.write_profile(stale, now=datetime.now(UTC))
+        fault_proxy.restore()
+        async with asyncio.timeout(60):
+            while True:  # what the prober does until Firestore answers
+                try:
+                    await cut_off.ping()
+                    break
+                except StoreUnavailable:
+                    await asyncio.sleep(0.1)
+            # Let every attempt of the stale write end (the store's own record
+            # of the transactions it no longer waits for).
+            while cut_off._detached:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        stored = await other.get(PROFILES, "grace")
+    assert stored is not None
+    assert stored["conversationHistory"] == [], "a write its caller gave up on landed later"

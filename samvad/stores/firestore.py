@@ -312,6 +312,7 @@ class FirestoreStore(Store):
         # Writes that may create a document (sessions: ``createdAt``) read it
         # first, in a transaction: that read also keeps an owner (takes_over).
         if not write.defaults and not write.must_exist:
+            await self._settle_orphans()
             client = self.client
             # The whole request, built off the loop: handed a CommitRequest,
             # the GAPIC client uses it as is (from a dict or a Write, it would
@@ -383,12 +384,16 @@ class FirestoreStore(Store):
         them. Its id is kept and rolled back as soon as Firestore answers
         again (:meth:`_release_orphans`).
         """
-        if self._orphans:
-            await self._release_orphans()
+        await self._settle_orphans()
         begun: list[bytes] = []
+        gave_up = False
 
         @firestore.async_transactional
         async def txn(transaction: Any) -> _T:
+            if gave_up:
+                # The caller stopped waiting before this attempt began: a
+                # later write may already have been made in its place.
+                raise _GaveUp
             if transaction.id is not None:
                 begun.append(transaction.id)
             return await body(transaction)
@@ -414,8 +419,13 @@ class FirestoreStore(Store):
         try:
             return await self._bounded(run, scale=2.0)
         except StoreUnavailable:
-            # Rolling back a transaction that committed, or that the library
-            # did roll back, fails harmlessly: keep every attempt's id.
+            # The library retries a commit cut by an outage until it goes
+            # through: this one may still commit after its caller was told it
+            # failed. Every attempt's id is kept, and no other write is made
+            # until each is rolled back (:meth:`_settle_orphans`); rolling
+            # back one that committed, or that the library rolled back,
+            # fails harmlessly.
+            gave_up = True
             self._orphans.extend(begun)
             raise
 
@@ -423,6 +433,22 @@ class FirestoreStore(Store):
         self._detached.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: the caller saw the outcome, or gave up on it
+
+    async def _settle_orphans(self) -> None:
+        """Before any write: roll back the transactions an outage cut off, or
+        raise StoreUnavailable while that cannot be done.
+
+        A transaction whose caller gave up at the deadline may still commit
+        (the library retries its commit while Firestore is unreachable). Had
+        a later write — an erase, a newer state — gone out first, the old
+        write would land over it: an erased message would come back. Once its
+        rollback has answered, the old transaction can no longer commit, or
+        it already did and the later write lands after it.
+        """
+        if self._orphans:
+            await self._release_orphans()
+            if self._orphans:
+                raise StoreUnavailable("a write cut off by an outage may still commit")
 
     async def _release_orphans(self) -> None:
         """Roll back transactions an outage left open (see :meth:`_transact`)."""
@@ -453,6 +479,7 @@ class FirestoreStore(Store):
             self._orphans.popleft()
 
     async def erase(self, erase: Erase) -> ErasureCounts:
+        await self._settle_orphans()
         if erase.scope is EraseScope.USER:
             user_id = erase.target_id
 
@@ -511,6 +538,7 @@ class FirestoreStore(Store):
 
     async def delete_where(self, collection: str, *, where: Mapping[str, Any]) -> int:
         """Delete every document of ``collection`` matching ``where``, in pages."""
+        await self._settle_orphans()
         query = self._where(collection, where).select([]).limit(_DELETE_PAGE)
         deleted = 0
         while True:
@@ -531,6 +559,10 @@ class FirestoreStore(Store):
 
 
 _SELECT_PAGE = 500  # documents per page of select()
+
+
+class _GaveUp(Exception):
+    """A transaction attempt begun after its caller stopped waiting: it commits nothing."""
 
 
 def _caused_by_outage(exc: BaseException) -> bool:
