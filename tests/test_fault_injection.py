@@ -53,6 +53,17 @@ async def doc(client: AsyncClient, collection: str, doc_id: str) -> dict[str, ob
     return snapshot.to_dict() if snapshot.exists else None
 
 
+async def answering(store: FirestoreStore, *, within: float) -> None:
+    """Ping ``store`` until Firestore answers, as the prober does."""
+    async with asyncio.timeout(within):
+        while True:
+            try:
+                await store.ping()
+                return
+            except StoreUnavailable:
+                await asyncio.sleep(0.1)
+
+
 async def wait_for_mode(p: Persistence, mode: Mode) -> None:
     # Polling a state the queue reaches on its own (probe intervals of 50 ms);
     # the timeout only bounds a failure.
@@ -246,13 +257,7 @@ async def test_a_transaction_cut_before_its_commit_releases_its_locks_when_fires
         # library's own rollback attempts on the old channel.
         await cut_off.reconnect()
         fault_proxy.restore()
-        async with asyncio.timeout(30):
-            while True:  # what the prober does until Firestore answers
-                try:
-                    await cut_off.ping()
-                    break
-                except StoreUnavailable:
-                    await asyncio.sleep(0.1)
+        await answering(cut_off, within=30)
         profile = await other.write_profile(
             ProfileWrite(user_id="frank", preferences={"seen": True}), now=datetime.now(UTC)
         )
@@ -287,13 +292,8 @@ async def test_a_write_given_up_at_the_deadline_never_lands_after_a_later_one(
             with pytest.raises(StoreUnavailable):
                 await cut_off.write_profile(stale, now=datetime.now(UTC))
         fault_proxy.restore()
+        await answering(cut_off, within=60)
         async with asyncio.timeout(60):
-            while True:  # what the prober does until Firestore answers
-                try:
-                    await cut_off.ping()
-                    break
-                except StoreUnavailable:
-                    await asyncio.sleep(0.1)
             # Let every attempt of the stale write end (the store's own record
             # of the transactions it no longer waits for).
             while cut_off._detached:  # noqa: ASYNC110
