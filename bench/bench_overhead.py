@@ -370,11 +370,12 @@ class Bench:
     def ws_message(self) -> dict[str, Any]:
         assert self.ws is not None
         ws = self.ws
+        exchanges = {"samvad": SAMVAD_WS, "bare": BARE_WS, "base": SAMVAD_WS}
         connected = {
-            "samvad": ws.connect("samvad", self.samvad.ws_url, WS_CONNECTIONS, SAMVAD_WS),
-            "bare": ws.connect("bare", self.bare.ws_url, WS_CONNECTIONS, BARE_WS),
+            name: ws.connect(name, server.ws_url, WS_CONNECTIONS, exchanges[name])
+            for name, server in self.servers()
         }
-        warm = {name: ws.run(name, self.args.warmup)["completed"] for name in ("samvad", "bare")}
+        warm = {name: ws.run(name, self.args.warmup)["completed"] for name, _ in self.servers()}
         self.settle()
 
         def make(name: str, server: ServerProcess, rep: int) -> Callable[[], dict[str, Any]]:
@@ -392,21 +393,21 @@ class Bench:
             name: round(
                 statistics.fmean(r["frames"] / r["requests"] for r in figures["runs"][name]), 2
             )
-            for name in ("samvad", "bare")
+            for name, _ in self.servers()
         }
-        ws.close("samvad")
-        ws.close("bare")
+        for name, _ in self.servers():
+            ws.close(name)
         return figures
 
     def ws_idle_memory(self) -> dict[str, Any]:
         assert self.ws is not None
         ws = self.ws
-        exchanges = {"samvad": SAMVAD_IDLE, "bare": BARE_WS}
+        exchanges = {"samvad": SAMVAD_IDLE, "bare": BARE_WS, "base": SAMVAD_IDLE}
         held: dict[str, int] = {}
         for name, server in self.servers():  # first connections: lazy imports, caches
             held[name] = ws.connect(f"idle-{name}", server.ws_url, 50, exchanges[name])["connected"]
         time.sleep(0.5)
-        runs: dict[str, list[dict[str, Any]]] = {"samvad": [], "bare": []}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in self.servers()}
         for _ in range(self.args.repetitions):
             for name, server in self.servers():
                 before = server.rss_kib()
@@ -688,7 +689,7 @@ def main() -> None:
         type=Path,
         help="also run Samvad from this checkout (e.g. `git archive main`), as a third "
         "server in every round (samvad, bare, base): an interleaved A/B of two versions; "
-        "HTTP workloads only",
+        "every workload but post_history_full",
     )
     parser.add_argument(
         "--profile",
@@ -747,7 +748,7 @@ def main() -> None:
 
 
 PROFILE_KINDS = ["get_state", "post_state", "post_history_empty", "post_history_full", "ws_message"]
-BASELINE_WORKLOADS = {"get_state", "post_history_empty"}
+BASELINE_WORKLOADS = {"get_state", "post_history_empty", "ws_message", "ws_idle_memory"}
 WORKLOADS = ["ws_idle_memory", "get_state", "post_history_empty", "post_history_full", "ws_message"]
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
     .venv/bin/python bench/bench_ws_overhead.py --baseline-root BEFORE_TREE \\
         [--window 5] [--repetitions 3] [--json PATH]
 
-``bench_overhead.py --baseline-root`` runs a third server (Samvad from another
-checkout, e.g. ``git worktree add ../before main``) for its HTTP workloads
-only; this runs the same for ``ws_message`` (one message, its ``ack`` and a
-one-chunk reply, CPU per message) and ``ws_idle_memory`` (RSS per idle started
-connection): each repetition measures this tree, the bare Starlette app and the
+The same as ``bench_overhead.py --baseline-root BEFORE_TREE --only ws_message
+--only ws_idle_memory`` (a third server, Samvad from another checkout, e.g.
+``git worktree add ../before main``), kept as the command the benchmarks page
+gives: ``ws_message`` (one message, its ``ack`` and a one-chunk reply, CPU per
+message) and ``ws_idle_memory`` (RSS per idle started connection), each
+repetition measuring this tree, the bare Starlette app and the
 baseline one after the other, with the same servers, client, pinning and
 settings as ``bench_overhead.py`` (whose docstring describes them). The report
 gives this tree's figures and ratio to bare, and the baseline's under
@@ -17,101 +18,23 @@ gives this tree's figures and ratio to bare, and the baseline's under
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ServerProcess, emit, get_json
+from bench._common import emit, get_json
 from bench.bench_overhead import (
-    BARE_WS,
     HTTP_CONNECTIONS,
-    IDLE_CONNECTIONS,
     SAMVAD_ENV,
-    SAMVAD_IDLE,
-    SAMVAD_WS,
     WS_CONNECTIONS,
     Bench,
     load1,
-    summarize,
 )
 
 WORKLOADS = ["ws_message", "ws_idle_memory"]
-
-
-class WsBench(Bench):
-    """``Bench`` whose WebSocket workloads run every server, the baseline included."""
-
-    def ws_message(self) -> dict[str, Any]:
-        assert self.ws is not None
-        ws = self.ws
-        exchanges = {"samvad": SAMVAD_WS, "bare": BARE_WS, "base": SAMVAD_WS}
-        connected = {
-            name: ws.connect(name, server.ws_url, WS_CONNECTIONS, exchanges[name])
-            for name, server in self.servers()
-        }
-        warm = {name: ws.run(name, self.args.warmup)["completed"] for name, _ in self.servers()}
-        self.settle()
-
-        def make(name: str, server: ServerProcess, rep: int) -> Callable[[], dict[str, Any]]:
-            def run() -> dict[str, Any]:
-                figures = ws.run(name, self.args.window)
-                figures["requests"] = figures["completed"]
-                return figures
-
-            return run
-
-        figures = self.alternate("ws_message", make)
-        figures["connections"] = {k: v["connected"] for k, v in connected.items()}
-        figures["warmup_exchanges"] = warm
-        figures["frames_per_message"] = {
-            name: round(
-                statistics.fmean(r["frames"] / r["requests"] for r in figures["runs"][name]), 2
-            )
-            for name, _ in self.servers()
-        }
-        for name, _ in self.servers():
-            ws.close(name)
-        return figures
-
-    def ws_idle_memory(self) -> dict[str, Any]:
-        # As Bench.ws_idle_memory, with the baseline's connections started too.
-        assert self.ws is not None
-        ws = self.ws
-        exchanges = {"samvad": SAMVAD_IDLE, "bare": BARE_WS, "base": SAMVAD_IDLE}
-        held: dict[str, int] = {}
-        for name, server in self.servers():  # first connections: lazy imports, caches
-            held[name] = ws.connect(f"idle-{name}", server.ws_url, 50, exchanges[name])["connected"]
-        time.sleep(0.5)
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in self.servers()}
-        for _ in range(self.args.repetitions):
-            for name, server in self.servers():
-                before = server.rss_kib()
-                result = ws.connect(
-                    f"idle-{name}", server.ws_url, IDLE_CONNECTIONS, exchanges[name]
-                )
-                time.sleep(0.5)
-                after = server.rss_kib()
-                added = result["connected"] - held[name]
-                held[name] = result["connected"]
-                runs[name].append(
-                    {
-                        "connected": added,
-                        "held": result["connected"],
-                        "failures": result["failures"],
-                        "rss_before_kib": before,
-                        "rss_after_kib": after,
-                        "kib_per_connection": round((after - before) / added, 2) if added else None,
-                        "load1": load1(),
-                    }
-                )
-        for name, _ in self.servers():
-            ws.close(f"idle-{name}")
-        return summarize(runs, key="kib_per_connection", throughput=None)
 
 
 def main() -> None:
@@ -129,7 +52,7 @@ def main() -> None:
     # What Bench reads besides the options above.
     args.generator = "python"
     args.store = "memory"
-    bench = WsBench(args)
+    bench = Bench(args)
     began = time.monotonic()
     figures: dict[str, Any] = {
         "store": args.store,
