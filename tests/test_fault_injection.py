@@ -139,6 +139,38 @@ async def test_a_cut_mid_run_loses_nothing_and_replays_in_order(
     assert p.status().pending_documents == 0
 
 
+@pytest.mark.parametrize("operation", ["read", "transaction"])
+async def test_a_call_in_flight_when_the_prober_reconnects_is_an_outage(
+    fault_proxy: FaultProxy, firestore_project: str, operation: str
+) -> None:
+    """grpc.aio fails the calls of a channel closed under them with a bare
+    ``CancelledError``. The prober's reconnect closes the old channel: a read
+    cut so reached its caller as a cancellation once in CI (a save_session
+    during an outage, in the cut-mid-run test above). A write so cut must
+    be an outage too, for the queue to requeue it and the store to keep its
+    transaction for rollback."""
+    store = FirestoreStore(
+        lambda: make_client(project=firestore_project, emulator_host=fault_proxy.host_port),
+        deadline=60.0,  # the reconnect, not the deadline, ends the call
+    )
+    async with store:
+        await store.ping()  # connected
+        fault_proxy.stall()  # the connection stays up and carries nothing
+        if operation == "read":
+            call: Any = store.get(PROFILES, "heidi")
+        else:
+            call = store.write_profile(ProfileWrite(user_id="heidi"), now=datetime.now(UTC))
+        task = asyncio.create_task(call)
+        await asyncio.sleep(0.5)
+        assert not task.done(), "the call should be waiting on the stalled connection"
+        await store.reconnect()
+        async with asyncio.timeout(15):
+            with pytest.raises(StoreUnavailable):
+                await task
+        assert not task.cancelled()
+        fault_proxy.restore()
+
+
 async def test_firestore_unreachable_at_start_up(
     fault_proxy: FaultProxy, firestore_project: str, firestore_client: AsyncClient
 ) -> None:

@@ -157,6 +157,10 @@ class FirestoreStore(Store):
             raise StoreRejected(f"Firestore rejected the request: {type(exc).__name__}") from exc
         except (gexc.GoogleAPIError, TimeoutError, OSError) as exc:
             raise StoreUnavailable(f"Firestore unavailable: {type(exc).__name__}") from exc
+        except asyncio.CancelledError as exc:
+            if not _channel_closed():
+                raise
+            raise StoreUnavailable("Firestore unavailable: the channel was closed") from exc
         except Exception as exc:
             if _caused_by_outage(exc):
                 raise StoreUnavailable(f"Firestore unavailable: {type(exc).__name__}") from exc
@@ -470,6 +474,10 @@ class FirestoreStore(Store):
                     )
             except _UNREACHABLE:
                 return  # still unreachable: try again on the next call
+            except asyncio.CancelledError:
+                if not _channel_closed():
+                    raise
+                return  # the prober replaced the client meanwhile: try again
             except Exception as exc:
                 if type(exc).__module__.startswith("grpc"):
                     return
@@ -563,6 +571,20 @@ _SELECT_PAGE = 500  # documents per page of select()
 
 class _GaveUp(Exception):
     """A transaction attempt begun after its caller stopped waiting: it commits nothing."""
+
+
+def _channel_closed() -> bool:
+    """True when a CancelledError being handled did not come from cancelling
+    the running task.
+
+    grpc.aio raises ``asyncio.CancelledError`` from a call whose channel was
+    closed under it: the prober's :meth:`FirestoreStore.reconnect` does that
+    to every call in flight. That is an outage to map like any other, not a
+    cancellation to pass on (it reached a reader as a bare CancelledError
+    once in CI, and a transaction it cut was not kept for rollback).
+    """
+    task = asyncio.current_task()
+    return task is None or task.cancelling() == 0
 
 
 def _caused_by_outage(exc: BaseException) -> bool:

@@ -2,7 +2,9 @@
 
 Put it between a client and the emulator: ``cut()`` resets every open
 connection (RST, both directions) and resets new ones as soon as they are
-accepted; ``restore()`` proxies again.
+accepted; ``stall()`` keeps connections open but carries nothing over them
+(packets dropped, not refused: a call in flight just waits); ``restore()``
+proxies again.
 
 Measured here (emulator 1.19.9, grpcio 1.85.1, google-cloud-firestore 2.34.1):
 after a 10 s cut, an ``AsyncClient`` retrying ``set(..., retry=None,
@@ -76,6 +78,8 @@ class FaultProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._cut = False
         self._closed = False
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.connections_accepted = 0
         """Connections proxied (or attempted to) while not cut."""
         self.connections_refused = 0
@@ -123,9 +127,14 @@ class FaultProxy:
         for connection in list(self._connections):
             connection.reset()
 
+    def stall(self) -> None:
+        """Keep every connection open but forward nothing until :meth:`restore`."""
+        self._flowing.clear()
+
     def restore(self) -> None:
         """Accept and proxy connections again."""
         self._cut = False
+        self._flowing.set()
 
     async def close(self) -> None:
         """Stop listening, reset every connection and await their tasks."""
@@ -191,8 +200,8 @@ class FaultProxy:
                 connection.reset()
                 return
             await asyncio.gather(
-                _pipe(client_reader, upstream_writer, connection),
-                _pipe(upstream_reader, client_writer, connection),
+                _pipe(client_reader, upstream_writer, connection, self._flowing),
+                _pipe(upstream_reader, client_writer, connection, self._flowing),
             )
             connection.close()
         except asyncio.CancelledError:
@@ -203,11 +212,16 @@ class FaultProxy:
 
 
 async def _pipe(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: _Connection
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    connection: _Connection,
+    flowing: asyncio.Event,
 ) -> None:
-    """Copy ``reader`` to ``writer`` until EOF; a reset on either side resets both."""
+    """Copy ``reader`` to ``writer`` until EOF, holding data while ``flowing``
+    is clear; a reset on either side resets both."""
     try:
         while data := await reader.read(_CHUNK):
+            await flowing.wait()
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof() and not writer.transport.is_closing():
