@@ -7,6 +7,7 @@ Firestore transaction, so all three agree on what a history holds.
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -123,10 +124,39 @@ def order_key(message: Message) -> tuple[datetime, str]:
     return (message.timestamp, message.id)
 
 
-_counter = itertools.count()
+class _MessageIds:
+    """Message ids: 12 hex digits of milliseconds, 8 of a counter, 8 random.
+
+    The random part is drawn once per process (again in a forked child), as
+    the request ids are, rather than per message: a call into the system's
+    random source cost more than the rest of the id. It keeps ids of two
+    processes apart (they would otherwise repeat each other's counter within
+    one millisecond); ids are not secrets (nothing is granted to whoever
+    knows one), they only have to be unique, which within one process the
+    millisecond and the counter already are.
+    """
+
+    __slots__ = ("_next", "_suffix")
+
+    def __init__(self) -> None:
+        self._suffix = ""
+        self._next = itertools.count().__next__
+        self.reseed()
+
+    def reseed(self) -> None:
+        """A new random part (a forked child must not repeat its parent's ids)."""
+        self._suffix = secrets.token_hex(4)
+
+    def __call__(self, at: datetime) -> str:
+        millis = int(at.timestamp() * 1000)
+        # %-formatting: about a third cheaper here than the same f-string.
+        return "%012x%08x%s" % (millis, self._next() & 0xFFFFFFFF, self._suffix)  # noqa: UP031
+
+
+_message_ids = _MessageIds()
+os.register_at_fork(after_in_child=_message_ids.reseed)
 
 
 def new_message_id(at: datetime) -> str:
     """A unique message id that sorts by creation time (ms), then creation order."""
-    millis = int(at.timestamp() * 1000)
-    return f"{millis:012x}{next(_counter) & 0xFFFFFFFF:08x}{secrets.token_hex(4)}"
+    return _message_ids(at)

@@ -1,8 +1,17 @@
 from __future__ import annotations
 
+import os
+import re
 from datetime import UTC, datetime, timedelta
 
-from samvad.history import history_bytes, in_time_order, merge, newer_than, trim
+from samvad.history import (
+    history_bytes,
+    in_time_order,
+    merge,
+    new_message_id,
+    newer_than,
+    trim,
+)
 from samvad.models import MESSAGE_OVERHEAD_BYTES, Message, Role
 
 T0 = datetime(2025, 1, 10, 17, 0, tzinfo=UTC)
@@ -105,3 +114,33 @@ def test_in_time_order() -> None:
     assert in_time_order([])
     assert in_time_order([msg(0), msg(1), msg(1)])
     assert not in_time_order([msg(1), msg(0)])
+
+
+def test_message_ids_keep_their_wire_form_and_sort_by_time_then_creation() -> None:
+    at = datetime(2025, 1, 10, 17, 0, 0, 123_000, tzinfo=UTC)
+    ids = [new_message_id(at) for _ in range(1000)]
+    later = new_message_id(at + timedelta(milliseconds=1))
+    assert all(re.fullmatch(r"[0-9a-f]{28}", i) for i in [*ids, later])
+    assert ids[0][:12] == f"{1736528400123:012x}"
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids) and later > ids[-1]
+
+
+def test_a_forked_child_makes_ids_of_its_own() -> None:
+    at = datetime(2025, 1, 10, 17, 0, 0, tzinfo=UTC)
+    parent = new_message_id(at)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, as its parent's next would be
+        os.write(write, new_message_id(at).encode())
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert status == 0
+    ours = new_message_id(at)
+    # The same millisecond and counter (the child's count went on from the
+    # parent's, as did ours): only the random part tells them apart.
+    assert child[:20] == ours[:20]
+    assert child != ours and child[20:] != parent[20:]
