@@ -470,9 +470,12 @@ class Persistence:
         return doc
 
     def _overlay_profile(self, profile: Profile | None, writes: list[Write]) -> Profile | None:
+        now: datetime | None = None
         for write in writes:
             if isinstance(write, ProfileWrite):
-                profile = self._profile_with(profile, write, self._now())
+                if now is None:
+                    now = self._now()  # one reading for the whole overlay
+                profile = self._profile_with(profile, write, now)
         return profile
 
     def _profile_with(self, profile: Profile | None, write: ProfileWrite, now: datetime) -> Profile:
