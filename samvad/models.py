@@ -128,11 +128,13 @@ class Message:
         return sys.getsizeof(self.content) + _MESSAGE_BYTES
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class UserState:
     """The active session state of one user (``user_states/{userId}``).
 
-    ``data`` holds the fields the client saved; treat it as read-only.
+    ``data`` holds the fields the client saved; treat it as read-only: a
+    state's wire view is kept for as long as the state lives (weakly,
+    ``samvad.web.schemas.state_view_json``), and a change is a new state.
     """
 
     user_id: str

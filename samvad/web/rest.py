@@ -67,7 +67,7 @@ from samvad.web.schemas import (
     plain_json,
     profile_view,
     session_view,
-    state_view,
+    state_view_json,
     stats_view,
 )
 from samvad.web.services import services
@@ -189,7 +189,7 @@ async def get_state(request: Request) -> Response:
     principal = await _caller(request)
     user_id = _user_id(request)
     state = await _use_cases(request).get_state(principal, user_id)
-    return ok(StateFound(user_id=user_id, state=state_view(state)))
+    return ok(StateFound(user_id=user_id, state=state_view_json(state)))
 
 
 async def get_profile(request: Request) -> Response:

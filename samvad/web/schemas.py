@@ -22,10 +22,12 @@ from __future__ import annotations
 import base64
 import math
 import re
+import weakref
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from functools import partial
+from typing import Annotated, Any, Literal, TypeVar, cast, get_args
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -56,6 +58,7 @@ __all__ = [
     "decode_struct",
     "encode",
     "plain_json",
+    "state_view_json",
     "type_candidates",
 ]
 
@@ -866,6 +869,76 @@ def state_view(state: UserState | None) -> dict[str, Any]:
     out["updatedAt"] = _iso(state.updated_at)
     out["isActive"] = state.is_active
     return out
+
+
+#: Encoded state views kept in all (bytes), and the largest one kept.
+STATE_VIEWS_MAX_BYTES = 4 * 1024 * 1024
+STATE_VIEW_MAX_BYTES = 4096
+
+
+class _StateViews:
+    """The encoded :func:`state_view` of each user state served, kept for as
+    long as that state lives (a weak reference: a saved state is a new one,
+    and an evicted or erased one takes its view with it).
+
+    A cached state read again and again — ``GET /state`` — is then encoded
+    once, not per request. Only small views are kept, up to
+    :data:`STATE_VIEWS_MAX_BYTES` in all, so the cache's byte budget stays
+    what it says.
+    """
+
+    __slots__ = ("_bytes", "_views")
+
+    def __init__(self) -> None:
+        self._views: dict[int, tuple[weakref.ref[UserState], msgspec.Raw, int]] = {}
+        self._bytes = 0
+
+    def __call__(self, state: UserState) -> msgspec.Raw:
+        key = id(state)
+        entry = self._views.get(key)
+        if entry is not None and entry[0]() is state:
+            return entry[1]
+        encoded = encode(state_view(state))
+        view = msgspec.Raw(encoded)
+        size = len(encoded)
+        if size <= STATE_VIEW_MAX_BYTES and self._bytes + size <= STATE_VIEWS_MAX_BYTES:
+            self._drop(key)
+            ref = weakref.ref(state, partial(self._forget, key))
+            self._views[key] = (ref, view, size)
+            self._bytes += size
+        return view
+
+    def _forget(self, key: int, dead: weakref.ref[UserState]) -> None:
+        entry = self._views.get(key)
+        if entry is not None and entry[0] is dead:
+            self._drop(key)
+
+    def _drop(self, key: int) -> None:
+        entry = self._views.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[2]
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of encoded views held."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+
+_state_views = _StateViews()
+
+
+def state_view_json(state: UserState | None) -> StateObject:
+    """:func:`state_view` already encoded (the same bytes), from the state's
+    kept view when it has one.
+
+    Typed as the object it encodes to, which is what a shape's ``state``
+    field documents: msgspec writes a ``Raw``'s bytes as they are.
+    """
+    view = msgspec.Raw(b"{}") if state is None else _state_views(state)
+    return cast(StateObject, view)
 
 
 def profile_view(profile: Profile) -> ProfileView:

@@ -627,3 +627,18 @@ def test_stored_values_of_other_writers_render_as_plain_json() -> None:
         "ref": str(object),
         "list": [1, 2.5],
     }
+
+
+async def test_a_state_read_again_after_each_save_shows_that_save(memory_api: Api) -> None:
+    # GET state serves a view encoded once per state: each save makes a new one.
+    path = "/api/session/reread/state"
+    for step in range(3):
+        await memory_api.ok("POST", path, json={"step": step, "topic": f"t{step}"})
+        for _ in range(2):
+            body = await memory_api.ok("GET", path)
+            assert body["state"] == {
+                "step": step,
+                "topic": f"t{step}",
+                "updatedAt": ANY_ISO,
+                "isActive": True,
+            }
