@@ -19,14 +19,17 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, TypeVar
+import types
+from enum import StrEnum
+from typing import Any, Generic, TypeVar
 
+import msgspec
 from msgspec import Struct
 from starlette.requests import Request
 
 from samvad.errors import BadRequest, InvalidField, MalformedJson, PayloadTooLarge
 from samvad.validation import check_text
-from samvad.web.schemas import decode_struct
+from samvad.web.schemas import decode_struct, type_candidates
 
 __all__ = ["decode_body", "parse_json", "parse_object", "read_body", "read_json_object"]
 
@@ -207,7 +210,70 @@ async def read_json_object(request: Request, *, limit: int) -> dict[str, Any]:
 
 async def decode_body(request: Request, shape: type[_S], *, limit: int) -> _S:
     """Read a request body as ``shape`` (a struct of ``samvad.web.schemas``)."""
-    return decode_struct(await read_json_object(request, limit=limit), shape)
+    content_type, declared = _body_headers(request)
+    _check_content_type(content_type)
+    raw = await _read_body(request, declared, limit=limit)
+    flat = _flat_reader(shape)
+    if flat is not None:
+        body = flat(raw)
+        if body is not None:
+            return body
+    return decode_struct(parse_object(raw), shape)
+
+
+class _FlatBody(Generic[_S]):
+    """msgspec's decoder for a body of string fields, taking only what
+    :func:`parse_object` and :func:`~samvad.web.schemas.decode_struct` would
+    take, to the same value (about a tenth of their cost); None for anything
+    else, which goes the long way and gets its answer or its error there.
+
+    It takes no unknown field (one could hold a duplicate key, ``NaN`` or a
+    nesting the long way refuses), no ``\\u`` escape (the only way to write a
+    lone surrogate, or a field's name other than literally), and no field's
+    name twice in the text (so no duplicate key: a name can appear in the
+    text only as itself).
+    """
+
+    __slots__ = ("_decoder", "_names")
+
+    def __init__(self, shape: type[_S]) -> None:
+        strict = types.new_class(
+            f"_Strict{shape.__name__}", (shape,), {"forbid_unknown_fields": True}
+        )
+        self._decoder: msgspec.json.Decoder[_S] = msgspec.json.Decoder(strict)
+        self._names = [f'"{f.encode_name}"'.encode() for f in msgspec.structs.fields(shape)]
+
+    def __call__(self, raw: bytes) -> _S | None:
+        if b"\\u" in raw:
+            return None
+        for name in self._names:
+            if raw.count(name) > 1:
+                return None
+        try:
+            return self._decoder.decode(raw)
+        except msgspec.MsgspecError:
+            return None
+
+
+_flat_readers: dict[type[Struct], _FlatBody[Any] | None] = {}
+
+
+def _flat_reader(shape: type[_S]) -> _FlatBody[_S] | None:
+    """The fast reader of ``shape`` when all its fields are strings (or enums
+    of strings, or null); None for a shape with numbers, arrays or objects."""
+    try:
+        return _flat_readers[shape]
+    except KeyError:
+        pass
+    flat = all(
+        candidate in (str, type(None))
+        or (isinstance(candidate, type) and issubclass(candidate, StrEnum))
+        for field in msgspec.structs.fields(shape)
+        for candidate in type_candidates(field.type)
+    )
+    reader = _FlatBody(shape) if flat else None
+    _flat_readers[shape] = reader
+    return reader
 
 
 def _json_kind(value: Any) -> str:
