@@ -41,6 +41,11 @@ HISTORY_BODIES = [
     b'{"role":"user","content":"nul\\u0000"}',
     b'\xef\xbb\xbf{"role":"user","content":"bom"}',
     b'{"role":"user","content":"\xff"}',
+    # Not UTF-8: overlong forms, a surrogate or a code point past U+10FFFF as bytes.
+    b'{"role":"user","content":"a\xc0\x80"}',
+    b'{"role":"user","content":"a\xed\xa0\x80"}',
+    b'{"role":"user","content":"a\xf4\x90\x80\x80"}',
+    b'{"role":"user","content":"a\xe0\x80\xaf"}',
     # Wrong shapes and values.
     b'{"role":"robot","content":"a"}',
     b'{"role":"user","content":""}',
