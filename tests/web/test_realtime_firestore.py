@@ -23,8 +23,11 @@ from tests.support.server import LiveServer, live_server, outage_settings
 
 pytestmark = pytest.mark.firestore
 
-#: Every ack and reply must come well within this, Firestore or not.
-ANSWER_WITHIN = 3.0
+#: Every answer must come within this, Firestore or not. It catches waiting on
+#: the client library's own retries (40-50 s for a write, minutes for a read,
+#: with Firestore gone), not speed: the 0.5 s deadline of outage_settings is
+#: the most any answer may wait, and a loaded CI machine needs a wide margin.
+ANSWER_WITHIN = 10.0
 
 
 class Gate:

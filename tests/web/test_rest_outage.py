@@ -20,8 +20,11 @@ from tests.support.server import LiveServer, live_server, outage_settings
 
 pytestmark = pytest.mark.firestore
 
-# Every request must answer well within this, Firestore or not.
-ANSWER_WITHIN = 3.0
+#: Every answer must come within this, Firestore or not. It catches waiting on
+#: the client library's own retries (40-50 s for a write, minutes for a read,
+#: with Firestore gone), not speed: the 0.5 s deadline of outage_settings is
+#: the most any answer may wait, and a loaded CI machine needs a wide margin.
+ANSWER_WITHIN = 10.0
 
 
 async def _flush(server: LiveServer) -> None:
@@ -58,7 +61,7 @@ async def test_the_api_answers_from_memory_during_an_outage_and_catches_up(
     settings = outage_settings(fault_proxy.host_port, firestore_project)
     async with (
         live_server(create_app(settings)) as server,
-        httpx.AsyncClient(base_url=server.url, timeout=10) as http,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as http,
     ):
         api = Client(http)
         persistence = server.services.persistence
