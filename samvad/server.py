@@ -31,6 +31,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from samvad.config import Settings
+from samvad.web.uvicorn_ws import TurnWebSocketProtocol
 
 __all__ = [
     "SamvadServer",
@@ -118,7 +119,9 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         "port": settings.port,
         "log_config": None,  # logging is configured by samvad.logs
         "lifespan": "on",
-        "ws": "auto",
+        # uvicorn's websockets protocol, its writes of one loop turn in one
+        # socket write (samvad.web.uvicorn_ws).
+        "ws": TurnWebSocketProtocol,
         # The app closes oversized frames with 1009 itself; uvicorn's own limit
         # only bounds what is buffered before the app sees it.
         "ws_max_size": max(4 * settings.ws_max_frame_bytes, 1024 * 1024),

@@ -1,0 +1,194 @@
+"""The WebSocket protocol ``samvad serve`` runs under uvicorn: one socket write per loop turn.
+
+uvicorn's websockets (sans-I/O) protocol hands every frame to the transport
+with its own ``transport.write``, and uvloop's transport tries each write on
+the socket at once: one ``send`` system call per frame. A user message
+answered in one chunk makes four frames (``ack``, ``reply.start``,
+``reply.chunk``, ``reply.end``), all produced in one turn of the event loop by
+the connection's writer (:mod:`samvad.web.realtime`). :class:`TurnWebSocketProtocol`
+changes two things and nothing on the wire:
+
+- **Writes are gathered per loop turn.** The protocol writes through a
+  :class:`TurnBuffer` around the transport: what the connection writes while a
+  turn of the loop runs (frames, pongs, the handshake, a close frame) is
+  handed to the socket in one write when the next turn begins. Every write
+  goes through the same buffer, so the bytes keep the order they were made
+  in; closing the transport writes the buffer first. A frame leaves no earlier
+  than before, so the journal hold (no frame before the journal has the writes
+  before it) is untouched.
+- **A text frame is framed here** when the handshake negotiated no extension
+  (a client that asked for ``permessage-deflate`` goes through websockets as
+  before): the two-to-ten-byte header of RFC 6455 section 5.2 and the payload,
+  the bytes websockets would write, without a ``Frame`` object and its checks.
+
+Selected in :func:`samvad.server.uvicorn_config` (``ws=``); an app served by
+another server simply gets that server's writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any, cast
+
+from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
+
+__all__ = ["TurnBuffer", "TurnWebSocketProtocol", "text_frame_header"]
+
+#: FIN and the text opcode: the first byte of an unfragmented text frame.
+_FIN_TEXT = 0x81
+_SHORT = struct.Struct("!BB")
+_MEDIUM = struct.Struct("!BBH")
+_LONG = struct.Struct("!BBQ")
+
+
+def text_frame_header(length: int) -> bytes:
+    """The header of an unmasked, unfragmented text frame of ``length`` payload
+    bytes (RFC 6455 section 5.2), as a server sends it."""
+    if length < 126:
+        return _SHORT.pack(_FIN_TEXT, length)
+    if length < 65536:
+        return _MEDIUM.pack(_FIN_TEXT, 126, length)
+    return _LONG.pack(_FIN_TEXT, 127, length)
+
+
+class TurnBuffer(asyncio.Transport):
+    """A transport that hands what is written during one loop turn to the
+    transport under it in one write, at the start of the next turn.
+
+    Everything else goes to the transport under it, after the buffer where
+    order matters (closing, ``write_eof``); ``abort`` drops the buffer as it
+    drops the transport's own.
+    """
+
+    __slots__ = ("_loop", "_parts", "_scheduled", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._parts: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        self._parts.append(bytes(data) if not isinstance(data, bytes) else data)
+        self._schedule()
+
+    def write_parts(self, head: bytes, payload: bytes) -> None:
+        """Write ``head`` then ``payload`` (a frame's header and payload, unjoined)."""
+        parts = self._parts
+        parts.append(head)
+        parts.append(payload)
+        self._schedule()
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Hand what is buffered to the transport under this one, in one write."""
+        self._scheduled = False
+        parts = self._parts
+        if not parts:
+            return
+        self._parts = []
+        if self._transport.is_closing():
+            return  # closed or aborted under us: as a write to it would be
+        self._write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def _write(self, data: bytes) -> None:
+        self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._parts = []
+        self._transport.abort()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._parts))
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+
+class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets (sans-I/O) WebSocket protocol, writing through a
+    :class:`TurnBuffer` and framing plain text frames itself (module docstring)."""
+
+    transport: TurnBuffer
+    #: What the protocol writes through (a subclass may observe the writes).
+    buffer_class: type[TurnBuffer] = TurnBuffer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not subclasses of asyncio.Transport.
+        buffered = self.buffer_class(cast(asyncio.Transport, transport), self.loop)
+        super().connection_made(buffered)
+
+    async def send(self, message: Any) -> None:
+        # The plain case of the parent's "websocket.send" branch: an open
+        # connection, writable, with no extension to apply to the frame.
+        if (
+            message["type"] == "websocket.send"
+            and self.handshake_complete
+            and not self.close_sent
+            and self.initial_response is None
+            and self.writable.is_set()
+        ):
+            text = message.get("text")
+            conn = self.conn
+            if (
+                text is not None
+                and message.get("bytes") is None
+                and not conn.extensions
+                and conn.state is State.OPEN
+                and not conn.expect_continuation_frame
+            ):
+                if self.disconnected:
+                    raise ClientDisconnected()
+                payload = text.encode()
+                self.transport.write_parts(text_frame_header(len(payload)), payload)
+                return
+        await super().send(message)

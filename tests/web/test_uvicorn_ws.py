@@ -1,0 +1,206 @@
+"""The WebSocket protocol ``samvad serve`` runs (samvad/web/uvicorn_ws.py):
+the same bytes on the wire as uvicorn's, in one socket write per loop turn."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+import pytest
+from starlette.applications import Starlette
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import OP_TEXT, Frame
+
+from samvad.config import Settings
+from samvad.responder import EchoResponder, ReplyContext
+from samvad.server import uvicorn_config
+from samvad.web.app import create_app
+from samvad.web.uvicorn_ws import TurnBuffer, TurnWebSocketProtocol, text_frame_header
+from tests.support.server import live_server
+
+
+class Wire(asyncio.Transport):
+    """A transport that records what reaches it, write by write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+        self.aborted = False
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+async def next_turn() -> None:
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_a_text_frame_is_framed_as_websockets_frames_it(length: int) -> None:
+    payload = b"x" * length
+    expected = Frame(OP_TEXT, payload).serialize(mask=False)
+    assert text_frame_header(length) + payload == expected
+
+
+async def test_what_one_turn_writes_reaches_the_socket_in_one_write_in_order() -> None:
+    wire = Wire()
+    buffer = TurnBuffer(wire, asyncio.get_running_loop())
+    buffer.write(b"ack")
+    buffer.write_parts(b"<", b"chunk>")
+    buffer.write(b"end")
+    assert wire.writes == []  # nothing before the turn ends
+    await next_turn()
+    assert wire.writes == [b"ack<chunk>end"]
+    buffer.write(b"next")
+    await next_turn()
+    assert wire.writes == [b"ack<chunk>end", b"next"]
+
+
+async def test_closing_writes_what_is_buffered_first() -> None:
+    wire = Wire()
+    buffer = TurnBuffer(wire, asyncio.get_running_loop())
+    buffer.write(b"close frame")
+    buffer.close()
+    assert wire.writes == [b"close frame"]
+    assert wire.closed
+    await next_turn()
+    assert wire.writes == [b"close frame"]
+
+
+async def test_an_abort_drops_what_is_buffered() -> None:
+    wire = Wire()
+    buffer = TurnBuffer(wire, asyncio.get_running_loop())
+    buffer.write(b"never")
+    buffer.abort()
+    await next_turn()
+    assert wire.writes == []
+    assert wire.aborted
+
+
+class _CountedBuffer(TurnBuffer):
+    """A turn buffer that records each write it makes to the socket."""
+
+    writes: ClassVar[list[bytes]] = []
+
+    def _write(self, data: bytes) -> None:
+        type(self).writes.append(data)
+        super()._write(data)
+
+
+class _Counted(TurnWebSocketProtocol):
+    buffer_class = _CountedBuffer
+
+
+class OneChunk:
+    """The built-in responder's reply in one chunk."""
+
+    task_free = True
+
+    async def reply(self, context: ReplyContext) -> AsyncIterator[str]:
+        yield EchoResponder().text_for(context)
+
+
+def _app() -> Starlette:
+    app = create_app(Settings(store="memory", ws_reply_chunk_delay=0.0))
+    return app
+
+
+async def _frames(ws: ClientConnection, count: int) -> list[dict[str, Any]]:
+    async with asyncio.timeout(10):
+        return [json.loads(await ws.recv()) for _ in range(count)]
+
+
+async def _conversation(url: str, *, compression: str | None) -> list[tuple[int, Any]]:
+    """Each frame's size and content but its ids and times: a session with
+    two long messages, ended, then started again (its history in a frame too
+    long for a two-byte length)."""
+    raw: list[str] = []
+    async with connect(url, compression=compression, max_size=None) as ws:
+        await ws.send(json.dumps({"type": "start", "userId": "wire-user", "sessionId": "s1"}))
+        raw.append(str(await ws.recv()))
+        for text in ("hello there", "y" * 40_000, "z" * 40_000):
+            await ws.send(json.dumps({"type": "message", "text": text, "clientId": text[:5]}))
+            async with asyncio.timeout(10):
+                raw += [str(await ws.recv()) for _ in range(4)]
+        await ws.send(json.dumps({"type": "end"}))
+        async with asyncio.timeout(10):
+            try:
+                while True:
+                    raw.append(str(await ws.recv()))
+            except ConnectionClosed as exc:
+                assert exc.rcvd is not None
+                raw.append(f"close {exc.rcvd.code} {exc.rcvd.reason}")
+    async with connect(url, compression=compression, max_size=None) as ws:
+        await ws.send(json.dumps({"type": "start", "userId": "wire-user", "historyLimit": 50}))
+        raw.append(str(await ws.recv()))
+    return [(len(text), _without_ids(text)) for text in raw]
+
+
+def _without_ids(text: str) -> Any:
+    if text.startswith("close"):
+        return text
+    frame = json.loads(text)
+    for key in ("sessionId", "replyId", "messageId", "timestamp", "history", "message"):
+        frame.pop(key, None)
+    return frame
+
+
+@pytest.mark.parametrize("compression", [None, "deflate"])
+async def test_a_session_looks_the_same_on_the_wire_as_under_uvicorns_own_protocol(
+    compression: str | None,
+) -> None:
+    seen = []
+    for ws in ("auto", TurnWebSocketProtocol):
+        async with live_server(_app(), ws=ws) as server:
+            server.services.hub.responder = OneChunk()
+            seen.append(await _conversation(f"{server.ws_url}/ws", compression=compression))
+    uvicorns, ours = seen
+    kinds = [frame.get("type") if isinstance(frame, dict) else frame for _, frame in ours]
+    assert kinds[:5] == ["started", "ack", "reply.start", "reply.chunk", "reply.end"]
+    assert kinds[-2:] == ["close 1000 session ended", "started"]
+    sizes = sorted(size for size, _ in ours)
+    assert sizes[0] < 126 and 126 <= sizes[-2] < 65536 and sizes[-1] >= 65536
+    # The same frames, sizes included, apart from ids and times.
+    assert [frame for _, frame in ours] == [frame for _, frame in uvicorns]
+    assert sorted(sizes) == sorted(size for size, _ in uvicorns)
+
+
+async def test_the_frames_of_one_message_leave_in_one_socket_write() -> None:
+    writes: list[bytes] = []
+    _CountedBuffer.writes = writes
+    async with live_server(_app(), ws=_Counted) as server:
+        server.services.hub.responder = OneChunk()
+        async with connect(f"{server.ws_url}/ws", compression=None) as ws:
+            await ws.send(json.dumps({"type": "start", "userId": "one-write"}))
+            await _frames(ws, 1)
+            # The first reply reads the user's views into the caches (its
+            # reply.chunk waits for that); from then on a whole exchange is
+            # produced in one turn.
+            for text in ("hello", "again", "and again"):
+                before = len(writes)
+                await ws.send(json.dumps({"type": "message", "text": text}))
+                frames = await _frames(ws, 4)
+                kinds = [f["type"] for f in frames]
+                assert kinds == ["ack", "reply.start", "reply.chunk", "reply.end"]
+            assert len(writes) == before + 1
+            assert writes[-1].count(b'{"type":') == 4
+
+
+def test_samvad_serve_runs_the_turn_protocol() -> None:
+    config = uvicorn_config(_app(), Settings(store="memory"))
+    config.load()
+    assert config.ws_protocol_class is TurnWebSocketProtocol
