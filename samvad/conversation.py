@@ -28,6 +28,7 @@ erase live sessions. Devices are opaque hashable values to the engine.
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,6 @@ from typing import Protocol
 from samvad.errors import BacklogFull
 from samvad.interruptions import Interruption
 from samvad.models import Message, Role, UserState
-from samvad.persistence import new_id
 from samvad.service import SessionService, StartSnapshot, ensure_owner
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "StateChanged",
     "heard_part",
     "last_seq",
+    "new_reply_id",
     "plan_resume",
 ]
 
@@ -350,6 +351,18 @@ _REPLY_TRANSITIONS: dict[ReplyState, frozenset[ReplyState]] = {
     ReplyState.INTERRUPTED: frozenset(),
     ReplyState.CANCELLED: frozenset(),
 }
+
+
+def new_reply_id() -> str:
+    """A random version-4 UUID in hex, as ``uuid.uuid4().hex`` writes it.
+
+    Built from the random bytes directly: ``uuid.UUID`` spends about 3 µs per
+    id on integer conversions and checks, once per reply.
+    """
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    return raw.hex()
 
 
 @dataclass(slots=True, eq=False)
@@ -764,7 +777,7 @@ class Engine:
     def _start_reply(self, conversation: Conversation, prompt: Message) -> None:
         interruption, conversation.pending_interruption = conversation.pending_interruption, None
         reply = Reply(
-            id=new_id(),
+            id=new_reply_id(),
             session_id=conversation.session_id,
             user_id=conversation.user_id,
             prompt=prompt,

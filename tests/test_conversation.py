@@ -5,6 +5,7 @@ memory store."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from samvad.conversation import (
     SessionEnded,
     SessionState,
     StateChanged,
+    new_reply_id,
 )
 from samvad.errors import Conflict
 from samvad.interruptions import InterruptionStack
@@ -457,3 +459,12 @@ async def test_illegal_transitions_say_what_was_wrong(world: World) -> None:
     await world.join(ALICE_PHONE, "s1")
     with pytest.raises(RuntimeError, match="second session"):
         await world.join(ALICE_PHONE, "s2")
+
+
+def test_reply_ids_are_random_version_4_uuids_in_hex() -> None:
+    ids = {new_reply_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for reply_id in ids:
+        parsed = uuid.UUID(hex=reply_id)
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+        assert parsed.hex == reply_id
