@@ -53,6 +53,7 @@ from samvad.conversation import (
     ReplyEnded,
     ReplyInterrupted,
     ReplyStarted,
+    SessionEnded,
     StateChanged,
 )
 from samvad.errors import (
@@ -212,33 +213,68 @@ class _Chunk:
 _Outgoing = str | _Chunk | _CloseRequest
 
 
+def _chunk(event: ReplyChunk) -> Frame:
+    return reply_chunk_frame(event.reply_id, index=event.index, text=event.text)
+
+
+def _acked(event: Acked) -> Frame:
+    return ack_frame(event.message, event.client_id, duplicate=event.duplicate)
+
+
+def _stored(event: MessageStored) -> Frame:
+    return message_frame(event.message)
+
+
+def _started(event: ReplyStarted) -> Frame:
+    return reply_start_frame(event.reply_id, in_reply_to=event.in_reply_to)
+
+
+def _ended(event: ReplyEnded) -> Frame:
+    return reply_end_frame(
+        event.reply_id, message=event.message, text=event.text, complete=event.complete
+    )
+
+
+def _interrupted(event: ReplyInterrupted) -> Frame:
+    return interrupted_frame(
+        event.reply_id,
+        heard=event.heard,
+        message=event.message,
+        reason=event.reason,
+        late=event.late,
+    )
+
+
+def _state(event: StateChanged) -> Frame:
+    return state_frame(event.state)
+
+
+def _durable(event: Durable) -> Frame:
+    return durable_frame(event.session_id, event.seq)
+
+
+def _session_ended(event: SessionEnded) -> Frame:
+    return ended_frame(event.session_id)
+
+
+#: The frame of each kind of event: one dict lookup per event, not a chain of
+#: ``isinstance`` (an event type is final: the engine makes exactly these).
+_FRAMES: dict[type, Callable[[Any], Frame]] = {
+    ReplyChunk: _chunk,
+    Acked: _acked,
+    MessageStored: _stored,
+    ReplyStarted: _started,
+    ReplyEnded: _ended,
+    ReplyInterrupted: _interrupted,
+    StateChanged: _state,
+    Durable: _durable,
+    SessionEnded: _session_ended,
+}
+
+
 def frame_of(event: Event) -> Frame:
     """The server frame (``docs/protocol.md``) that tells a device of ``event``."""
-    if isinstance(event, ReplyChunk):
-        return reply_chunk_frame(event.reply_id, index=event.index, text=event.text)
-    if isinstance(event, Acked):
-        return ack_frame(event.message, event.client_id, duplicate=event.duplicate)
-    if isinstance(event, MessageStored):
-        return message_frame(event.message)
-    if isinstance(event, ReplyStarted):
-        return reply_start_frame(event.reply_id, in_reply_to=event.in_reply_to)
-    if isinstance(event, ReplyEnded):
-        return reply_end_frame(
-            event.reply_id, message=event.message, text=event.text, complete=event.complete
-        )
-    if isinstance(event, ReplyInterrupted):
-        return interrupted_frame(
-            event.reply_id,
-            heard=event.heard,
-            message=event.message,
-            reason=event.reason,
-            late=event.late,
-        )
-    if isinstance(event, StateChanged):
-        return state_frame(event.state)
-    if isinstance(event, Durable):
-        return durable_frame(event.session_id, event.seq)
-    return ended_frame(event.session_id)
+    return _FRAMES[type(event)](event)
 
 
 class Connection:
