@@ -105,6 +105,7 @@ from samvad.web.protocol import (
     started_frame,
     state_frame,
 )
+from samvad.web.uvicorn_ws import SEND_TEXT
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -298,6 +299,7 @@ class Connection:
         "_receive",
         "_seen",
         "_send",
+        "_send_now",
         "_stop_reading",
         "_supervised",
         "_touched",
@@ -326,6 +328,11 @@ class Connection:
         self.ws = websocket
         self._receive: Receive = receive or websocket.receive
         self._send: Send = send or websocket.send
+        # The server's way to write a text frame without a coroutine, when it
+        # offers one (``samvad serve`` does: samvad.web.uvicorn_ws).
+        self._send_now: Callable[[str], bool] | None = websocket.scope.get("extensions", {}).get(
+            SEND_TEXT
+        )
         self.id = f"c{next(_ids)}"
         self.proto = ServerProtocol(
             max_frame_bytes=s.ws_max_frame_bytes,
@@ -442,6 +449,7 @@ class Connection:
     async def _write_loop(self) -> None:
         out = self._out
         send = self._send
+        send_now = self._send_now
         persistence = self.hub.service.persistence
         loop = asyncio.get_running_loop()
         # Acknowledged means durable: no frame leaves before the journal has
@@ -465,7 +473,8 @@ class Connection:
                         await self.ws.close(int(item.code), item.reason)
                     return
                 text = item if isinstance(item, str) else item.encoded()
-                await send({"type": "websocket.send", "text": text})
+                if send_now is None or not send_now(text):
+                    await send({"type": "websocket.send", "text": text})
             except (WebSocketDisconnect, WebSocketDisconnected, OSError, TimeoutError):
                 self._peer_gone = True
                 return

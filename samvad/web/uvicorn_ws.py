@@ -6,7 +6,7 @@ the socket at once: one ``send`` system call per frame. A user message
 answered in one chunk makes four frames (``ack``, ``reply.start``,
 ``reply.chunk``, ``reply.end``), all produced in one turn of the event loop by
 the connection's writer (:mod:`samvad.web.realtime`). :class:`TurnWebSocketProtocol`
-changes two things and nothing on the wire:
+changes three things and nothing on the wire:
 
 - **Writes are gathered per loop turn.** The protocol writes through a
   :class:`TurnBuffer` around the transport: what the connection writes while a
@@ -21,6 +21,14 @@ changes two things and nothing on the wire:
   before): the two-to-ten-byte header of RFC 6455 section 5.2 and the payload,
   the bytes websockets would write, without a ``Frame`` object and its checks.
 
+- **An app may write a text frame without a coroutine**: the scope's
+  ``extensions`` offer :data:`SEND_TEXT`, a plain function that writes the
+  frame as above and says whether it could; the connection's writer drains
+  its queue through it (:mod:`samvad.web.realtime`), instead of one awaited
+  ASGI ``send`` per frame through every middleware's wrapper. When it cannot
+  (not writable: the client reads slowly; an extension; closing), the frame
+  goes through ``send`` as before.
+
 Selected in :func:`samvad.server.uvicorn_config` (``ws=``); an app served by
 another server simply gets that server's writes.
 """
@@ -31,17 +39,22 @@ import asyncio
 import struct
 from typing import Any, cast
 
-from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
-__all__ = ["TurnBuffer", "TurnWebSocketProtocol", "text_frame_header"]
+__all__ = ["SEND_TEXT", "TurnBuffer", "TurnWebSocketProtocol", "text_frame_header"]
+
+#: The ASGI extension (``scope["extensions"]``) through which an app may write
+#: a text frame without a coroutine: ``send_text(text) -> bool``, False when
+#: it must go through the ASGI ``send`` instead (the frame is then not written).
+SEND_TEXT = "samvad.websocket.send_text"
 
 #: FIN and the text opcode: the first byte of an unfragmented text frame.
 _FIN_TEXT = 0x81
 _SHORT = struct.Struct("!BB")
 _MEDIUM = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
+_OPEN = State.OPEN
 
 
 def text_frame_header(length: int) -> bytes:
@@ -167,28 +180,34 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
         buffered = self.buffer_class(cast(asyncio.Transport, transport), self.loop)
         super().connection_made(buffered)
 
-    async def send(self, message: Any) -> None:
-        # The plain case of the parent's "websocket.send" branch: an open
-        # connection, writable, with no extension to apply to the frame.
-        if (
-            message["type"] == "websocket.send"
-            and self.handshake_complete
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)  # not made for a refused handshake
+        if scope is not None:
+            scope["extensions"][SEND_TEXT] = self.send_text_now
+
+    def send_text_now(self, text: str) -> bool:
+        """Write a text frame at once, if nothing stands in the way: True when
+        written; False when the ASGI ``send`` must do it (not open or not
+        writable, an extension negotiated, a fragmented message under way)."""
+        if not (
+            self.handshake_complete
             and not self.close_sent
+            and not self.disconnected
             and self.initial_response is None
             and self.writable.is_set()
         ):
+            return False
+        conn = self.conn
+        if conn.extensions or conn.state is not _OPEN or conn.expect_continuation_frame:
+            return False
+        payload = text.encode()
+        self.transport.write_parts(text_frame_header(len(payload)), payload)
+        return True
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "websocket.send" and message.get("bytes") is None:
             text = message.get("text")
-            conn = self.conn
-            if (
-                text is not None
-                and message.get("bytes") is None
-                and not conn.extensions
-                and conn.state is State.OPEN
-                and not conn.expect_continuation_frame
-            ):
-                if self.disconnected:
-                    raise ClientDisconnected()
-                payload = text.encode()
-                self.transport.write_parts(text_frame_header(len(payload)), payload)
+            if text is not None and self.send_text_now(text):
                 return
         await super().send(message)

@@ -204,3 +204,46 @@ def test_samvad_serve_runs_the_turn_protocol() -> None:
     config = uvicorn_config(_app(), Settings(store="memory"))
     config.load()
     assert config.ws_protocol_class is TurnWebSocketProtocol
+
+
+class _AsgiSends(TurnWebSocketProtocol):
+    """The protocol, counting the frames that came through the ASGI ``send``."""
+
+    frames: ClassVar[list[str]] = []
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "websocket.send":
+            type(self).frames.append(message["text"])
+        await super().send(message)
+
+
+async def test_the_connection_writes_its_frames_without_the_asgi_send() -> None:
+    frames: list[str] = []
+    _AsgiSends.frames = frames
+    async with live_server(_app(), ws=_AsgiSends) as server:
+        server.services.hub.responder = OneChunk()
+        async with connect(f"{server.ws_url}/ws", compression=None) as ws:
+            await ws.send(json.dumps({"type": "start", "userId": "no-asgi-send"}))
+            await _frames(ws, 1)
+            await ws.send(json.dumps({"type": "message", "text": "hello"}))
+            assert len(await _frames(ws, 4)) == 4
+    assert frames == []  # every frame went through the SEND_TEXT extension
+
+
+async def test_with_an_extension_negotiated_frames_go_through_the_asgi_send() -> None:
+    frames: list[str] = []
+    _AsgiSends.frames = frames
+    async with live_server(_app(), ws=_AsgiSends) as server:
+        server.services.hub.responder = OneChunk()
+        async with connect(f"{server.ws_url}/ws", compression="deflate") as ws:
+            await ws.send(json.dumps({"type": "start", "userId": "deflated"}))
+            await _frames(ws, 1)
+            await ws.send(json.dumps({"type": "message", "text": "hello"}))
+            assert len(await _frames(ws, 4)) == 4
+    assert [json.loads(f)["type"] for f in frames] == [
+        "started",
+        "ack",
+        "reply.start",
+        "reply.chunk",
+        "reply.end",
+    ]
