@@ -202,7 +202,14 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
         if conn.extensions or conn.state is not _OPEN or conn.expect_continuation_frame:
             return False
         payload = text.encode()
-        self.transport.write_parts(text_frame_header(len(payload)), payload)
+        length = len(payload)
+        # text_frame_header and TurnBuffer.write_parts, inlined: once per frame.
+        head = _SHORT.pack(_FIN_TEXT, length) if length < 126 else text_frame_header(length)
+        buffer = self.transport
+        buffer._parts += (head, payload)
+        if not buffer._scheduled:
+            buffer._scheduled = True
+            buffer._loop.call_soon(buffer.flush)
         return True
 
     async def send(self, message: Any) -> None:
