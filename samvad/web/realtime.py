@@ -290,6 +290,7 @@ class Connection:
     __slots__ = (
         "_aborted",
         "_deadline",
+        "_direct",
         "_done",
         "_finished",
         "_limit",
@@ -333,6 +334,10 @@ class Connection:
         self._send_now: Callable[[str], bool] | None = websocket.scope.get("extensions", {}).get(
             SEND_TEXT
         )
+        # With it, and no journal to wait for, a frame with nothing queued
+        # before it is written by whoever makes it (``_write_now``): the writer
+        # task is woken only for a backlog, a close, or a socket that is full.
+        self._direct = self._send_now is not None and hub.service.persistence.journal is None
         self.id = f"c{next(_ids)}"
         self.proto = ServerProtocol(
             max_frame_bytes=s.ws_max_frame_bytes,
@@ -392,13 +397,30 @@ class Connection:
         self.send_text(encode(frame))
 
     def send_text(self, text: str) -> None:
-        """Queue a frame; a full queue means the client reads too slowly: close it."""
-        self._push(text)
+        """Send a frame, after those queued; a full queue means the client
+        reads too slowly: close it."""
+        if not self._write_now(text):
+            self._push(text)
+
+    def _write_now(self, text: str) -> bool:
+        """Write ``text`` at once if the writer has nothing queued, is waiting
+        for more, and no journal must be waited for; True when written (the
+        server's turn buffer still sends it with what follows, in one write)."""
+        return (
+            self._direct
+            and not self._out
+            and self._wakeup is not None
+            and self.closing is None
+            and self._send_now is not None
+            and self._send_now(text)
+        )
 
     def send_chunk(self, event: ReplyChunk, text: str) -> None:
         """Queue a ``reply.chunk`` (``text`` is its frame), merged into the
         previous one of the same reply when that one has waited long enough."""
         out = self._out
+        if not out and self._write_now(text):
+            return  # nothing waits, so nothing merges: the connection keeps up
         now = self.hub.clock.monotonic()
         if out and self.closing is None:
             tail = out[-1]
