@@ -10,7 +10,11 @@ moves frames and runs tasks:
   calls, and one writer task drains a bounded send queue to the socket, so a
   client that reads slowly only fills its own queue (and is then closed with
   1013) while everyone else goes on; ``reply.chunk`` frames still waiting in
-  the queue merge, so a connection that is behind gets fewer, larger frames;
+  the queue merge, so a connection that is behind gets fewer, larger frames.
+  When the server offers a synchronous write (``samvad serve``:
+  :mod:`samvad.web.uvicorn_ws`) and no journal must be waited for, a frame
+  with nothing queued before it is written at once by whoever made it, and
+  the writer only drains a backlog;
 - the idle and start deadlines are one timer per connection that checks when
   the last frame came, not a timeout around every read;
 - the :class:`Hub` delivers the engine's events as frames (``FanOut``), runs
