@@ -20,6 +20,7 @@ from samvad.server import uvicorn_config
 from samvad.web.app import create_app
 from samvad.web.uvicorn_ws import TurnBuffer, TurnWebSocketProtocol, text_frame_header
 from tests.support.server import live_server
+from tests.web.test_realtime import RawSocket
 
 
 class Wire(asyncio.Transport):
@@ -247,3 +248,39 @@ async def test_with_an_extension_negotiated_frames_go_through_the_asgi_send() ->
         "reply.chunk",
         "reply.end",
     ]
+
+
+async def test_a_slow_reader_is_closed_with_1013_without_delaying_others() -> None:
+    # test_realtime's scenario under this protocol: once the socket is full,
+    # frames stop being written at once and queue until the queue is full.
+    class Flood:
+        async def reply(self, context: ReplyContext) -> AsyncIterator[str]:
+            for _ in range(100_000):
+                await asyncio.sleep(0)
+                yield "x" * 32_768
+
+    app = create_app(Settings(store="memory", ws_reply_chunk_delay=0.0, ws_send_queue=8))
+    async with live_server(app, ws=TurnWebSocketProtocol) as server:
+        hub = server.services.hub
+        hub.orphan_grace = 0
+        hub.max_reply_chars = 10**12
+        async with connect(f"{server.ws_url}/ws", compression=None) as fast:
+            await fast.send(json.dumps({"type": "start", "userId": "u-fast"}))
+            await _frames(fast, 1)
+            slow = await RawSocket.open(server.port)
+            await slow.send({"type": "start", "userId": "u-slow"})
+            async with asyncio.timeout(10):
+                while not hub.connections_of("u-slow"):
+                    await fast.send(json.dumps({"type": "ping"}))
+                    await _frames(fast, 1)
+            (slow_conn,) = hub.connections_of("u-slow")
+            hub.responder = Flood()
+            await slow.send({"type": "message", "text": "flood me"})
+            async with asyncio.timeout(20):
+                await slow_conn.finished.wait()
+            assert slow_conn.closing is not None and slow_conn.closing.code == 1013
+            hub.responder = OneChunk()
+            await fast.send(json.dumps({"type": "message", "text": "am I slowed down?"}))
+            kinds = [f["type"] for f in await _frames(fast, 4)]
+            assert kinds == ["ack", "reply.start", "reply.chunk", "reply.end"]
+            slow.close()
