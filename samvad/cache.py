@@ -277,6 +277,28 @@ class ViewCache(Generic[K, V]):
             self._loading[key] = task
         return await asyncio.shield(task)
 
+    def prefetch(
+        self, key: K, load: Loader[V], *, want_complete: bool = True
+    ) -> asyncio.Task[tuple[V | None, bool]] | None:
+        """Start loading ``key`` as :meth:`lookup` would, without waiting: the
+        load's task, or None when the entry is there (or already loading).
+
+        For warming a view in the background: one task, where a lookup in a
+        task of its own would take two and a shield.
+        """
+        entry = self._data.get(key)
+        if entry is not None and (entry.complete or not want_complete):
+            return None
+        absent = self._absent.get(key)
+        if absent is not None and (absent or not want_complete):
+            return None
+        if key in self._loading:
+            return None
+        self.misses += 1
+        task = asyncio.create_task(self._load(key, load), name="samvad-cache-load")
+        self._loading[key] = task
+        return task
+
     async def _load(self, key: K, load: Loader[V]) -> tuple[V | None, bool]:
         task = asyncio.current_task()
         try:

@@ -35,7 +35,7 @@ import os
 import threading
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -44,7 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from samvad.cache import Cached, ViewCache
+from samvad.cache import Cached, Loader, ViewCache
 from samvad.clock import Clock, SystemClock, to_iso, truncate_ms
 from samvad.config import Settings
 from samvad.documents import (
@@ -504,7 +504,14 @@ class Persistence:
         cached = adopted or self.profiles.peek(write.user_id)
         if cached is None:
             self.profiles.discard(write.user_id)  # it may be cached as absent
-            self._warm(self.get_profile(write.user_id))
+            self._forget_refused()
+            self._warm(
+                self.profiles.prefetch(
+                    write.user_id,
+                    self._profile_loader(write.user_id),
+                    want_complete=self._want_complete(),
+                )
+            )
             return
         self.profiles.put(
             write.user_id,
@@ -543,13 +550,17 @@ class Persistence:
         """:meth:`get_state`, and whether the answer is complete: False when it was
         built without Firestore, so that None does not mean there is no state."""
         self._forget_refused()
+        return await self.states.lookup(
+            user_id, self._state_loader(user_id), want_complete=self._want_complete()
+        )
 
+    def _state_loader(self, user_id: str) -> Loader[UserState]:
         async def load() -> tuple[UserState | None, bool]:
             read = await self._read_doc(STATES, user_id, (user_barrier(user_id),))
             doc = self._overlay_fields(read.value, read.writes)
             return (decode_state(user_id, doc) if doc is not None else None), read.complete
 
-        return await self.states.lookup(user_id, load, want_complete=self._want_complete())
+        return load
 
     def save_state(self, user_id: str, data: Mapping[str, Any]) -> UserState:
         """Merge ``data`` into a user's state (each top-level field replaced whole).
@@ -570,16 +581,23 @@ class Persistence:
             self.states.put(user_id, state, complete=cached.complete)
             return state
         self.states.discard(user_id)  # it may be cached as absent
-        self._warm(self.get_state(user_id))
+        self._forget_refused()
+        self._warm(
+            self.states.prefetch(
+                user_id, self._state_loader(user_id), want_complete=self._want_complete()
+            )
+        )
         return UserState(user_id=user_id, data=dict(data), updated_at=now, is_active=True)
 
-    def _warm(self, load: Coroutine[Any, Any, object]) -> None:
-        """Load a view in the background after a write to an uncached document.
+    def _warm(self, task: asyncio.Task[Any] | None) -> None:
+        """Keep the load of a view a write to an uncached document started
+        (:meth:`ViewCache.prefetch`), until it ends.
 
         Whoever writes is likely to read next; and should Firestore go away in
         between, the complete view is already in memory.
         """
-        task = asyncio.create_task(load, name="samvad-cache-warm")
+        if task is None:
+            return
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -599,6 +617,12 @@ class Persistence:
         """:meth:`get_profile`, and whether the answer is complete: False when it was
         built without Firestore (the stored history may hold more)."""
         self._forget_refused()
+        self._adopt_committed()
+        return await self.profiles.lookup(
+            user_id, self._profile_loader(user_id), want_complete=self._want_complete()
+        )
+
+    def _profile_loader(self, user_id: str) -> Loader[Profile]:
         s = self.settings
 
         async def load() -> tuple[Profile | None, bool]:
@@ -615,8 +639,7 @@ class Persistence:
             self._adopt_committed()
             return self._overlay_profile(profile, read.writes), read.complete
 
-        self._adopt_committed()
-        return await self.profiles.lookup(user_id, load, want_complete=self._want_complete())
+        return load
 
     async def recent_history(self, user_id: str, limit: int) -> tuple[Message, ...]:
         """The last ``limit`` messages of a user's history, oldest first."""

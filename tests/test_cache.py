@@ -47,6 +47,45 @@ async def test_concurrent_misses_share_one_load() -> None:
     assert loads == 1
 
 
+async def test_a_prefetch_starts_the_load_a_lookup_then_joins() -> None:
+    cache = make(ManualClock())
+    release = asyncio.Event()
+    loads = 0
+
+    async def load() -> tuple[str | None, bool]:
+        nonlocal loads
+        loads += 1
+        await release.wait()
+        return "v", True
+
+    task = cache.prefetch("k", load)
+    assert task is not None
+    assert cache.prefetch("k", load) is None, "already loading"
+    reader = asyncio.create_task(cache.get("k", load))
+    await asyncio.sleep(0)
+    release.set()
+    assert await task == ("v", True)
+    assert await reader == "v"
+    assert loads == 1
+    assert cache.prefetch("k", load) is None, "cached"
+    assert await cache.get("k", load) == "v"
+    assert loads == 1
+
+
+async def test_a_prefetch_completes_an_incomplete_entry_only_when_asked() -> None:
+    cache = make(ManualClock())
+
+    async def load() -> tuple[str | None, bool]:
+        return "whole", True
+
+    cache.put("k", "partial", complete=False)
+    assert cache.prefetch("k", load, want_complete=False) is None
+    task = cache.prefetch("k", load)
+    assert task is not None
+    await task
+    assert cache.peek("k") is not None and cache.peek("k").value == "whole"  # type: ignore[union-attr]
+
+
 async def test_a_cancelled_caller_does_not_cancel_the_shared_load() -> None:
     cache = make(ManualClock())
     release = asyncio.Event()
