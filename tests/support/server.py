@@ -12,6 +12,7 @@ import uvicorn
 
 from samvad.config import Settings
 from samvad.web.services import Services
+from samvad.web.uvicorn_ws import TurnWebSocketProtocol
 
 
 @dataclass
@@ -53,8 +54,16 @@ class _Server(uvicorn.Server):
 
 @contextlib.asynccontextmanager
 async def live_server(app: Any, **config: Any) -> AsyncIterator[LiveServer]:
-    """Serve ``app`` on 127.0.0.1 (port 0) until the block ends, then shut down gracefully."""
-    options: dict[str, Any] = {"log_level": "warning", "lifespan": "on"}
+    """Serve ``app`` on 127.0.0.1 (port 0) until the block ends, then shut down gracefully.
+
+    WebSockets run under the protocol ``samvad serve`` runs
+    (:class:`samvad.web.uvicorn_ws.TurnWebSocketProtocol`) unless ``ws`` says otherwise.
+    """
+    options: dict[str, Any] = {
+        "log_level": "warning",
+        "lifespan": "on",
+        "ws": TurnWebSocketProtocol,
+    }
     options.update(config)
     server = _Server(uvicorn.Config(app, host="127.0.0.1", port=0, **options))
     task = asyncio.create_task(server.serve())
