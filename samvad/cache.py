@@ -260,22 +260,13 @@ class ViewCache(Generic[K, V]):
     async def lookup(
         self, key: K, load: Loader[V], *, want_complete: bool = True
     ) -> tuple[V | None, bool]:
-        """:meth:`get`, and whether its answer is complete: False when it was built
-        without the store (memory-only mode), an absence included."""
-        entry = self._data.get(key)
-        if entry is not None and (entry.complete or not want_complete):
+        """:meth:`get`, and whether its answer is complete: False when it was
+        built without the store (memory-only mode), an absence included."""
+        held = self._held(key, want_complete)
+        if held is not None:
             self.hits += 1
-            return entry.value, entry.complete
-        absent = self._absent.get(key)
-        if absent is not None and (absent or not want_complete):
-            self.hits += 1
-            return None, absent
-        task = self._loading.get(key)
-        if task is None:
-            self.misses += 1
-            task = asyncio.create_task(self._load(key, load), name="samvad-cache-load")
-            self._loading[key] = task
-        return await asyncio.shield(task)
+            return held
+        return await asyncio.shield(self._loading.get(key) or self._start(key, load))
 
     def prefetch(
         self, key: K, load: Loader[V], *, want_complete: bool = True
@@ -286,14 +277,22 @@ class ViewCache(Generic[K, V]):
         For warming a view in the background: one task, where a lookup in a
         task of its own would take two and a shield.
         """
+        if key in self._loading or self._held(key, want_complete) is not None:
+            return None
+        return self._start(key, load)
+
+    def _held(self, key: K, want_complete: bool) -> tuple[V | None, bool] | None:
+        """What the cache can answer for ``key`` without a load (value or
+        absence, and whether complete), or None."""
         entry = self._data.get(key)
         if entry is not None and (entry.complete or not want_complete):
-            return None
+            return entry.value, entry.complete
         absent = self._absent.get(key)
         if absent is not None and (absent or not want_complete):
-            return None
-        if key in self._loading:
-            return None
+            return None, absent
+        return None
+
+    def _start(self, key: K, load: Loader[V]) -> asyncio.Task[tuple[V | None, bool]]:
         self.misses += 1
         task = asyncio.create_task(self._load(key, load), name="samvad-cache-load")
         self._loading[key] = task

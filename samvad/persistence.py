@@ -504,14 +504,7 @@ class Persistence:
         cached = adopted or self.profiles.peek(write.user_id)
         if cached is None:
             self.profiles.discard(write.user_id)  # it may be cached as absent
-            self._forget_refused()
-            self._warm(
-                self.profiles.prefetch(
-                    write.user_id,
-                    self._profile_loader(write.user_id),
-                    want_complete=self._want_complete(),
-                )
-            )
+            self._warm(self.profiles, write.user_id, self._profile_loader(write.user_id))
             return
         self.profiles.put(
             write.user_id,
@@ -581,21 +574,18 @@ class Persistence:
             self.states.put(user_id, state, complete=cached.complete)
             return state
         self.states.discard(user_id)  # it may be cached as absent
-        self._forget_refused()
-        self._warm(
-            self.states.prefetch(
-                user_id, self._state_loader(user_id), want_complete=self._want_complete()
-            )
-        )
+        self._warm(self.states, user_id, self._state_loader(user_id))
         return UserState(user_id=user_id, data=dict(data), updated_at=now, is_active=True)
 
-    def _warm(self, task: asyncio.Task[Any] | None) -> None:
-        """Keep the load of a view a write to an uncached document started
-        (:meth:`ViewCache.prefetch`), until it ends.
+    def _warm(self, cache: ViewCache[str, Any], key: str, load: Loader[Any]) -> None:
+        """Load a view in the background after a write to an uncached document
+        (one task: :meth:`ViewCache.prefetch`), kept until it ends.
 
         Whoever writes is likely to read next; and should Firestore go away in
         between, the complete view is already in memory.
         """
+        self._forget_refused()
+        task = cache.prefetch(key, load, want_complete=self._want_complete())
         if task is None:
             return
         self._background.add(task)

@@ -48,6 +48,13 @@ async def persistence(
         yield p
 
 
+def store_at(
+    host_port: str, project: str, *, deadline: float, kind: type[FirestoreStore] = FirestoreStore
+) -> FirestoreStore:
+    """A store of ``project`` reached at ``host_port`` (the fault proxy or the emulator)."""
+    return kind(lambda: make_client(project=project, emulator_host=host_port), deadline=deadline)
+
+
 async def doc(client: AsyncClient, collection: str, doc_id: str) -> dict[str, object] | None:
     snapshot = await client.collection(collection).document(doc_id).get()
     return snapshot.to_dict() if snapshot.exists else None
@@ -149,10 +156,8 @@ async def test_a_call_in_flight_when_the_prober_reconnects_is_an_outage(
     during an outage, in the cut-mid-run test above). A write so cut must
     be an outage too, for the queue to requeue it and the store to keep its
     transaction for rollback."""
-    store = FirestoreStore(
-        lambda: make_client(project=firestore_project, emulator_host=fault_proxy.host_port),
-        deadline=60.0,  # the reconnect, not the deadline, ends the call
-    )
+    # The reconnect, not the deadline, ends the call.
+    store = store_at(fault_proxy.host_port, firestore_project, deadline=60.0)
     async with store:
         await store.ping()  # connected
         fault_proxy.stall()  # the connection stays up and carries nothing
@@ -175,10 +180,7 @@ async def test_firestore_unreachable_at_start_up(
     fault_proxy: FaultProxy, firestore_project: str, firestore_client: AsyncClient
 ) -> None:
     fault_proxy.cut()
-    store = FirestoreStore(
-        lambda: make_client(project=firestore_project, emulator_host=fault_proxy.host_port),
-        deadline=SETTINGS.firestore_deadline,
-    )
+    store = store_at(fault_proxy.host_port, firestore_project, deadline=SETTINGS.firestore_deadline)
     async with store, Persistence(store, settings=SETTINGS) as p:
         assert p.mode is Mode.MEMORY
         p.save_state("carol", {"language": "ta"})
@@ -225,10 +227,7 @@ async def test_an_erase_made_during_the_outage_is_replayed_before_later_writes(
 async def test_shutdown_during_an_outage_flushes_once_firestore_returns_within_the_deadline(
     fault_proxy: FaultProxy, firestore_project: str, firestore_client: AsyncClient
 ) -> None:
-    store = FirestoreStore(
-        lambda: make_client(project=firestore_project, emulator_host=fault_proxy.host_port),
-        deadline=SETTINGS.firestore_deadline,
-    )
+    store = store_at(fault_proxy.host_port, firestore_project, deadline=SETTINGS.firestore_deadline)
     async with store:
         p = Persistence(store, settings=SETTINGS)
         await p.start()
@@ -268,16 +267,10 @@ async def test_a_transaction_cut_before_its_commit_releases_its_locks_when_fires
         user_id="frank",
         append=[Message(id="m1", role=Role.USER, content="hello", timestamp=datetime.now(UTC))],
     )
-    cut_off = CutBeforeCommit(
-        lambda: make_client(project=firestore_project, emulator_host=fault_proxy.host_port),
-        deadline=1.0,
-    )
+    cut_off = store_at(fault_proxy.host_port, firestore_project, deadline=1.0, kind=CutBeforeCommit)
     # Another instance, straight to the emulator, with a deadline far below
     # the emulator's lock expiry.
-    other = FirestoreStore(
-        lambda: make_client(project=firestore_project, emulator_host=firestore_emulator),
-        deadline=2.0,
-    )
+    other = store_at(firestore_emulator, firestore_project, deadline=2.0)
     async with cut_off, other:
         await other.write_profile(ProfileWrite(user_id="frank"), now=datetime.now(UTC))
         # The write fails within its deadline (2 x 1 s), not after the
@@ -308,14 +301,8 @@ async def test_a_write_given_up_at_the_deadline_never_lands_after_a_later_one(
         user_id="grace",
         append=[Message(id="m1", role=Role.USER, content="erased", timestamp=datetime.now(UTC))],
     )
-    cut_off = FirestoreStore(
-        lambda: make_client(project=firestore_project, emulator_host=fault_proxy.host_port),
-        deadline=1.0,
-    )
-    other = FirestoreStore(
-        lambda: make_client(project=firestore_project, emulator_host=firestore_emulator),
-        deadline=5.0,
-    )
+    cut_off = store_at(fault_proxy.host_port, firestore_project, deadline=1.0)
+    other = store_at(firestore_emulator, firestore_project, deadline=5.0)
     async with cut_off, other:
         await other.write_profile(ProfileWrite(user_id="grace"), now=datetime.now(UTC))
         await cut_off.ping()  # connected before the cut
