@@ -36,6 +36,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -107,13 +108,38 @@ def find_gcloud() -> str | None:
     return None
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_CHOSEN_PORT = 10_000
+_PORT_TRIES = 64
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that nothing listens on right now."""
+    """A TCP port on ``host`` that nothing uses right now.
+
+    Chosen below the kernel's ephemeral range when it can be: a port from
+    that range (what binding port 0 gives) can be taken by any outgoing
+    connection, or by another bind to port 0 such as the emulator's, between
+    this answer and its use. That happened: ``samvad serve`` failed to bind
+    its port with "address already in use" after starting its emulator.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    rng = random.SystemRandom()
+    for _ in range(_PORT_TRIES if low > _LOWEST_CHOSEN_PORT + 1 else 0):
+        port = rng.randrange(_LOWEST_CHOSEN_PORT, low)
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue  # in use (or in TIME_WAIT): another
+            return port
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def _join_host_port(host: str, port: int) -> str:

@@ -388,3 +388,14 @@ def test_free_port_can_be_bound() -> None:
     port = free_port()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+def test_free_port_is_chosen_below_the_ephemeral_range() -> None:
+    """A port from the ephemeral range could be taken by an outgoing connection
+    or another bind to port 0 before it is used ("address already in use" once,
+    for `samvad serve` after it started its emulator)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert low > 10_001, "this machine's ephemeral range leaves no room below it"
+    ports = {free_port() for _ in range(20)}
+    assert all(10_000 <= port < low for port in ports), ports
+    assert len(ports) > 1, "the choice is random, not one fixed port"
