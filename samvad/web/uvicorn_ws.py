@@ -6,16 +6,23 @@ the socket at once: one ``send`` system call per frame. A user message
 answered in one chunk makes four frames (``ack``, ``reply.start``,
 ``reply.chunk``, ``reply.end``), all produced in one turn of the event loop by
 the connection's writer (:mod:`samvad.web.realtime`). :class:`TurnWebSocketProtocol`
-changes three things and nothing on the wire:
+changes four things and nothing on the wire (nor in what the app receives):
 
 - **Writes are gathered per loop turn.** The protocol writes through a
   :class:`TurnBuffer` around the transport: what the connection writes while a
   turn of the loop runs (frames, pongs, the handshake, a close frame) is
-  handed to the socket in one write when the next turn begins. Every write
+  handed to the socket in one write when the next turn begins, by one loop
+  callback for every connection written to in that turn. Every write
   goes through the same buffer, so the bytes keep the order they were made
   in; closing the transport writes the buffer first. A frame leaves no earlier
   than before, so the journal hold (no frame before the journal has the writes
   before it) is untouched.
+- **Whole text frames are read here.** When a read holds nothing but whole,
+  masked, unfragmented text frames and websockets' parser waits between two
+  frames, the protocol unmasks and decodes them itself
+  (:func:`whole_text_frames`) and hands them to the app as uvicorn would;
+  anything else (control frames, fragments, a frame split across reads, an
+  error to report) goes through websockets, as before.
 - **A text frame is framed here** when the handshake negotiated no extension
   (a client that asked for ``permessage-deflate`` goes through websockets as
   before): the two-to-ten-byte header of RFC 6455 section 5.2 and the payload,
@@ -37,12 +44,26 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import weakref
 from typing import Any, cast
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.protocol import State
+from websockets.protocol import Protocol, State
+from websockets.streams import StreamReader
 
-__all__ = ["SEND_TEXT", "TurnBuffer", "TurnWebSocketProtocol", "text_frame_header"]
+try:  # the C version websockets itself uses when it is built (as in its wheels)
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover
+    from websockets.utils import apply_mask
+
+__all__ = [
+    "SEND_TEXT",
+    "TurnBuffer",
+    "TurnWebSocketProtocol",
+    "between_frames",
+    "text_frame_header",
+    "whole_text_frames",
+]
 
 #: The ASGI extension (``scope["extensions"]``) through which an app may write
 #: a text frame without a coroutine: ``send_text(text) -> bool``, False when
@@ -55,6 +76,59 @@ _SHORT = struct.Struct("!BB")
 _MEDIUM = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
 _OPEN = State.OPEN
+#: Where websockets' parser waits between two frames: ``Protocol.parse``
+#: asking its reader whether the stream has ended.
+_PARSE = Protocol.parse.__code__
+_AT_EOF = StreamReader.at_eof.__code__
+
+
+def between_frames(parser: Any) -> bool:
+    """Whether websockets' ``parser`` (a generator) waits for a new frame, not
+    for the rest of one: ``Protocol.parse`` in ``at_eof``, under the server's
+    own ``parse``. False for anything else, a websockets that parses another
+    way included (then every read goes through it, as before)."""
+    outer, inner = parser, parser.gi_yieldfrom
+    while inner is not None:
+        if getattr(inner, "gi_code", None) is _AT_EOF:
+            return getattr(outer, "gi_code", None) is _PARSE
+        outer, inner = inner, getattr(inner, "gi_yieldfrom", None)
+    return False
+
+
+def whole_text_frames(data: bytes, max_size: int | None) -> list[str] | None:
+    """The texts of ``data`` when it is nothing but whole, masked, unfragmented
+    text frames a client may send with no extension (RFC 6455 section 5.2) of
+    at most ``max_size`` bytes each, in valid UTF-8; None for anything else,
+    which websockets must parse (a control frame, a fragment, a frame split
+    across reads, set reserved bits, an unmasked or oversized frame, a 64-bit
+    length, bad UTF-8).
+    """
+    texts: list[str] = []
+    pos, end = 0, len(data)
+    while pos < end:
+        if end - pos < 6 or data[pos] != _FIN_TEXT:
+            return None
+        second = data[pos + 1]
+        if not second & 0x80:
+            return None  # unmasked
+        length = second & 0x7F
+        if length < 126:
+            mask_at = pos + 2
+        elif length == 126:
+            length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+            mask_at = pos + 4
+        else:
+            return None
+        start = mask_at + 4
+        stop = start + length
+        if stop > end or (max_size is not None and length > max_size):
+            return None
+        try:
+            texts.append(apply_mask(data[start:stop], data[mask_at:start]).decode())
+        except UnicodeDecodeError:
+            return None
+        pos = stop
+    return texts
 
 
 def text_frame_header(length: int) -> bytes:
@@ -67,21 +141,69 @@ def text_frame_header(length: int) -> bytes:
     return _LONG.pack(_FIN_TEXT, 127, length)
 
 
+class _TurnFlush:
+    """The turn buffers of one event loop written to during a turn, flushed
+    by one callback at the start of the next: a thousand connections streaming
+    at once cost one loop callback per turn, not one each."""
+
+    __slots__ = ("_loop", "_pending", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Weakly: this is the value of a weak mapping keyed by the loop.
+        self._loop = weakref.ref(loop)
+        self._pending: list[TurnBuffer] = []
+        self._scheduled = False
+
+    def add(self, buffer: TurnBuffer) -> None:
+        self._pending.append(buffer)
+        if not self._scheduled:
+            loop = self._loop()
+            if loop is not None:
+                self._scheduled = True
+                loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        for buffer in pending:
+            try:
+                buffer.flush()
+            except Exception as exc:  # as a callback of its own would: the others go on
+                loop = self._loop()
+                if loop is not None:
+                    loop.call_exception_handler(
+                        {"message": "flushing a WebSocket turn buffer failed", "exception": exc}
+                    )
+
+
+_flushes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _TurnFlush] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _turn_flush(loop: asyncio.AbstractEventLoop) -> _TurnFlush:
+    flush = _flushes.get(loop)
+    if flush is None:
+        flush = _flushes[loop] = _TurnFlush(loop)
+    return flush
+
+
 class TurnBuffer(asyncio.Transport):
     """A transport that hands what is written during one loop turn to the
     transport under it in one write, at the start of the next turn.
 
     Everything else goes to the transport under it, after the buffer where
     order matters (closing, ``write_eof``); ``abort`` drops the buffer as it
-    drops the transport's own.
+    drops the transport's own. The buffers of one loop are flushed together,
+    by one callback (:class:`_TurnFlush`).
     """
 
-    __slots__ = ("_loop", "_parts", "_scheduled", "_transport")
+    __slots__ = ("_flush", "_parts", "_scheduled", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
         self._transport = transport
-        self._loop = loop
+        self._flush = _turn_flush(loop)
         self._parts: list[bytes] = []
         self._scheduled = False
 
@@ -105,7 +227,7 @@ class TurnBuffer(asyncio.Transport):
     def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self.flush)
+            self._flush.add(self)
 
     def flush(self) -> None:
         """Hand what is buffered to the transport under this one, in one write."""
@@ -180,6 +302,30 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
         buffered = self.buffer_class(cast(asyncio.Transport, transport), self.loop)
         super().connection_made(buffered)
 
+    def data_received(self, data: bytes) -> None:
+        """Whole text frames, with websockets' parser between two frames, are
+        read here (:func:`whole_text_frames`) and handed to the app as
+        uvicorn would; everything else goes through websockets."""
+        conn = self.conn
+        if (
+            conn.state is _OPEN
+            and not self.close_sent
+            and not conn.extensions
+            and conn.cur_size is None
+            and not conn.reader.buffer
+            and not conn.debug
+            and between_frames(conn.parser)
+        ):
+            texts = whole_text_frames(data, conn.max_size)
+            if texts is not None:
+                for text in texts:
+                    self.queue.put_nowait({"type": "websocket.receive", "text": text})
+                if not self.read_paused:
+                    self.read_paused = True
+                    self.transport.pause_reading()
+                return
+        super().data_received(data)
+
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)  # not made for a refused handshake
@@ -209,7 +355,7 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
         buffer._parts += (head, payload)
         if not buffer._scheduled:
             buffer._scheduled = True
-            buffer._loop.call_soon(buffer.flush)
+            buffer._flush.add(buffer)
         return True
 
     async def send(self, message: Any) -> None:

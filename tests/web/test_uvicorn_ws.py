@@ -71,6 +71,52 @@ async def test_what_one_turn_writes_reaches_the_socket_in_one_write_in_order() -
     assert wire.writes == [b"ack<chunk>end", b"next"]
 
 
+async def test_the_buffers_of_one_turn_are_flushed_by_one_loop_callback() -> None:
+    loop = asyncio.get_running_loop()
+    wires = [Wire() for _ in range(3)]
+    buffers = [TurnBuffer(wire, loop) for wire in wires]
+    scheduled: list[Any] = []
+    call_soon = loop.call_soon
+
+    def counting_call_soon(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        scheduled.append(callback)
+        return call_soon(callback, *args, **kwargs)
+
+    loop.call_soon = counting_call_soon  # type: ignore[method-assign]
+    try:
+        for index, buffer in enumerate(buffers):
+            buffer.write(b"frame %d" % index)
+            buffer.write(b"more")
+        assert len(scheduled) == 1
+    finally:
+        del loop.call_soon  # type: ignore[method-assign]
+    await next_turn()
+    assert [wire.writes for wire in wires] == [[b"frame %dmore" % i] for i in range(3)]
+
+
+async def test_a_buffer_whose_flush_fails_does_not_stop_the_others() -> None:
+    class Broken(Wire):
+        def write(self, data: Any) -> None:
+            raise RuntimeError("the socket is gone")
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        broken, wire = Broken(), Wire()
+        TurnBuffer(broken, loop).write(b"lost")
+        after = TurnBuffer(wire, loop)
+        after.write(b"kept")
+        await next_turn()
+        assert wire.writes == [b"kept"]
+        assert [type(c["exception"]) for c in reported] == [RuntimeError]
+        after.write(b"next turn too")  # still scheduled as before
+        await next_turn()
+        assert wire.writes == [b"kept", b"next turn too"]
+    finally:
+        loop.set_exception_handler(None)
+
+
 async def test_closing_writes_what_is_buffered_first() -> None:
     wire = Wire()
     buffer = TurnBuffer(wire, asyncio.get_running_loop())
