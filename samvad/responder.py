@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -36,6 +37,7 @@ __all__ = [
     "ReplyContext",
     "Responder",
     "ResponderFactory",
+    "SharedTimerSleep",
     "Sleep",
     "load_responder",
 ]
@@ -74,15 +76,62 @@ class Responder(Protocol):
 ResponderFactory = Callable[[Settings], Responder]
 
 
+class SharedTimerSleep:
+    """``asyncio.sleep`` for many paced streams at once: the sleeps that end in
+    the same ``resolution`` seconds share one timer of the event loop.
+
+    A reply streamed word by word sleeps between every two words; a thousand
+    such replies make tens of thousands of loop timers a second, and one timer
+    (uvloop's ``call_later``) costs more than the rest of a chunk's handling.
+    Here a sleep waits on a future filed under the moment it ends, rounded up
+    to ``resolution``; one timer wakes every future of that moment. A sleep
+    lasts at least ``delay`` and at most ``resolution`` more (libuv's timers
+    count whole milliseconds anyway). Cancelling a sleeper is safe at any
+    point: a cancelled future is skipped when its moment comes.
+    """
+
+    __slots__ = ("_due", "resolution")
+
+    def __init__(self, resolution: float = 0.001) -> None:
+        if resolution <= 0:
+            raise ValueError("A timer resolution must be positive.")
+        self.resolution = resolution
+        self._due: dict[tuple[asyncio.AbstractEventLoop, int], list[asyncio.Future[None]]] = {}
+
+    async def __call__(self, delay: float) -> None:
+        if delay <= 0:
+            await asyncio.sleep(0)
+            return
+        loop = asyncio.get_running_loop()
+        tick = math.ceil((loop.time() + delay) / self.resolution)
+        key = (loop, tick)
+        waiting = self._due.get(key)
+        if waiting is None:
+            waiting = self._due[key] = []
+            loop.call_at(tick * self.resolution, self._wake, key)
+        future: asyncio.Future[None] = loop.create_future()
+        waiting.append(future)
+        await future
+
+    def _wake(self, key: tuple[asyncio.AbstractEventLoop, int]) -> None:
+        for future in self._due.pop(key):
+            if not future.done():
+                future.set_result(None)
+
+
 def _tail(text: str, words: int) -> str:
     return " ".join(text.split()[-words:])
 
 
 def _turns(context: ReplyContext) -> int:
     """The user's messages in this session so far (at least this one)."""
-    seen = sum(
-        1 for m in context.history if m.role is Role.USER and m.session_id == context.session_id
-    )
+    # A plain loop with the member in a local: on Python 3.11 each
+    # ``Role.USER`` costs a slow enum lookup, and a generator a frame switch
+    # per message (4 µs for twenty messages, against 0.7 µs).
+    user, session_id, seen = Role.USER, context.session_id, 0
+    for message in context.history:
+        if message.role is user and message.session_id == session_id:
+            seen += 1
     return max(seen, 1)
 
 
@@ -90,18 +139,33 @@ class EchoResponder:
     """The built-in responder: deterministic, offline, streamed word by word.
 
     The reply quotes the user's message and, after a barge-in, says where it
-    was cut off. ``chunk_delay`` seconds pass between chunks (through ``sleep``,
-    injectable for tests); the first chunk comes at once.
+    was cut off. Word ``i`` is due ``i * chunk_delay`` seconds after the first,
+    which comes at once; the responder sleeps until the next word is due
+    (through ``sleep``, injectable for tests; by default a
+    :class:`SharedTimerSleep`, so that many replies streaming at once share
+    the loop's timers). Words are paced on that schedule, as a speech or model
+    stream produces them whatever the server is doing: when the event loop
+    wakes the responder late, every word due by then goes out in one chunk,
+    instead of each waiting a further delay of its own. On a loop that keeps
+    up that is one word per chunk. ``clock`` (seconds; the loop's by default)
+    is what the schedule is read on.
     """
 
     #: ``reply`` only sleeps (see the module's docstring).
     task_free = True
 
-    def __init__(self, *, chunk_delay: float = 0.0, sleep: Sleep = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        *,
+        chunk_delay: float = 0.0,
+        sleep: Sleep | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         if chunk_delay < 0:
             raise ValueError("A chunk delay cannot be negative.")
         self.chunk_delay = chunk_delay
-        self._sleep = sleep
+        self._sleep: Sleep = sleep if sleep is not None else SharedTimerSleep()
+        self._clock = clock
 
     def text_for(self, context: ReplyContext) -> str:
         """The whole reply the stream will spell out."""
@@ -123,10 +187,25 @@ class EchoResponder:
 
     async def reply(self, context: ReplyContext) -> AsyncIterator[str]:
         words = self.text_for(context).split(" ")
-        for index, word in enumerate(words):
-            if index:
-                await self._sleep(self.chunk_delay)
-            yield word if index == len(words) - 1 else word + " "
+        last = len(words) - 1
+        delay = self.chunk_delay
+        clock = self._clock or asyncio.get_running_loop().time
+        began = clock()
+        first = 0  # the first word not yet sent
+        while True:
+            upto = first  # the last word of this chunk
+            if first:
+                if delay > 0:
+                    await self._sleep(max(0.0, began + first * delay - clock()))
+                    upto = max(first, min(last, int((clock() - began) / delay)))
+                else:
+                    await self._sleep(0.0)
+            chunk = " ".join(words[first : upto + 1])
+            if upto == last:
+                yield chunk
+                return
+            yield chunk + " "
+            first = upto + 1
 
 
 def load_responder(settings: Settings) -> Responder:

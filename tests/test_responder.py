@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
 from samvad.config import Settings
 from samvad.errors import ConfigError
 from samvad.interruptions import Interruption
-from samvad.responder import EchoResponder, ReplyContext, Responder, load_responder
+from samvad.responder import (
+    EchoResponder,
+    ReplyContext,
+    Responder,
+    SharedTimerSleep,
+    load_responder,
+)
 
 T0 = datetime(2025, 1, 10, 17, 0, 0, tzinfo=UTC)
 
@@ -85,15 +93,109 @@ async def test_builtin_reply_mentions_an_interruption_before_any_word() -> None:
     assert text.startswith("(You stopped me before I could say anything.)")
 
 
+class FakeTime:
+    """A clock that moves only when the responder sleeps: by the delay asked
+    for, plus ``late`` seconds once for each entry of ``lags`` (a loop that
+    woke the sleeper late)."""
+
+    def __init__(self, lags: list[float] | None = None) -> None:
+        self.now = 100.0
+        self.asked: list[float] = []
+        self.lags = list(lags or [])
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        self.now += seconds + (self.lags.pop(0) if self.lags else 0.0)
+
+
 async def test_chunk_delay_goes_through_the_injected_sleep() -> None:
-    delays: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        delays.append(seconds)
-
-    responder = EchoResponder(chunk_delay=0.25, sleep=sleep)
+    time = FakeTime()
+    responder = EchoResponder(chunk_delay=0.25, sleep=time.sleep, clock=time.clock)
     chunks = await collect(responder, context("hi"))
-    assert delays == [0.25] * (len(chunks) - 1)  # the first chunk comes at once
+    assert time.asked == [0.25] * (len(chunks) - 1)  # the first chunk comes at once
+    assert all(chunk.count(" ") <= 1 for chunk in chunks)  # word by word
+
+
+async def test_a_responder_woken_late_sends_every_word_due_in_one_chunk() -> None:
+    on_time = await collect(EchoResponder(), context("one two three four five"))
+    # Woken 0.6 s late after the first word: words 2, 3 and 4 (due at 0.25,
+    # 0.5 and 0.75 s) go out together at 0.85 s; the schedule then goes on.
+    time = FakeTime(lags=[0.6])
+    responder = EchoResponder(chunk_delay=0.25, sleep=time.sleep, clock=time.clock)
+    chunks = await collect(responder, context("one two three four five"))
+    assert chunks[0] == on_time[0]
+    assert chunks[1] == "".join(on_time[1:4])
+    assert chunks[2:] == on_time[4:]
+    assert "".join(chunks) == "".join(on_time)
+    assert time.asked[:2] == [0.25, pytest.approx(0.15)]  # the next word is due at 1.0 s
+
+
+class CountedTimers:
+    """Counts the loop timers made while it is entered."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.timers = 0
+
+    def __enter__(self) -> CountedTimers:
+        call_at = self.loop.call_at
+
+        def counted(when: float, callback: Any, *args: Any, **kwargs: Any) -> Any:
+            self.timers += 1
+            return call_at(when, callback, *args, **kwargs)
+
+        self.loop.call_at = counted  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        del self.loop.call_at  # type: ignore[method-assign]
+
+
+async def test_sleeps_ending_in_the_same_moment_share_one_timer() -> None:
+    sleep = SharedTimerSleep(resolution=0.05)
+    loop = asyncio.get_running_loop()
+    with CountedTimers() as counted:
+        started = loop.time()
+        # Ten sleepers started within microseconds of each other: their ends
+        # fall in one 50 ms moment (unless they straddle its edge: 1 in 10^4).
+        await asyncio.gather(*(sleep(0.02) for _ in range(10)))
+    assert counted.timers == 1
+    assert loop.time() - started >= 0.02
+
+
+async def test_a_sleep_lasts_at_least_its_delay() -> None:
+    sleep = SharedTimerSleep()
+    loop = asyncio.get_running_loop()
+    for delay in (0.001, 0.0104, 0.03):
+        started = loop.time()
+        await sleep(delay)
+        assert loop.time() - started >= delay
+
+
+async def test_a_cancelled_sleeper_does_not_disturb_the_others_of_its_moment() -> None:
+    sleep = SharedTimerSleep(resolution=0.01)
+    cancelled = asyncio.ensure_future(sleep(0.02))
+    kept = asyncio.ensure_future(sleep(0.02))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.wait_for(kept, timeout=5)
+    assert cancelled.cancelled()
+    assert sleep._due == {}  # nothing is left behind
+
+
+async def test_a_zero_delay_yields_once_without_a_timer() -> None:
+    sleep = SharedTimerSleep()
+    with CountedTimers() as counted:
+        await sleep(0)
+    assert counted.timers == 0
+
+
+def test_a_timer_resolution_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        SharedTimerSleep(resolution=0)
 
 
 def test_negative_chunk_delay_is_refused() -> None:
