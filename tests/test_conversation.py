@@ -5,6 +5,7 @@ memory store."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -461,10 +462,29 @@ async def test_illegal_transitions_say_what_was_wrong(world: World) -> None:
         await world.join(ALICE_PHONE, "s2")
 
 
-def test_reply_ids_are_random_version_4_uuids_in_hex() -> None:
+def test_reply_ids_are_unique_version_4_uuids_in_hex() -> None:
     ids = {new_reply_id() for _ in range(1000)}
     assert len(ids) == 1000
     for reply_id in ids:
         parsed = uuid.UUID(hex=reply_id)
         assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
         assert parsed.hex == reply_id
+
+
+def test_a_forked_child_makes_reply_ids_of_its_own() -> None:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, as its parent's next would be
+        os.write(write, new_reply_id().encode())
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    ours = new_reply_id()
+    assert status == 0
+    # The same count (the child's went on from the parent's, as did ours):
+    # only the random half tells them apart.
+    assert child[16:] == ours[16:]
+    assert child[:16] != ours[:16]
+    assert uuid.UUID(hex=child).version == 4
