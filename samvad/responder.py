@@ -98,10 +98,11 @@ class SharedTimerSleep:
         self.resolution = resolution
         self._due: dict[tuple[asyncio.AbstractEventLoop, int], list[asyncio.Future[None]]] = {}
 
-    async def __call__(self, delay: float) -> None:
+    def __call__(self, delay: float) -> Awaitable[None]:
+        # A plain function returning what to await (the future itself): no
+        # coroutine of its own per sleep.
         if delay <= 0:
-            await asyncio.sleep(0)
-            return
+            return asyncio.sleep(0)
         loop = asyncio.get_running_loop()
         tick = math.ceil((loop.time() + delay) / self.resolution)
         key = (loop, tick)
@@ -111,7 +112,7 @@ class SharedTimerSleep:
             loop.call_at(tick * self.resolution, self._wake, key)
         future: asyncio.Future[None] = loop.create_future()
         waiting.append(future)
-        await future
+        return future
 
     def _wake(self, key: tuple[asyncio.AbstractEventLoop, int]) -> None:
         for future in self._due.pop(key):
