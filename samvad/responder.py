@@ -166,6 +166,8 @@ class EchoResponder:
             raise ValueError("A chunk delay cannot be negative.")
         self.chunk_delay = chunk_delay
         self._sleep: Sleep = sleep if sleep is not None else SharedTimerSleep()
+        #: What yields between words when there is no delay.
+        self._yield: Sleep = sleep if sleep is not None else asyncio.sleep
         self._clock = clock
 
     def text_for(self, context: ReplyContext) -> str:
@@ -200,7 +202,7 @@ class EchoResponder:
                     await self._sleep(max(0.0, began + first * delay - clock()))
                     upto = max(first, min(last, int((clock() - began) / delay)))
                 else:
-                    await self._sleep(0.0)
+                    await self._yield(0.0)
             chunk = " ".join(words[first : upto + 1])
             if upto == last:
                 yield chunk

@@ -355,7 +355,11 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
         buffer._parts += (head, payload)
         if not buffer._scheduled:
             buffer._scheduled = True
-            buffer._flush.add(buffer)
+            flush = buffer._flush
+            if flush._scheduled:  # _TurnFlush.add, inlined: once per frame
+                flush._pending.append(buffer)
+            else:
+                flush.add(buffer)
         return True
 
     async def send(self, message: Any) -> None:
