@@ -43,8 +43,10 @@ another server simply gets that server's writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import weakref
+from collections import deque
 from typing import Any, cast
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -289,6 +291,57 @@ class TurnBuffer(asyncio.Transport):
         return self._transport.get_protocol()
 
 
+class _Inbox:
+    """What the protocol holds for the app to ``receive``: the three methods of
+    ``asyncio.Queue`` uvicorn's protocol uses (``put_nowait``, ``get``,
+    ``empty``), unbounded as uvicorn's queue is, without the task accounting
+    (``task_done``/``join``) and the loop lookups that cost ``asyncio.Queue``
+    a dozen Python calls per message. Getters are served in order; one
+    cancelled after it was woken passes the wake-up on, as ``asyncio.Queue``
+    does."""
+
+    __slots__ = ("_getters", "_items", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: deque[Any] = deque()
+        self._getters: deque[asyncio.Future[None]] = deque()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        getters = self._getters
+        while getters:
+            getter = getters.popleft()
+            if not getter.done():
+                getter.set_result(None)
+                return
+
+    async def get(self) -> Any:
+        items = self._items
+        while not items:
+            getter = self._loop.create_future()
+            self._getters.append(getter)
+            try:
+                await getter
+            except BaseException:
+                getter.cancel()
+                with contextlib.suppress(ValueError):  # woken: put_nowait took it off
+                    self._getters.remove(getter)
+                if items and not getter.cancelled():
+                    self._wake_one()  # woken, but leaving: the next getter takes it
+                raise
+        return items.popleft()
+
+
 class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets (sans-I/O) WebSocket protocol, writing through a
     :class:`TurnBuffer` and framing plain text frames itself (module docstring)."""
@@ -296,6 +349,10 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
     transport: TurnBuffer
     #: What the protocol writes through (a subclass may observe the writes).
     buffer_class: type[TurnBuffer] = TurnBuffer
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = cast("asyncio.Queue[Any]", _Inbox(self.loop))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not subclasses of asyncio.Transport.

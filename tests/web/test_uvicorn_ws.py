@@ -330,3 +330,39 @@ async def test_a_slow_reader_is_closed_with_1013_without_delaying_others() -> No
             kinds = [f["type"] for f in await _frames(fast, 4)]
             assert kinds == ["ack", "reply.start", "reply.chunk", "reply.end"]
             slow.close()
+
+
+async def test_the_inbox_hands_messages_in_order_to_getters_in_order() -> None:
+    from samvad.web.uvicorn_ws import _Inbox
+
+    inbox = _Inbox(asyncio.get_running_loop())
+    inbox.put_nowait("early")
+    assert not inbox.empty() and inbox.qsize() == 1
+    assert await inbox.get() == "early"
+    assert inbox.empty()
+    first = asyncio.ensure_future(inbox.get())
+    second = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    inbox.put_nowait("one")
+    inbox.put_nowait("two")
+    assert await asyncio.wait_for(asyncio.gather(first, second), 5) == ["one", "two"]
+
+
+async def test_a_getter_cancelled_after_its_wake_up_passes_it_on() -> None:
+    from samvad.web.uvicorn_ws import _Inbox
+
+    inbox = _Inbox(asyncio.get_running_loop())
+    leaving = asyncio.ensure_future(inbox.get())
+    staying = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    inbox.put_nowait("message")  # wakes ``leaving``...
+    leaving.cancel()  # ...which is cancelled before it runs
+    assert await asyncio.wait_for(staying, 5) == "message"
+    assert leaving.cancelled()
+    # A getter cancelled while it waits leaves nothing behind.
+    waiting = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    waiting.cancel()
+    await asyncio.sleep(0)
+    inbox.put_nowait("later")
+    assert await inbox.get() == "later"
