@@ -57,6 +57,7 @@ __all__ = [
     "WireResponse",
     "decode_struct",
     "encode",
+    "encode_text",
     "plain_json",
     "state_view_json",
     "type_candidates",
@@ -688,6 +689,12 @@ def encode(shape: Struct | Mapping[str, Any]) -> bytes:
     number, the only difference to the encodings before this module.
     """
     return _encoder.encode(shape)
+
+
+def encode_text(shape: Struct | Mapping[str, Any]) -> str:
+    """``shape`` as compact JSON text, as :func:`encode` writes it: a WebSocket
+    frame's (``samvad.web.protocol.encode``)."""
+    return _encoder.encode(shape).decode()
 
 
 _JSON_CONTENT_TYPE = (b"content-type", b"application/json")
