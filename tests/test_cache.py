@@ -29,47 +29,44 @@ async def test_a_miss_loads_and_a_hit_does_not() -> None:
     assert (cache.hits, cache.misses) == (1, 1)
 
 
-async def test_concurrent_misses_share_one_load() -> None:
-    cache = make(ManualClock())
-    release = asyncio.Event()
-    loads = 0
+class GatedLoad:
+    """A loader that counts its calls and answers "v" once ``release`` is set."""
 
-    async def load() -> tuple[str | None, bool]:
-        nonlocal loads
-        loads += 1
-        await release.wait()
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def __call__(self) -> tuple[str | None, bool]:
+        self.calls += 1
+        await self.release.wait()
         return "v", True
 
+
+async def test_concurrent_misses_share_one_load() -> None:
+    cache = make(ManualClock())
+    load = GatedLoad()
     waiters = [asyncio.create_task(cache.get("k", load)) for _ in range(20)]
     await asyncio.sleep(0)
-    release.set()
+    load.release.set()
     assert await asyncio.gather(*waiters) == ["v"] * 20
-    assert loads == 1
+    assert load.calls == 1
 
 
 async def test_a_prefetch_starts_the_load_a_lookup_then_joins() -> None:
     cache = make(ManualClock())
-    release = asyncio.Event()
-    loads = 0
-
-    async def load() -> tuple[str | None, bool]:
-        nonlocal loads
-        loads += 1
-        await release.wait()
-        return "v", True
-
+    load = GatedLoad()
     task = cache.prefetch("k", load)
     assert task is not None
     assert cache.prefetch("k", load) is None, "already loading"
     reader = asyncio.create_task(cache.get("k", load))
     await asyncio.sleep(0)
-    release.set()
+    load.release.set()
     assert await task == ("v", True)
     assert await reader == "v"
-    assert loads == 1
+    assert load.calls == 1
     assert cache.prefetch("k", load) is None, "cached"
     assert await cache.get("k", load) == "v"
-    assert loads == 1
+    assert load.calls == 1
 
 
 async def test_a_prefetch_completes_an_incomplete_entry_only_when_asked() -> None:

@@ -149,11 +149,11 @@ class CountedTimers:
                 self.timers += 1
             return call_at(when, callback, *args, **kwargs)
 
-        self.loop.call_at = counted  # type: ignore[method-assign]
+        self.loop.call_at = counted  # type: ignore[method-assign, assignment]
         return self
 
     def __exit__(self, *_: object) -> None:
-        del self.loop.call_at  # type: ignore[method-assign]
+        del self.loop.call_at
 
 
 async def test_sleeps_ending_in_the_same_moment_share_one_timer() -> None:
@@ -167,7 +167,7 @@ async def test_sleeps_ending_in_the_same_moment_share_one_timer() -> None:
         try:
             sleeps = [sleep(0.02) for _ in range(10)]
         finally:
-            del loop.time  # type: ignore[method-assign]
+            del loop.time
         await asyncio.gather(*sleeps)
         # One more, started once they are over: a moment (and a timer) of its own.
         await sleep(0.02)

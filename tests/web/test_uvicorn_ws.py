@@ -4,6 +4,7 @@ the same bytes on the wire as uvicorn's, in one socket write per loop turn."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
@@ -82,14 +83,14 @@ async def test_the_buffers_of_one_turn_are_flushed_by_one_loop_callback() -> Non
         scheduled.append(callback)
         return call_soon(callback, *args, **kwargs)
 
-    loop.call_soon = counting_call_soon  # type: ignore[method-assign]
+    loop.call_soon = counting_call_soon  # type: ignore[method-assign, assignment]
     try:
         for index, buffer in enumerate(buffers):
             buffer.write(b"frame %d" % index)
             buffer.write(b"more")
         assert len(scheduled) == 1
     finally:
-        del loop.call_soon  # type: ignore[method-assign]
+        del loop.call_soon
     await next_turn()
     assert [wire.writes for wire in wires] == [[b"frame %dmore" % i] for i in range(3)]
 
@@ -226,25 +227,35 @@ async def test_a_session_looks_the_same_on_the_wire_as_under_uvicorns_own_protoc
     assert sorted(sizes) == sorted(size for size, _ in uvicorns)
 
 
+@contextlib.asynccontextmanager
+async def _started(
+    protocol: type[TurnWebSocketProtocol], user_id: str, *, compression: str | None = None
+) -> AsyncIterator[ClientConnection]:
+    """A live server running ``protocol`` that answers in one chunk, and a
+    connection to it with ``user_id``'s session started."""
+    async with live_server(_app(), ws=protocol) as server:
+        server.services.hub.responder = OneChunk()
+        async with connect(f"{server.ws_url}/ws", compression=compression) as ws:
+            await ws.send(json.dumps({"type": "start", "userId": user_id}))
+            await _frames(ws, 1)
+            yield ws
+
+
 async def test_the_frames_of_one_message_leave_in_one_socket_write() -> None:
     writes: list[bytes] = []
     _CountedBuffer.writes = writes
-    async with live_server(_app(), ws=_Counted) as server:
-        server.services.hub.responder = OneChunk()
-        async with connect(f"{server.ws_url}/ws", compression=None) as ws:
-            await ws.send(json.dumps({"type": "start", "userId": "one-write"}))
-            await _frames(ws, 1)
-            # The first reply reads the user's views into the caches (its
-            # reply.chunk waits for that); from then on a whole exchange is
-            # produced in one turn.
-            for text in ("hello", "again", "and again"):
-                before = len(writes)
-                await ws.send(json.dumps({"type": "message", "text": text}))
-                frames = await _frames(ws, 4)
-                kinds = [f["type"] for f in frames]
-                assert kinds == ["ack", "reply.start", "reply.chunk", "reply.end"]
-            assert len(writes) == before + 1
-            assert writes[-1].count(b'{"type":') == 4
+    async with _started(_Counted, "one-write") as ws:
+        # The first reply reads the user's views into the caches (its
+        # reply.chunk waits for that); from then on a whole exchange is
+        # produced in one turn.
+        for text in ("hello", "again", "and again"):
+            before = len(writes)
+            await ws.send(json.dumps({"type": "message", "text": text}))
+            frames = await _frames(ws, 4)
+            kinds = [f["type"] for f in frames]
+            assert kinds == ["ack", "reply.start", "reply.chunk", "reply.end"]
+        assert len(writes) == before + 1
+        assert writes[-1].count(b'{"type":') == 4
 
 
 def test_samvad_serve_runs_the_turn_protocol() -> None:
@@ -256,37 +267,29 @@ def test_samvad_serve_runs_the_turn_protocol() -> None:
 class _AsgiSends(TurnWebSocketProtocol):
     """The protocol, counting the frames that came through the ASGI ``send``."""
 
-    frames: ClassVar[list[str]] = []
+    asgi_texts: ClassVar[list[str]] = []
 
     async def send(self, message: Any) -> None:
         if message["type"] == "websocket.send":
-            type(self).frames.append(message["text"])
+            type(self).asgi_texts.append(message["text"])
         await super().send(message)
 
 
 async def test_the_connection_writes_its_frames_without_the_asgi_send() -> None:
     frames: list[str] = []
-    _AsgiSends.frames = frames
-    async with live_server(_app(), ws=_AsgiSends) as server:
-        server.services.hub.responder = OneChunk()
-        async with connect(f"{server.ws_url}/ws", compression=None) as ws:
-            await ws.send(json.dumps({"type": "start", "userId": "no-asgi-send"}))
-            await _frames(ws, 1)
-            await ws.send(json.dumps({"type": "message", "text": "hello"}))
-            assert len(await _frames(ws, 4)) == 4
+    _AsgiSends.asgi_texts = frames
+    async with _started(_AsgiSends, "no-asgi-send") as ws:
+        await ws.send(json.dumps({"type": "message", "text": "hello"}))
+        assert len(await _frames(ws, 4)) == 4
     assert frames == []  # every frame went through the SEND_TEXT extension
 
 
 async def test_with_an_extension_negotiated_frames_go_through_the_asgi_send() -> None:
     frames: list[str] = []
-    _AsgiSends.frames = frames
-    async with live_server(_app(), ws=_AsgiSends) as server:
-        server.services.hub.responder = OneChunk()
-        async with connect(f"{server.ws_url}/ws", compression="deflate") as ws:
-            await ws.send(json.dumps({"type": "start", "userId": "deflated"}))
-            await _frames(ws, 1)
-            await ws.send(json.dumps({"type": "message", "text": "hello"}))
-            assert len(await _frames(ws, 4)) == 4
+    _AsgiSends.asgi_texts = frames
+    async with _started(_AsgiSends, "deflated", compression="deflate") as ws:
+        await ws.send(json.dumps({"type": "message", "text": "hello"}))
+        assert len(await _frames(ws, 4)) == 4
     assert [json.loads(f)["type"] for f in frames] == [
         "started",
         "ack",
@@ -345,7 +348,7 @@ async def test_the_inbox_hands_messages_in_order_to_getters_in_order() -> None:
     await asyncio.sleep(0)
     inbox.put_nowait("one")
     inbox.put_nowait("two")
-    assert await asyncio.wait_for(asyncio.gather(first, second), 5) == ["one", "two"]
+    assert list(await asyncio.wait_for(asyncio.gather(first, second), 5)) == ["one", "two"]
 
 
 async def test_a_getter_cancelled_after_its_wake_up_passes_it_on() -> None:
