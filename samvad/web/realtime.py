@@ -109,7 +109,7 @@ from samvad.web.protocol import (
     started_frame,
     state_frame,
 )
-from samvad.web.uvicorn_ws import SEND_TEXT
+from samvad.web.uvicorn_ws import FLUSH, SEND_TEXT
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -215,6 +215,13 @@ class _Chunk:
         return text
 
 
+class _Urgent(str):
+    """A queued frame the socket gets as soon as it is written (an ``ack``):
+    not held for the end of the loop's turn with what else is written in it."""
+
+    __slots__ = ()
+
+
 _Outgoing = str | _Chunk | _CloseRequest
 
 
@@ -297,6 +304,7 @@ class Connection:
         "_direct",
         "_done",
         "_finished",
+        "_flush_now",
         "_limit",
         "_out",
         "_peer_gone",
@@ -335,9 +343,10 @@ class Connection:
         self._send: Send = send or websocket.send
         # The server's way to write a text frame without a coroutine, when it
         # offers one (``samvad serve`` does: samvad.web.uvicorn_ws).
-        self._send_now: Callable[[str], bool] | None = websocket.scope.get("extensions", {}).get(
-            SEND_TEXT
-        )
+        extensions = websocket.scope.get("extensions") or {}
+        self._send_now: Callable[[str], bool] | None = extensions.get(SEND_TEXT)
+        # And to hand what it wrote in this turn to the socket at once (after an ack).
+        self._flush_now: Callable[[], None] | None = extensions.get(FLUSH)
         # With it, and no journal to wait for, a frame with nothing queued
         # before it is written by whoever makes it (``_write_now``): the writer
         # task is woken only for a backlog, a close, or a socket that is full.
@@ -400,11 +409,15 @@ class Connection:
     def send(self, frame: Frame) -> None:
         self.send_text(encode(frame))
 
-    def send_text(self, text: str) -> None:
+    def send_text(self, text: str, *, urgent: bool = False) -> None:
         """Send a frame, after those queued; a full queue means the client
-        reads too slowly: close it."""
-        if not self._write_now(text):
-            self._push(text)
+        reads too slowly: close it. An ``urgent`` frame (an ``ack``) goes to
+        the socket as soon as it is written, not at the end of the loop's turn."""
+        if self._write_now(text):
+            if urgent and self._flush_now is not None:
+                self._flush_now()
+        else:
+            self._push(_Urgent(text) if urgent else text)
 
     def _write_now(self, text: str) -> bool:
         """Write ``text`` at once if the writer has nothing queued, is waiting
@@ -476,6 +489,7 @@ class Connection:
         out = self._out
         send = self._send
         send_now = self._send_now
+        flush_now = self._flush_now
         persistence = self.hub.service.persistence
         loop = asyncio.get_running_loop()
         # Acknowledged means durable: no frame leaves before the journal has
@@ -501,6 +515,8 @@ class Connection:
                 text = item if isinstance(item, str) else item.encoded()
                 if send_now is None or not send_now(text):
                     await send({"type": "websocket.send", "text": text})
+                if item.__class__ is _Urgent and flush_now is not None:
+                    flush_now()
             except (WebSocketDisconnect, WebSocketDisconnected, OSError, TimeoutError):
                 self._peer_gone = True
                 return
@@ -922,9 +938,10 @@ class Hub:
                 assert isinstance(device, Connection)
                 device.send_chunk(event, text)
             return
+        urgent = event.__class__ is Acked
         for device in devices:
             assert isinstance(device, Connection)
-            device.send_text(text)
+            device.send_text(text, urgent=urgent)
 
     def disconnect(self, devices: Sequence[Device], why: Disconnect) -> None:
         """Close ``devices`` after what is queued for them."""

@@ -35,6 +35,12 @@ changes four things and nothing on the wire (nor in what the app receives):
   ASGI ``send`` per frame through every middleware's wrapper. When it cannot
   (not writable: the client reads slowly; an extension; closing), the frame
   goes through ``send`` as before.
+- **An app may hand a frame to the socket at once**: :data:`FLUSH` in the
+  same ``extensions`` writes what the connection has buffered in this turn
+  now, instead of when the next turn begins. The connection does so after an
+  ``ack``: under load a turn of the loop is long (every reply streaming on
+  every connection has a chunk in it), and the sender should not wait for it
+  to end to learn that its message is stored.
 
 Selected in :func:`samvad.server.uvicorn_config` (``ws=``); an app served by
 another server simply gets that server's writes.
@@ -59,6 +65,7 @@ except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
 __all__ = [
+    "FLUSH",
     "SEND_TEXT",
     "TurnBuffer",
     "TurnWebSocketProtocol",
@@ -71,6 +78,9 @@ __all__ = [
 #: a text frame without a coroutine: ``send_text(text) -> bool``, False when
 #: it must go through the ASGI ``send`` instead (the frame is then not written).
 SEND_TEXT = "samvad.websocket.send_text"
+#: The ASGI extension through which an app may hand what it has written during
+#: this turn of the loop to the socket at once: ``flush() -> None``.
+FLUSH = "samvad.websocket.flush"
 
 #: FIN and the text opcode: the first byte of an unfragmented text frame.
 _FIN_TEXT = 0x81
@@ -387,7 +397,9 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
         super().handle_connect(event)
         scope = getattr(self, "scope", None)  # not made for a refused handshake
         if scope is not None:
-            scope["extensions"][SEND_TEXT] = self.send_text_now
+            extensions = scope["extensions"]
+            extensions[SEND_TEXT] = self.send_text_now
+            extensions[FLUSH] = self.transport.flush
 
     def send_text_now(self, text: str) -> bool:
         """Write a text frame at once, if nothing stands in the way: True when

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -21,6 +22,7 @@ from samvad.server import uvicorn_config
 from samvad.web.app import create_app
 from samvad.web.uvicorn_ws import TurnBuffer, TurnWebSocketProtocol, text_frame_header
 from tests.support.server import live_server
+from tests.support.stores import FlakyStore
 from tests.web.test_realtime import RawSocket
 
 
@@ -241,7 +243,7 @@ async def _started(
             yield ws
 
 
-async def test_the_frames_of_one_message_leave_in_one_socket_write() -> None:
+async def test_the_ack_leaves_at_once_and_the_reply_made_in_its_turn_in_one_write() -> None:
     writes: list[bytes] = []
     _CountedBuffer.writes = writes
     async with _started(_Counted, "one-write") as ws:
@@ -254,8 +256,56 @@ async def test_the_frames_of_one_message_leave_in_one_socket_write() -> None:
             frames = await _frames(ws, 4)
             kinds = [f["type"] for f in frames]
             assert kinds == ["ack", "reply.start", "reply.chunk", "reply.end"]
-        assert len(writes) == before + 1
-        assert writes[-1].count(b'{"type":') == 4
+        # The ack is handed to the socket as soon as it is made (FLUSH), not
+        # held for the end of the turn; the reply's three frames go together.
+        assert len(writes) == before + 2
+        assert writes[-2].startswith(b"\x81") and writes[-2].count(b'{"type":"ack"') == 1
+        assert writes[-2].count(b'{"type":') == 1
+        assert writes[-1].count(b'{"type":') == 3
+
+
+async def test_with_a_journal_the_ack_still_leaves_in_a_write_of_its_own(tmp_path: Path) -> None:
+    # With a journal the connection's writer task sends every frame, once the
+    # journal has the writes before it; it hands the ack to the socket at once.
+    writes: list[bytes] = []
+    _CountedBuffer.writes = writes
+    settings = Settings(
+        store="memory", journal=True, data_dir=tmp_path / "data", ws_reply_chunk_delay=0.0
+    )
+    # A store that says it is durable, as Firestore is: the journal opens.
+    app = create_app(settings, store_factory=lambda _: FlakyStore())
+    async with live_server(app, ws=_Counted) as server:
+        assert server.services.persistence.journal is not None
+        server.services.hub.responder = OneChunk()
+        async with connect(f"{server.ws_url}/ws", compression=None) as ws:
+            await ws.send(json.dumps({"type": "start", "userId": "journalled"}))
+            await _frames(ws, 1)
+            for text in ("hello", "again"):
+                await ws.send(json.dumps({"type": "message", "text": text}))
+                kinds: list[str] = []
+                async with asyncio.timeout(10):
+                    while not kinds or kinds[-1] != "reply.end":
+                        kind = json.loads(await ws.recv())["type"]
+                        if kind != "durable":  # the store's commits, whenever they come
+                            kinds.append(kind)
+                assert kinds == ["ack", "reply.start", "reply.chunk", "reply.end"]
+    acks = [write for write in writes if b'{"type":"ack"' in write]
+    assert len(acks) == 2
+    assert all(write.count(b'{"type":') == 1 for write in acks)
+
+
+async def test_flush_hands_what_this_turn_wrote_to_the_socket_at_once() -> None:
+    wire = Wire()
+    buffer = TurnBuffer(wire, asyncio.get_running_loop())
+    buffer.write(b"ack")
+    buffer.flush()
+    assert wire.writes == [b"ack"]  # before the turn ends
+    buffer.write(b"chunk")
+    buffer.write(b"end")
+    await next_turn()
+    assert wire.writes == [b"ack", b"chunkend"]
+    await next_turn()
+    assert wire.writes == [b"ack", b"chunkend"]  # nothing written twice
 
 
 def test_samvad_serve_runs_the_turn_protocol() -> None:
