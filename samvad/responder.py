@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -78,7 +79,8 @@ ResponderFactory = Callable[[Settings], Responder]
 
 class SharedTimerSleep:
     """``asyncio.sleep`` for many paced streams at once: the sleeps that end in
-    the same ``resolution`` seconds share one timer of the event loop.
+    the same ``resolution`` seconds share one timer of the event loop, and a
+    turn of the loop wakes at most ``per_turn`` of them.
 
     A reply streamed word by word sleeps between every two words; a thousand
     such replies make tens of thousands of loop timers a second, and one timer
@@ -86,17 +88,30 @@ class SharedTimerSleep:
     Here a sleep waits on a future filed under the moment it ends, rounded up
     to ``resolution``; one timer wakes every future of that moment. A sleep
     lasts at least ``delay`` and at most ``resolution`` more (libuv's timers
-    count whole milliseconds anyway). Cancelling a sleeper is safe at any
+    count whole milliseconds anyway), unless the loop is behind.
+
+    When it is behind, the sleepers that are due wait in line, oldest first,
+    and each turn of the loop wakes the next ``per_turn`` of them. The loop
+    reads its sockets between two turns, so a message that comes in is
+    handled after at most ``per_turn`` replies' next words, not after every
+    reply streaming on the server has had its turn. A reply woken late sends
+    what is due by then (:class:`EchoResponder`), so the words still arrive on
+    schedule as far as the CPU allows. Cancelling a sleeper is safe at any
     point: a cancelled future is skipped when its moment comes.
     """
 
-    __slots__ = ("_due", "resolution")
+    __slots__ = ("_due", "_ready", "per_turn", "resolution")
 
-    def __init__(self, resolution: float = 0.001) -> None:
+    def __init__(self, resolution: float = 0.001, per_turn: int = 32) -> None:
         if resolution <= 0:
             raise ValueError("A timer resolution must be positive.")
+        if per_turn < 1:
+            raise ValueError("A turn must wake at least one sleeper.")
         self.resolution = resolution
+        self.per_turn = per_turn
         self._due: dict[tuple[asyncio.AbstractEventLoop, int], list[asyncio.Future[None]]] = {}
+        #: Per loop, the due sleepers not woken yet, oldest first.
+        self._ready: dict[asyncio.AbstractEventLoop, deque[asyncio.Future[None]]] = {}
 
     def __call__(self, delay: float) -> Awaitable[None]:
         # A plain function returning what to await (the future itself): no
@@ -115,9 +130,25 @@ class SharedTimerSleep:
         return future
 
     def _wake(self, key: tuple[asyncio.AbstractEventLoop, int]) -> None:
-        for future in self._due.pop(key):
+        loop = key[0]
+        line = self._ready.get(loop)
+        if line is None:  # woken by one callback, turn after turn, while it lasts
+            line = self._ready[loop] = deque()
+            loop.call_soon(self._wake_next, loop)
+        line.extend(self._due.pop(key))
+
+    def _wake_next(self, loop: asyncio.AbstractEventLoop) -> None:
+        ready = self._ready[loop]
+        woken = 0
+        while ready and woken < self.per_turn:
+            future = ready.popleft()
             if not future.done():
                 future.set_result(None)
+                woken += 1
+        if ready:
+            loop.call_soon(self._wake_next, loop)
+        else:
+            del self._ready[loop]
 
 
 def _tail(text: str, words: int) -> str:

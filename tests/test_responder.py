@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -195,6 +196,53 @@ async def test_a_cancelled_sleeper_does_not_disturb_the_others_of_its_moment() -
     assert sleep._due == {}  # nothing is left behind
 
 
+class Turns:
+    """Counts the turns of the running loop: a callback that schedules itself
+    once per turn, as a socket read or any other callback waits its turn."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.count = 0
+        self._handle = self.loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self.count += 1
+        self._handle = self.loop.call_soon(self._tick)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+
+async def test_a_turn_of_the_loop_wakes_at_most_per_turn_sleepers_oldest_first() -> None:
+    sleep = SharedTimerSleep(resolution=0.01, per_turn=10)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    loop.time = lambda: started  # type: ignore[method-assign]
+    try:  # 45 sleepers of one moment, then 10 of the next, all due when it fires
+        first = [sleep(0.02) for _ in range(45)]
+        loop.time = lambda: started + 0.01  # type: ignore[method-assign]
+        second = [sleep(0.02) for _ in range(10)]
+    finally:
+        del loop.time
+    sleepers = first + second
+    # Sleepers cancelled before their moment are skipped and not counted.
+    for future in first[:5]:
+        future.cancel()
+    woken_in: dict[int, int] = {}
+    turns = Turns()
+    for index, future in enumerate(sleepers):
+        future.add_done_callback(lambda _, i=index: woken_in.setdefault(i, turns.count))
+    await asyncio.sleep(0.1)  # both moments have come and gone
+    await asyncio.gather(*sleepers[5:])
+    turns.stop()
+    woken = [woken_in[i] for i in range(5, len(sleepers))]
+    assert woken == sorted(woken)  # oldest first, across moments
+    per_turn = Counter(woken)
+    assert max(per_turn.values()) == 10
+    assert len(per_turn) == 5  # 50 sleepers left, ten a turn: other callbacks ran between
+    assert sleep._ready == {} and sleep._due == {}  # nothing is left behind
+
+
 async def test_a_zero_delay_yields_once_without_a_timer() -> None:
     sleep = SharedTimerSleep()
     with CountedTimers(sleep) as counted:
@@ -205,6 +253,8 @@ async def test_a_zero_delay_yields_once_without_a_timer() -> None:
 def test_a_timer_resolution_must_be_positive() -> None:
     with pytest.raises(ValueError, match="must be positive"):
         SharedTimerSleep(resolution=0)
+    with pytest.raises(ValueError, match="at least one sleeper"):
+        SharedTimerSleep(per_turn=0)
 
 
 def test_negative_chunk_delay_is_refused() -> None:
