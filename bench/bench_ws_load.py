@@ -95,6 +95,12 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="generator processes")
     parser.add_argument("--chunk-delay", type=float, default=0.02)
     parser.add_argument("--python", help="the interpreter that runs the server")
+    parser.add_argument(
+        "--server-root",
+        type=Path,
+        help="the Samvad checkout the server runs from (default: this one); "
+        "the generators are always this checkout's",
+    )
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument(
         "--gc",
@@ -129,6 +135,7 @@ def main() -> None:
         open_files=args.connections + 1000,
         python=args.python,
         module="bench._serve" if args.gc else "samvad",
+        root=args.server_root.resolve() if args.server_root else None,
     )
     figures: dict[str, Any] = {
         "connections": args.connections,
@@ -137,6 +144,7 @@ def main() -> None:
         "generator_processes": args.processes,
         "server_env": env,
         "server": "python -m samvad serve --store memory (1 process)",
+        "server_root": str(args.server_root or "this checkout"),
     }
     with server:
         time.sleep(1)

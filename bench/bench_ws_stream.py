@@ -9,8 +9,9 @@ the built-in responder streaming word by word with ``--chunk-delay`` between
 words: about 38 frames per message) once per rate and tree, alternating the
 trees (baseline first) and repeating the round ``--repetitions`` times, so
 that both trees see the same machine. ``--baseline`` is another checkout of
-Samvad (e.g. a ``git worktree`` of ``main``): its own ``bench/bench_ws_load.py``
-runs its own ``samvad`` (``PYTHONPATH``); the interpreter is this one. Without
+Samvad (e.g. a ``git worktree`` of ``main``): its ``samvad`` serves
+(``bench_ws_load.py --server-root``), loaded by this checkout's generators, so
+that both trees are measured by the same instrument; the interpreter is this one. Without
 ``--baseline`` only this tree runs.
 
 Prints, per run, message → ``ack`` p50/p99 as the generators saw it, the
@@ -39,7 +40,9 @@ def run_once(tree: Path, *, rate: float, args: argparse.Namespace) -> dict[str, 
         out = Path(scratch) / "load.json"
         command = [
             sys.executable,
-            str(tree / "bench" / "bench_ws_load.py"),
+            str(ROOT / "bench" / "bench_ws_load.py"),
+            "--server-root",
+            str(tree),
             "--connections",
             str(args.connections),
             "--rate",
@@ -52,7 +55,7 @@ def run_once(tree: Path, *, rate: float, args: argparse.Namespace) -> dict[str, 
             str(out),
         ]
         subprocess.run(
-            command, cwd=tree, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         figures: dict[str, Any] = json.loads(out.read_text())["figures"]
     ack = figures["message_to_ack"]
