@@ -316,6 +316,7 @@ class Connection:
         "_stop_reading",
         "_supervised",
         "_touched",
+        "_urgent",
         "_wakeup",
         "_watchdog",
         "_writer",
@@ -347,6 +348,8 @@ class Connection:
         self._send_now: Callable[[str], bool] | None = extensions.get(SEND_TEXT)
         # And to hand what it wrote in this turn to the socket at once (after an ack).
         self._flush_now: Callable[[], None] | None = extensions.get(FLUSH)
+        #: An urgent frame was written directly while a frame was handled.
+        self._urgent = False
         # With it, and no journal to wait for, a frame with nothing queued
         # before it is written by whoever makes it (``_write_now``): the writer
         # task is woken only for a backlog, a close, or a socket that is full.
@@ -412,10 +415,11 @@ class Connection:
     def send_text(self, text: str, *, urgent: bool = False) -> None:
         """Send a frame, after those queued; a full queue means the client
         reads too slowly: close it. An ``urgent`` frame (an ``ack``) goes to
-        the socket as soon as it is written, not at the end of the loop's turn."""
+        the socket once the frame that caused it is handled (with what that
+        made too: the start of the reply), not at the end of the loop's turn."""
         if self._write_now(text):
-            if urgent and self._flush_now is not None:
-                self._flush_now()
+            if urgent:
+                self._urgent = True
         else:
             self._push(_Urgent(text) if urgent else text)
 
@@ -496,12 +500,21 @@ class Connection:
         # every write submitted before it was queued. One wait covers every
         # frame queued when it began (``covered``, at the head of the queue).
         covered = 0
+        # An urgent frame was written: hand it to the socket, with what was
+        # queued after it, before waiting for anything.
+        urgent = False
         while True:
             if not out:
+                if urgent and flush_now is not None:
+                    urgent = False
+                    flush_now()
                 wakeup = self._wakeup = loop.create_future()
                 await wakeup
                 continue
             if not covered and persistence.journal is not None:
+                if urgent and flush_now is not None:
+                    urgent = False
+                    flush_now()
                 covered = len(out)
                 await persistence.durable()  # JournalUnavailable: close, send nothing more
             item = out.pop(0)
@@ -515,8 +528,8 @@ class Connection:
                 text = item if isinstance(item, str) else item.encoded()
                 if send_now is None or not send_now(text):
                     await send({"type": "websocket.send", "text": text})
-                if item.__class__ is _Urgent and flush_now is not None:
-                    flush_now()
+                if item.__class__ is _Urgent:
+                    urgent = True
             except (WebSocketDisconnect, WebSocketDisconnected, OSError, TimeoutError):
                 self._peer_gone = True
                 return
@@ -554,6 +567,10 @@ class Connection:
                     self.close(exc.close_code, exc.code)
                 except SamvadError as exc:
                     self.send(error_frame(exc.code, exc.message))
+                if self._urgent:
+                    self._urgent = False
+                    if self._flush_now is not None:
+                        self._flush_now()
         finally:
             if self._watchdog is not None:
                 self._watchdog.cancel()

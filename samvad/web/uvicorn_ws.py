@@ -37,10 +37,11 @@ changes four things and nothing on the wire (nor in what the app receives):
   goes through ``send`` as before.
 - **An app may hand a frame to the socket at once**: :data:`FLUSH` in the
   same ``extensions`` writes what the connection has buffered in this turn
-  now, instead of when the next turn begins. The connection does so after an
-  ``ack``: under load a turn of the loop is long (every reply streaming on
-  every connection has a chunk in it), and the sender should not wait for it
-  to end to learn that its message is stored.
+  now, instead of when the next turn begins. The connection does so once it
+  has handled a message it acknowledged (the ``ack`` and the start of the
+  reply in one write): under load a turn of the loop is long (every reply
+  streaming on every connection has a chunk in it), and the sender should
+  not wait for it to end to learn that its message is stored.
 
 Selected in :func:`samvad.server.uvicorn_config` (``ws=``); an app served by
 another server simply gets that server's writes.
