@@ -130,11 +130,12 @@ class YoungCollections:
     the youngest generation fills with the objects of every reply started
     since: measured at 1,000 messages a second, it held 10,000 objects when a
     collection finally came, and the collections paused the loop for up to
-    22 ms (the youngest) and 32 ms (the middle one). On a schedule each
-    collection has a few milliseconds' worth of new objects to walk: pauses
-    of at most about 5 and 10 ms in the same run, for the same total work
-    (docs/benchmarks.md, section 21). An idle server's collections find
-    nothing to walk. Nothing is collected while ``gc`` is disabled.
+    22 ms (the youngest) and 32 ms (the middle one). On this schedule (every
+    50 and 200 ms) each collection has a few dozen milliseconds' worth of new
+    objects to walk: pauses of at most about 4 and 12 ms at the same load, for
+    about the same total work (docs/benchmarks.md, section 21). An idle
+    server's collections find nothing to walk. Nothing is collected while
+    ``gc`` is disabled.
     """
 
     __slots__ = ("_collect", "_count", "_handle", "_loop", "middle_every", "period")
@@ -143,8 +144,8 @@ class YoungCollections:
         self,
         loop: asyncio.AbstractEventLoop,
         *,
-        period: float = 0.02,
-        middle_every: int = 5,
+        period: float = 0.05,
+        middle_every: int = 4,
         collect: Callable[[int], object] = gc.collect,
     ) -> None:
         if period <= 0 or middle_every < 1:

@@ -42,7 +42,7 @@ async def test_the_youngest_generation_every_period_the_middle_one_every_fifth(
     async with asyncio.timeout(10):
         await twelve.wait()
     young.stop()
-    assert collected[:10] == [0, 0, 0, 0, 1, 0, 0, 0, 0, 1]
+    assert collected[:10] == [0, 0, 0, 0, 1, 0, 0, 0, 0, 1]  # as asked, not the defaults
     count = len(collected)
     await asyncio.sleep(0.05)
     assert len(collected) == count  # stopped
