@@ -12,6 +12,12 @@ and the server, not the generator, is what saturates.
 The parent drives it through :class:`WsClientProcess`: ``connect`` a named
 group of connections (optionally with a ``start`` frame that must be answered
 by ``started``), ``run`` a group for some seconds, ``close`` a group.
+
+``pace`` is the open-loop counterpart: messages at a fixed rate in total,
+round robin over a group's connections, whatever the replies are doing, and
+message → ``ack`` timed per message (the ``clientId`` each message carries
+comes back in its ``ack``). Every other frame is only counted, so the
+generator stays far below the server's CPU while a thousand replies stream.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import base64
 import contextlib
 import multiprocessing
 import os
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -147,6 +154,12 @@ class _Conn(asyncio.Protocol):
         if opcode != 0x1:
             return
         group.frames += 1
+        if group.pacing is not None:
+            if payload.startswith(b'{"type":"ack"'):
+                group.pacing.acked(payload)
+                return
+            if payload.startswith(b'{"type":"interrupted"'):
+                group.pacing.interrupted += 1
         if payload.startswith(b'{"type":"error"'):
             group.errors += 1
         if not self.ready.done():
@@ -186,11 +199,34 @@ class _Group:
         self.closes = 0
         self.in_flight = 0
         self.drained: asyncio.Event = asyncio.Event()
+        self.pacing: _Pacing | None = None
 
     def finished_one(self) -> None:
         self.in_flight -= 1
         if self.in_flight <= 0:
             self.drained.set()
+
+
+_CLIENT_ID = re.compile(rb'"clientId":"([^"]+)"')
+
+
+class _Pacing:
+    """Send times of the messages not yet acknowledged, and the latencies."""
+
+    def __init__(self) -> None:
+        self.sent: dict[bytes, int] = {}
+        self.latencies_ns: list[int] = []
+        self.unknown_acks = 0
+        self.interrupted = 0
+
+    def acked(self, payload: bytes) -> None:
+        now = time.perf_counter_ns()
+        found = _CLIENT_ID.search(payload)
+        sent = self.sent.pop(found.group(1), None) if found else None
+        if sent is None:
+            self.unknown_acks += 1
+        else:
+            self.latencies_ns.append(now - sent)
 
 
 class _Client:
@@ -250,6 +286,61 @@ class _Client:
             "sending_s": round(sending, 3),
             "elapsed_s": round(time.perf_counter() - started, 3),
             "not_drained": group.in_flight,
+            "client_cpu_s": round(sum(os.times()[:2]) - cpu, 3),
+        }
+
+    async def pace(
+        self, name: str, rate: float, seconds: float, text: str, drain: float = 10.0
+    ) -> dict[str, Any]:
+        """``rate`` messages a second in total for ``seconds``, round robin
+        over the group's connections; then up to ``drain`` seconds for the
+        last acks. The latencies (ns, in the order the acks came) and the counts."""
+        group = self.groups[name]
+        live = [c for c in group.conns if not c.closed]
+        pacing = group.pacing = _Pacing()
+        group.frames = group.errors = 0
+        loop = asyncio.get_running_loop()
+        interval = 1.0 / rate
+        total = int(rate * seconds)
+        cpu = sum(os.times()[:2])
+        began = loop.time()
+        sent = 0
+        while sent < total:
+            # Every message due by now goes out (the loop may wake late).
+            due = min(total, int((loop.time() - began) / interval) + 1)
+            while sent < due:
+                conn = live[sent % len(live)]
+                client_id = b"m%d" % sent
+                payload = (
+                    b'{"type":"message","text":'
+                    + text.encode()
+                    + b',"clientId":"'
+                    + client_id
+                    + b'"}'
+                )
+                pacing.sent[client_id] = time.perf_counter_ns()
+                if not conn.closed:
+                    conn.send(payload)
+                sent += 1
+            # At least a millisecond: the loop's timers count whole ones, and a
+            # shorter sleep spins. Messages due meanwhile go out together.
+            await asyncio.sleep(max(0.001, began + sent * interval - loop.time()))
+        sending = loop.time() - began
+        deadline = loop.time() + drain
+        while pacing.sent and loop.time() < deadline:  # noqa: ASYNC110 (acks come on protocols)
+            await asyncio.sleep(0.05)
+        group.pacing = None
+        return {
+            "sent": sent,
+            "acked": len(pacing.latencies_ns),
+            "unacked": len(pacing.sent),
+            "unknown_acks": pacing.unknown_acks,
+            "latencies_ns": pacing.latencies_ns,
+            "interrupted": pacing.interrupted,
+            "frames": group.frames,
+            "errors": group.errors,
+            "closes": group.closes,
+            "sending_s": round(sending, 3),
             "client_cpu_s": round(sum(os.times()[:2]) - cpu, 3),
         }
 
@@ -322,6 +413,10 @@ class WsClientProcess:
 
     def close(self, name: str) -> dict[str, Any]:
         return self._call("close", name)
+
+    def pace(self, name: str, rate: float, seconds: float, text: str) -> dict[str, Any]:
+        """Open loop: see :meth:`_Client.pace` (``text`` is a JSON string literal)."""
+        return self._call("pace", name, rate, seconds, text)
 
     def stop(self) -> None:
         if self._process.is_alive():

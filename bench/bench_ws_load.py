@@ -17,7 +17,11 @@ Starts ``python -m samvad serve --store memory`` (one process) and a load of
 
 A sample is message → ``ack`` on the client, so it includes the generator's
 own scheduling delay: when a generator saturates its core, the figures say so
-(``generator_cpu_percent``).
+(``generator_cpu_percent``). ``--generator lean`` replaces the ``websockets``
+generators with one process of ``bench/_ws_raw.py`` (``pace``: raw frames, no
+task per connection, only the acks parsed), which uses a fraction of their
+CPU: on a two-core machine the server then has a core to itself, as it would
+with its clients elsewhere.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import ServerProcess, cpu_seconds, emit, ms, percentiles, raise_open_files
-from bench._ws_load import LoadConfig, LoadRun, merge_results
+from bench._ws_load import QUESTION, LoadConfig, LoadRun, merge_results
+from bench._ws_raw import Exchange, WsClientProcess
 
 
 def start_profiler(path: str, pid: int, duration: float) -> subprocess.Popen[bytes]:
@@ -87,12 +92,77 @@ def summarize(run: LoadRun, duration: float) -> dict[str, Any]:
     }
 
 
+def run_lean(server: ServerProcess, args: argparse.Namespace) -> dict[str, Any]:
+    """The phases of :func:`main` with the lean generator (``bench/_ws_raw.py``)."""
+    time.sleep(1)
+    rss_idle = server.rss_kib()
+    client = WsClientProcess(open_files=args.connections + 1000)
+    try:
+        hello = b'{"type":"start","userId":"lean-{i}","historyLimit":0}'
+        began = time.monotonic()
+        opened = client.connect(
+            "load", server.ws_url, args.connections, Exchange(b"", None, hello=hello)
+        )
+        connect_seconds = round(time.monotonic() - began, 1)
+        time.sleep(2)
+        rss_connected = server.rss_kib()
+        assert client.pid is not None
+        server_cpu, load_cpu = server.cpu_seconds(), cpu_seconds(client.pid)
+        wall = time.monotonic()
+        profiler = start_profiler(args.profile, server.pid, args.duration) if args.profile else None
+        paced = client.pace("load", args.rate, args.duration, json.dumps(QUESTION))
+        if profiler is not None:
+            profiler.wait()
+        active = time.monotonic() - wall
+        server_cpu = server.cpu_seconds() - server_cpu
+        load_cpu = cpu_seconds(client.pid) - load_cpu
+        rss_active = server.rss_kib()
+    finally:
+        client.stop()
+    connected = max(1, opened["connected"])
+    return {
+        "generator": "lean (bench/_ws_raw.py, one process)",
+        "connect_seconds": connect_seconds,
+        "connected": opened["connected"],
+        "connect_failures": opened["failures"],
+        "sent": paced["sent"],
+        "acked": paced["acked"],
+        "unacked": paced["unacked"],
+        "unknown_acks": paced["unknown_acks"],
+        "achieved_rate_per_second": round(paced["acked"] / args.duration, 1),
+        "message_to_ack": ms(percentiles(paced["latencies_ns"])),
+        "frames_received": paced["frames"],
+        "interrupted": paced["interrupted"],
+        "errors": {"error_frames": paced["errors"]} if paced["errors"] else {},
+        "unexpected_closes": {"closes": paced["closes"]} if paced["closes"] else {},
+        "server_rss_mib": {
+            "idle": round(rss_idle / 1024, 1),
+            "connected": round(rss_connected / 1024, 1),
+            "after_load": round(rss_active / 1024, 1),
+        },
+        "server_kib_per_connection": {
+            "connected_idle": round((rss_connected - rss_idle) / connected, 1),
+            "after_load": round((rss_active - rss_idle) / connected, 1),
+        },
+        # CPU over the sending and the wait for the last acks.
+        "server_cpu_percent": round(100 * server_cpu / active, 1),
+        "generator_cpu_percent": round(100 * load_cpu / active, 1),
+        "server_health_after": server.healthz()["persistence"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=1000.0, help="messages/s in total")
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--processes", type=int, default=2, help="generator processes")
+    parser.add_argument(
+        "--generator",
+        choices=("websockets", "lean"),
+        default="websockets",
+        help="the load generator: websockets clients (default) or the lean raw client",
+    )
     parser.add_argument("--chunk-delay", type=float, default=0.02)
     parser.add_argument("--python", help="the interpreter that runs the server")
     parser.add_argument(
@@ -146,6 +216,12 @@ def main() -> None:
         "server": "python -m samvad serve --store memory (1 process)",
         "server_root": str(args.server_root or "this checkout"),
     }
+    if args.generator == "lean":
+        figures["generator_processes"] = 1
+        with server:
+            figures.update(run_lean(server, args))
+        emit("ws_load", figures, args.json)
+        return
     with server:
         time.sleep(1)
         rss_idle = server.rss_kib()

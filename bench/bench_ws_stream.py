@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_ws_stream.py --baseline ../other-tree \\
         [--rate 250 --rate 1000] [--repetitions 3] [--connections 1000] [--duration 15] \\
-        [--json bench/results/ws-stream.json]
+        [--generator lean] [--json bench/results/ws-stream.json]
 
 Runs ``bench/bench_ws_load.py`` (one ``samvad serve --store memory`` process,
 the built-in responder streaming word by word with ``--chunk-delay`` between
@@ -13,6 +13,11 @@ Samvad (e.g. a ``git worktree`` of ``main``): its ``samvad`` serves
 (``bench_ws_load.py --server-root``), loaded by this checkout's generators, so
 that both trees are measured by the same instrument; the interpreter is this one. Without
 ``--baseline`` only this tree runs.
+
+``--generator lean`` loads the server with the lean raw client instead of
+``websockets`` clients (``bench_ws_load.py --generator``): a quarter of a core
+instead of a whole one at 1,000 messages/s, so that on a two-core machine the
+figures are the server's rather than the two processes' fight for the cores.
 
 Prints, per run, message → ``ack`` p50/p99 as the generators saw it, the
 achieved message rate, the server's CPU, the frames received per message and
@@ -51,6 +56,8 @@ def run_once(tree: Path, *, rate: float, args: argparse.Namespace) -> dict[str, 
             str(args.duration),
             "--chunk-delay",
             str(args.chunk_delay),
+            "--generator",
+            args.generator,
             "--json",
             str(out),
         ]
@@ -86,6 +93,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--chunk-delay", type=float, default=0.02)
+    parser.add_argument(
+        "--generator",
+        choices=("websockets", "lean"),
+        default="websockets",
+        help="bench_ws_load.py's load generator",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
     rates = args.rate or [250.0, 1000.0]
