@@ -130,7 +130,7 @@ class YoungCollections:
     the youngest generation fills with the objects of every reply started
     since: measured at 1,000 messages a second, it held 10,000 objects when a
     collection finally came, and the collections paused the loop for up to
-    22 ms (the youngest) and 32 ms (the middle one). On this schedule (every
+    15 ms (the youngest) and 42 ms (the middle one). On this schedule (every
     50 and 200 ms) each collection has a few dozen milliseconds' worth of new
     objects to walk: pauses of at most about 4 and 12 ms at the same load, for
     about the same total work (docs/benchmarks.md, section 21). An idle
