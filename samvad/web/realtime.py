@@ -216,8 +216,9 @@ class _Chunk:
 
 
 class _Urgent(str):
-    """A queued frame the socket gets as soon as it is written (an ``ack``):
-    not held for the end of the loop's turn with what else is written in it."""
+    """A queued frame (an ``ack``) that the writer hands to the socket, with
+    what was queued after it, before it waits for anything: not held for the
+    end of the loop's turn."""
 
     __slots__ = ()
 
