@@ -184,6 +184,8 @@ def main() -> None:
     )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
+    if args.generator == "lean" and args.gc:
+        parser.error("--gc reports with the websockets generators only")
     raise_open_files(args.connections + 1000)
 
     env = {
