@@ -15,8 +15,9 @@ changes four things and nothing on the wire (nor in what the app receives):
   callback for every connection written to in that turn. Every write
   goes through the same buffer, so the bytes keep the order they were made
   in; closing the transport writes the buffer first. A frame leaves no earlier
-  than before, so the journal hold (no frame before the journal has the writes
-  before it) is untouched.
+  than the app hands it over (:data:`FLUSH` below only moves the write from the
+  turn's end to the moment the app asks), so the journal hold (no frame before
+  the journal has the writes before it) is untouched.
 - **Whole text frames are read here.** When a read holds nothing but whole,
   masked, unfragmented text frames and websockets' parser waits between two
   frames, the protocol unmasks and decodes them itself
