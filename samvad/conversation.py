@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+import msgspec
+
 from samvad.errors import BacklogFull
 from samvad.interruptions import Interruption
 from samvad.models import Message, Role, UserState
@@ -170,10 +172,13 @@ def plan_resume(
 
 
 # -- events: what devices are told ----------------------------------------------------
+#
+# Frozen msgspec structs, not frozen dataclasses: four are made per message
+# (ack, reply start, chunk and end), and a frozen dataclass's ``__init__``
+# costs several times as much.
 
 
-@dataclass(frozen=True, slots=True)
-class Acked:
+class Acked(msgspec.Struct, frozen=True):
     """The sender's message was stored (``ack``); ``duplicate`` when it had
     been already (the same ``clientId`` again): nothing was stored this time."""
 
@@ -182,23 +187,20 @@ class Acked:
     duplicate: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class MessageStored:
+class MessageStored(msgspec.Struct, frozen=True):
     """A message another device of the user should know about (``message``)."""
 
     message: Message
 
 
-@dataclass(frozen=True, slots=True)
-class ReplyStarted:
+class ReplyStarted(msgspec.Struct, frozen=True):
     """``reply.start``."""
 
     reply_id: str
     in_reply_to: int | None
 
 
-@dataclass(frozen=True, slots=True)
-class ReplyChunk:
+class ReplyChunk(msgspec.Struct, frozen=True):
     """``reply.chunk``."""
 
     reply_id: str
@@ -206,8 +208,7 @@ class ReplyChunk:
     text: str
 
 
-@dataclass(frozen=True, slots=True)
-class ReplyEnded:
+class ReplyEnded(msgspec.Struct, frozen=True):
     """``reply.end``: ``message`` is None when nothing was stored."""
 
     reply_id: str
@@ -216,8 +217,7 @@ class ReplyEnded:
     complete: bool
 
 
-@dataclass(frozen=True, slots=True)
-class ReplyInterrupted:
+class ReplyInterrupted(msgspec.Struct, frozen=True):
     """``interrupted``: what was heard, and what was stored of it."""
 
     reply_id: str
@@ -227,23 +227,20 @@ class ReplyInterrupted:
     late: bool
 
 
-@dataclass(frozen=True, slots=True)
-class StateChanged:
+class StateChanged(msgspec.Struct, frozen=True):
     """``state``."""
 
     state: UserState
 
 
-@dataclass(frozen=True, slots=True)
-class Durable:
+class Durable(msgspec.Struct, frozen=True):
     """``durable``: every message of the session up to ``seq`` is in the store."""
 
     session_id: str
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
-class SessionEnded:
+class SessionEnded(msgspec.Struct, frozen=True):
     """``ended``."""
 
     session_id: str

@@ -44,6 +44,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import msgspec
+
 from samvad.cache import Cached, Loader, ViewCache
 from samvad.clock import Clock, SystemClock, to_iso, truncate_ms
 from samvad.config import Settings
@@ -139,6 +141,8 @@ current_receipt: ContextVar[WriteReceipt | None] = ContextVar("samvad_write_rece
 def _json_value(value: object) -> object:
     if isinstance(value, datetime):
         return to_iso(value)
+    if isinstance(value, msgspec.Struct):  # a Message of a profile write
+        return msgspec.structs.asdict(value)
     return repr(value)
 
 

@@ -25,8 +25,9 @@ import importlib
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+import msgspec
 
 from samvad.config import Settings
 from samvad.errors import ConfigError
@@ -46,8 +47,7 @@ __all__ = [
 Sleep = Callable[[float], Awaitable[None]]
 
 
-@dataclass(frozen=True, slots=True)
-class ReplyContext:
+class ReplyContext(msgspec.Struct, frozen=True):
     """Everything a responder may use to answer one user message.
 
     ``interruption`` is set when the user cut off the previous reply (it is
@@ -59,7 +59,7 @@ class ReplyContext:
     session_id: str
     message: str
     history: tuple[Message, ...] = ()
-    state: Mapping[str, Any] = field(default_factory=dict)
+    state: Mapping[str, Any] = msgspec.field(default_factory=dict)
     language: str | None = None
     interruption: Interruption | None = None
     interruptions: tuple[Interruption, ...] = ()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -559,3 +561,28 @@ async def test_a_commit_landing_during_a_load_does_not_undo_what_the_load_read(
         profile = await p.get_profile("u1")
         assert profile is not None
         assert [m.content for m in profile.history] == ["mine 1", "mine 2", "theirs", "later"]
+
+
+async def test_the_dead_letter_keeps_a_refused_message_whole(
+    store: FlakyStore, clock: ManualClock, tmp_path: Path
+) -> None:
+    store.rejecting.add((PROFILES, "u1"))
+    async with Persistence(store, settings=settings(data_dir=tmp_path), clock=clock) as p:
+        message = p.append_message("u1", role=Role.USER, content="héllo", session_id="s1", seq=1)
+        await asyncio.wait_for(p.writes.flush(), 10)
+        assert p.status().writes_set_aside == 1
+    [line] = p.dead_letter_path.read_text().splitlines()
+    record = json.loads(line)
+    assert record["document"] == "user_profiles/u1"
+    assert record["change"]["append"] == [
+        {
+            "id": message.id,
+            "role": "user",
+            "content": "héllo",
+            "timestamp": "2025-01-10T17:00:00.000Z",
+            "session_id": "s1",
+            "interrupted": False,
+            "seq": 1,
+            "client_id": None,
+        }
+    ]

@@ -12,10 +12,10 @@ bytes between a socket and this module. The wire format is documented in
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from enum import Enum, IntEnum, StrEnum
 from typing import Any
 
+import msgspec
 from msgspec import UNSET, Struct
 
 from samvad.clock import to_iso
@@ -164,21 +164,19 @@ _TRANSITIONS: dict[ConnectionState, frozenset[ConnectionState]] = {
 # -- client frames ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Start:
+class Start(Struct, frozen=True):
     """``start``: open (or resume) a session for a user."""
 
     user_id: str
     session_id: str | None = None
     language: str | None = None
-    metadata: Mapping[str, Any] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = msgspec.field(default_factory=dict)
     token: str | None = None
     resume_from: int | None = None
     history_limit: int = DEFAULT_HISTORY_LIMIT
 
 
-@dataclass(frozen=True, slots=True)
-class UserMessage:
+class UserMessage(Struct, frozen=True):
     """``message``: chat text or a speech transcript (``final: false`` is interim)."""
 
     text: str
@@ -186,8 +184,7 @@ class UserMessage:
     client_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Interrupt:
+class Interrupt(Struct, frozen=True):
     """``interrupt``: barge-in; how much of the reply the user heard, and why."""
 
     heard_chars: int | None = None
@@ -196,37 +193,32 @@ class Interrupt:
     reply_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class StateUpdate:
+class StateUpdate(Struct, frozen=True):
     """``state``: merge fields into the user's state."""
 
     state: Mapping[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Ping:
+class Ping(Struct, frozen=True):
     """``ping``: heartbeat; ``ts`` is echoed back in ``pong``."""
 
     ts: str | int | float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class End:
+class End(Struct, frozen=True):
     """``end``: end the session explicitly."""
 
 
 ClientFrame = Start | UserMessage | Interrupt | StateUpdate | Ping | End
 
 
-@dataclass(frozen=True, slots=True)
-class Reject:
+class Reject(Struct, frozen=True):
     """Answer with an ``error`` frame; the connection stays usable."""
 
     error: SamvadError
 
 
-@dataclass(frozen=True, slots=True)
-class Close:
+class Close(Struct, frozen=True):
     """Close the connection with ``code`` (after an ``error`` frame with ``error``)."""
 
     code: CloseCode
