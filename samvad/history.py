@@ -136,11 +136,15 @@ class _MessageIds:
     millisecond and the counter already are.
     """
 
-    __slots__ = ("_next", "_suffix")
+    __slots__ = ("_next", "_prefix", "_suffix")
 
     def __init__(self) -> None:
         self._suffix = ""
         self._next = itertools.count().__next__
+        # The last timestamp and its milliseconds in hex: the messages of one
+        # millisecond share one timestamp object (samvad.clock.millisecond_now),
+        # and datetime.timestamp() costs more than the rest of the id.
+        self._prefix: tuple[datetime | None, str] = (None, "")
         self.reseed()
 
     def reseed(self) -> None:
@@ -148,9 +152,11 @@ class _MessageIds:
         self._suffix = secrets.token_hex(4)
 
     def __call__(self, at: datetime) -> str:
-        millis = int(at.timestamp() * 1000)
-        # %-formatting: about a third cheaper here than the same f-string.
-        return "%012x%08x%s" % (millis, self._next() & 0xFFFFFFFF, self._suffix)  # noqa: UP031
+        last, prefix = self._prefix
+        if at is not last:
+            prefix = "%012x" % int(at.timestamp() * 1000)  # noqa: UP031
+            self._prefix = (at, prefix)
+        return f"{prefix}{self._next() & 0xFFFFFFFF:08x}{self._suffix}"
 
 
 _message_ids = _MessageIds()

@@ -47,7 +47,7 @@ from typing import Any, Self
 import msgspec
 
 from samvad.cache import Cached, Loader, ViewCache
-from samvad.clock import Clock, SystemClock, to_iso, truncate_ms
+from samvad.clock import Clock, SystemClock, millisecond_now, to_iso
 from samvad.config import Settings
 from samvad.documents import (
     INTERRUPTIONS,
@@ -197,6 +197,7 @@ class Persistence:
     ) -> None:
         self.settings = settings or Settings()
         self.clock = clock or SystemClock()
+        self._now = millisecond_now(self.clock)
         self.store = store
         s = self.settings
         if store.bounds != HistoryBounds(cap=s.history_cap, max_bytes=s.history_max_bytes):
@@ -432,9 +433,6 @@ class Persistence:
                 ("sessions", self.sessions),
             )
         }
-
-    def _now(self) -> datetime:
-        return truncate_ms(self.clock.now())
 
     def _submit(self, write: Write) -> None:
         journal = self.journal

@@ -6,7 +6,14 @@ import random
 from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
-from samvad.clock import parse_iso, to_iso, truncate_ms
+from samvad.clock import (
+    ManualClock,
+    SystemClock,
+    millisecond_now,
+    parse_iso,
+    to_iso,
+    truncate_ms,
+)
 
 
 def _reference_iso(value: datetime) -> str:
@@ -90,3 +97,30 @@ def test_truncate_ms_keeps_the_type_zone_and_fold() -> None:
     truncated = truncate_ms(ambiguous)
     assert truncated.fold == 1 and truncated.microsecond == 500_000
     assert truncated.utcoffset() == ambiguous.utcoffset()
+
+
+def test_millisecond_now_reads_the_system_clock_to_the_millisecond() -> None:
+    now = millisecond_now(SystemClock())
+    for _ in range(2000):  # across several milliseconds
+        before = truncate_ms(datetime.now(UTC))
+        value = now()
+        after = datetime.now(UTC)
+        assert type(value) is datetime and value.tzinfo is UTC
+        assert value.microsecond % 1000 == 0
+        assert before <= value <= after
+
+
+def test_millisecond_now_gives_one_object_per_millisecond_and_a_new_one_after() -> None:
+    now = millisecond_now(SystemClock())
+    first = now()
+    while (value := now()) == first:
+        assert value is first
+    assert value - first >= timedelta(milliseconds=1)
+
+
+def test_millisecond_now_follows_any_other_clock_truncated() -> None:
+    clock = ManualClock(datetime(2025, 1, 10, 17, 0, 0, 123456, tzinfo=UTC))
+    now = millisecond_now(clock)
+    assert now() == datetime(2025, 1, 10, 17, 0, 0, 123000, tzinfo=UTC)
+    clock.advance(0.0015)
+    assert now() == datetime(2025, 1, 10, 17, 0, 0, 124000, tzinfo=UTC)

@@ -124,6 +124,12 @@ def test_message_ids_keep_their_wire_form_and_sort_by_time_then_creation() -> No
     assert ids[0][:12] == f"{1736528400123:012x}"
     assert len(set(ids)) == len(ids)
     assert ids == sorted(ids) and later > ids[-1]
+    # Each timestamp its own milliseconds, whichever came last (an equal but
+    # distinct datetime included).
+    again = new_message_id(at.replace())
+    earlier = new_message_id(at - timedelta(seconds=1))
+    assert again[:12] == ids[0][:12] and later[:12] == f"{1736528400124:012x}"
+    assert earlier[:12] == f"{1736528399123:012x}"
 
 
 def test_a_forked_child_makes_ids_of_its_own() -> None:
