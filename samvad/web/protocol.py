@@ -48,7 +48,7 @@ from samvad.errors import (
 from samvad.models import Message, Mode, UserState
 from samvad.validation import check_id, check_object, check_session_id
 from samvad.web import schemas
-from samvad.web.requests_json import parse_json
+from samvad.web.requests_json import flat_reader, parse_json
 
 __all__ = [
     "DEFAULT_HISTORY_LIMIT",
@@ -393,6 +393,16 @@ def parse_frame(data: str | bytes) -> ClientFrame:
     """
     if isinstance(data, bytes):
         raise BadFrame("Binary frames are not supported; send JSON text.")
+    flat = _read_flat(data)
+    if flat is not None:
+        return (
+            _parse_message(flat) if isinstance(flat, schemas.UserMessageFrame) else _parse_end(flat)
+        )
+    return _parse_any(data)
+
+
+def _parse_any(data: str) -> ClientFrame:
+    """:func:`parse_frame` the long way: any frame, and every error named."""
     raw = parse_json(data)
     if not isinstance(raw, dict):
         raise BadFrame("A frame must be a JSON object.")
@@ -463,6 +473,17 @@ def _parse_ping(frame: Struct) -> Ping:
 def _parse_end(frame: Struct) -> End:
     return End()
 
+
+def _message_reader() -> Callable[[str], Struct | None]:
+    reader = flat_reader(schemas.UserMessageFrame, schemas.EndFrame)
+    if reader is None:
+        raise RuntimeError("Message and end frames should be made of strings and booleans only.")
+    return reader
+
+
+#: Message (and end) frames, read straight into their shapes when that reads
+#: them exactly as the long way would (samvad.web.requests_json.flat_reader).
+_read_flat = _message_reader()
 
 _PARSERS: dict[str, tuple[type[Struct], Callable[[Any], ClientFrame]]] = {
     "start": (schemas.StartFrame, _parse_start),

@@ -21,7 +21,7 @@ import math
 import re
 import types
 from enum import StrEnum
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, Union
 
 import msgspec
 from msgspec import Struct
@@ -31,7 +31,14 @@ from samvad.errors import BadRequest, InvalidField, MalformedJson, PayloadTooLar
 from samvad.validation import check_text
 from samvad.web.schemas import decode_struct, type_candidates
 
-__all__ = ["decode_body", "parse_json", "parse_object", "read_body", "read_json_object"]
+__all__ = [
+    "decode_body",
+    "flat_reader",
+    "parse_json",
+    "parse_object",
+    "read_body",
+    "read_json_object",
+]
 
 _S = TypeVar("_S", bound=Struct)
 
@@ -213,7 +220,7 @@ async def decode_body(request: Request, shape: type[_S], *, limit: int) -> _S:
     content_type, declared = _body_headers(request)
     _check_content_type(content_type)
     raw = await _read_body(request, declared, limit=limit)
-    flat = _flat_reader(shape)
+    flat = flat_reader(shape)
     if flat is not None:
         body = flat(raw)
         if body is not None:
@@ -222,8 +229,9 @@ async def decode_body(request: Request, shape: type[_S], *, limit: int) -> _S:
 
 
 class _FlatBody(Generic[_S]):
-    """msgspec's decoder for a body of string fields, taking only what
-    :func:`parse_object` and :func:`~samvad.web.schemas.decode_struct` would
+    """msgspec's decoder for a body (or a WebSocket frame) of string and
+    boolean fields, taking only what :func:`parse_object` (or
+    :func:`parse_json`) and :func:`~samvad.web.schemas.decode_struct` would
     take, to the same value (about a tenth of their cost); None for anything
     else, which goes the long way and gets its answer or its error there.
 
@@ -231,48 +239,69 @@ class _FlatBody(Generic[_S]):
     nesting the long way refuses), no ``\\u`` escape (the only way to write a
     lone surrogate, or a field's name other than literally), and no field's
     name twice in the text (so no duplicate key: a name can appear in the
-    text only as itself).
+    text only as itself), the tag field of tagged shapes (a frame's ``type``)
+    included. Tagged shapes are read as a union of two or more, where msgspec
+    requires the tag (it does not when it reads a single tagged shape).
     """
 
-    __slots__ = ("_decoder", "_names")
+    __slots__ = ("_decoder", "_names", "_text_names")
 
-    def __init__(self, shape: type[_S]) -> None:
-        strict = types.new_class(
-            f"_Strict{shape.__name__}", (shape,), {"forbid_unknown_fields": True}
+    def __init__(self, *shapes: type[_S]) -> None:
+        strict = [
+            types.new_class(f"_Strict{shape.__name__}", (shape,), {"forbid_unknown_fields": True})
+            for shape in shapes
+        ]
+        tags = {shape.__struct_config__.tag_field for shape in shapes}
+        if len(tags) != 1 or (None in tags) != (len(shapes) == 1):
+            raise ValueError("One untagged shape, or two or more tagged by one field.")
+        self._decoder: msgspec.json.Decoder[_S] = msgspec.json.Decoder(
+            strict[0] if len(strict) == 1 else Union[tuple(strict)]  # noqa: UP007
         )
-        self._decoder: msgspec.json.Decoder[_S] = msgspec.json.Decoder(strict)
-        self._names = [f'"{f.encode_name}"'.encode() for f in msgspec.structs.fields(shape)]
+        names = {f.encode_name for shape in shapes for f in msgspec.structs.fields(shape)}
+        names.update(tag for tag in tags if tag is not None)
+        self._text_names = [f'"{name}"' for name in sorted(names)]
+        self._names = [name.encode() for name in self._text_names]
 
-    def __call__(self, raw: bytes) -> _S | None:
-        if b"\\u" in raw:
-            return None
-        for name in self._names:
-            if raw.count(name) > 1:
+    def __call__(self, raw: bytes | str) -> _S | None:
+        if isinstance(raw, str):
+            if "\\u" in raw:
                 return None
+            for text_name in self._text_names:
+                if raw.count(text_name) > 1:
+                    return None
+        else:
+            if b"\\u" in raw:
+                return None
+            for name in self._names:
+                if raw.count(name) > 1:
+                    return None
         try:
             return self._decoder.decode(raw)
         except msgspec.MsgspecError:
             return None
 
 
-_flat_readers: dict[type[Struct], _FlatBody[Any] | None] = {}
+_flat_readers: dict[tuple[type[Struct], ...], _FlatBody[Any] | None] = {}
 
 
-def _flat_reader(shape: type[_S]) -> _FlatBody[_S] | None:
-    """The fast reader of ``shape`` when all its fields are strings (or enums
-    of strings, or null); None for a shape with numbers, arrays or objects."""
+def flat_reader(*shapes: type[_S]) -> _FlatBody[_S] | None:
+    """The fast reader of a body of ``shapes`` (one untagged shape, or a union
+    of tagged ones) when all their fields are strings or booleans (or enums of
+    strings, or null); None for shapes with numbers, arrays or objects. It
+    reads bytes (a REST body) or text (a WebSocket frame)."""
     try:
-        return _flat_readers[shape]
+        return _flat_readers[shapes]
     except KeyError:
         pass
     flat = all(
-        candidate in (str, type(None))
+        candidate in (str, bool, type(None))
         or (isinstance(candidate, type) and issubclass(candidate, StrEnum))
+        for shape in shapes
         for field in msgspec.structs.fields(shape)
         for candidate in type_candidates(field.type)
     )
-    reader = _FlatBody(shape) if flat else None
-    _flat_readers[shape] = reader
+    reader = _FlatBody(*shapes) if flat else None
+    _flat_readers[shapes] = reader
     return reader
 
 

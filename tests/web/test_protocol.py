@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from samvad.clock import ManualClock
 from samvad.errors import (
@@ -20,7 +23,7 @@ from samvad.errors import (
     UnknownFrameType,
 )
 from samvad.models import Message, Role
-from samvad.web import schemas
+from samvad.web import protocol, schemas
 from samvad.web.protocol import (
     ERROR_CODES,
     FRAME_ERRORS,
@@ -201,6 +204,93 @@ def test_malformed_frames_are_rejected_with_a_stable_code(data: str | bytes, cod
     with pytest.raises(BadRequest) as caught:
         parse_frame(data)
     assert caught.value.code == code
+
+
+# Message and end frames the fast reader reads into their shapes (the rules
+# past the types, such as text that is only white space, come after it) ...
+FLAT_READ = [
+    '{"type":"message","text":"hello"}',
+    '{"type":"end"}',
+    '{"type": "message", "text": "hi", "final": false, "clientId": "c-1"}',
+    '{"text":"hi","type":"message"}',
+    '{"type":"message","text":"hi","final":true,"clientId":null}',
+    ' {"type" : "end"} ',
+    '{"type":"message","text":"नमस्ते 👋 \\n \\"q\\""}',
+    '{"type":"message","text":"   "}',
+    '{"type":"message","text":"a","clientId":""}',
+    '{"type":"message","text":"a","clientId":"bad/id"}',
+]
+# ... and what it leaves to the long way, which answers or names the error.
+FLAT_LEFT = [
+    # The tag: missing, twice, as a value, of another frame, escaped.
+    '{"text":"type"}',
+    '{"text":"no type"}',
+    '{"type":"message","type":"end","text":"x"}',
+    '{"type":"ping","type":"message","text":"x"}',
+    '{"type":"message","text":"type"}',
+    '{"type":"end","text":"x"}',
+    '{"type":"ping"}',
+    '{"type":"state","state":{}}',
+    '{"typ\\u0065":"message","text":"x"}',
+    '{"type":"m\\u0065ssage","text":"x"}',
+    # Duplicates, unknown fields, values of the wrong type or out of bounds.
+    '{"type":"message","text":"a","text":"b"}',
+    '{"type":"message","text":"a","final":true,"final":false}',
+    '{"type":"message","text":"a","extra":{"k":1,"k":2}}',
+    '{"type":"message","text":"a","extra":NaN}',
+    '{"type":"message","text":"a","final":1}',
+    '{"type":"message","text":"a","final":"yes"}',
+    '{"type":"message","text":""}',
+    '{"type":"message","text":5}',
+    '{"type":"message"}',
+    '{"type":"message","text":"a","clientId":"' + "x" * 500 + '"}',
+    '{"type":"message","text":"\\ud800"}',
+    '{"type":"message","text":"tab\there"}',
+    '{"type":"message","text":"a"} trailing',
+    '{"type":"message","text":"a"',
+    '["type","message"]',
+    '"message"',
+    "",
+]
+
+
+def _outcome(parse: Callable[[str], object], data: str) -> tuple[str, object]:
+    try:
+        return "ok", parse(data)
+    except BadRequest as exc:
+        return exc.code, str(exc)
+
+
+@pytest.mark.parametrize("data", FLAT_READ + FLAT_LEFT, ids=range(len(FLAT_READ + FLAT_LEFT)))
+def test_message_and_end_frames_read_fast_as_the_long_way_reads_them(data: str) -> None:
+    assert _outcome(parse_frame, data) == _outcome(protocol._parse_any, data)
+
+
+def test_the_fast_reader_takes_plain_message_and_end_frames_and_nothing_doubtful() -> None:
+    for data in FLAT_READ:
+        read = protocol._read_flat(data)
+        assert isinstance(read, schemas.UserMessageFrame | schemas.EndFrame), data
+    for data in FLAT_LEFT:
+        assert protocol._read_flat(data) is None, data
+
+
+@given(
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["message", "end", "ping", "type"])},
+        optional={
+            "text": st.text(max_size=20),
+            "final": st.one_of(st.booleans(), st.integers(), st.none()),
+            "clientId": st.one_of(st.text(max_size=12), st.none()),
+            "type ": st.text(max_size=3),
+        },
+    ),
+    st.booleans(),
+)
+def test_generated_frames_read_fast_as_the_long_way_reads_them(
+    fields: dict[str, object], ascii_only: bool
+) -> None:
+    data = json.dumps(fields, ensure_ascii=ascii_only)
+    assert _outcome(parse_frame, data) == _outcome(protocol._parse_any, data)
 
 
 # -- the state machine -----------------------------------------------------------------

@@ -13,8 +13,16 @@ from msgspec import Struct
 from starlette.requests import Request
 
 from samvad.errors import SamvadError
-from samvad.web.requests_json import _flat_reader, decode_body, parse_object
-from samvad.web.schemas import CreateSessionBody, HistoryBody, RefreshBody, decode_struct
+from samvad.web.requests_json import decode_body, flat_reader, parse_object
+from samvad.web.schemas import (
+    CreateSessionBody,
+    EndFrame,
+    HistoryBody,
+    PingFrame,
+    RefreshBody,
+    UserMessageFrame,
+    decode_struct,
+)
 
 HISTORY_BODIES = [
     b'{"role":"user","content":"What documents do I need?"}',
@@ -102,7 +110,7 @@ async def test_a_history_body_reads_as_the_general_reader_reads_it(raw: bytes) -
 
 
 async def test_the_fast_reader_takes_the_plain_bodies_and_nothing_doubtful() -> None:
-    reader = _flat_reader(HistoryBody)
+    reader = flat_reader(HistoryBody)
     assert reader is not None
     body = reader(HISTORY_BODIES[0])
     assert isinstance(body, HistoryBody)
@@ -115,9 +123,23 @@ async def test_the_fast_reader_takes_the_plain_bodies_and_nothing_doubtful() -> 
         assert reader(raw) is None
 
 
-def test_only_string_shapes_get_the_fast_reader() -> None:
-    assert _flat_reader(RefreshBody) is not None
-    assert _flat_reader(CreateSessionBody) is None  # metadata: any JSON object
+def test_only_string_and_boolean_shapes_get_the_fast_reader() -> None:
+    assert flat_reader(RefreshBody) is not None
+    assert flat_reader(CreateSessionBody) is None  # metadata: any JSON object
+    assert flat_reader(UserMessageFrame, EndFrame) is not None  # final: a boolean
+    assert flat_reader(UserMessageFrame, PingFrame) is None  # ts: a number
+
+
+def test_tagged_shapes_are_read_only_as_a_union_where_the_tag_is_required() -> None:
+    # Alone, msgspec reads a tagged shape whether or not the tag is there.
+    with pytest.raises(ValueError, match="tagged"):
+        flat_reader(UserMessageFrame)
+    with pytest.raises(ValueError, match="tagged"):
+        flat_reader(HistoryBody, RefreshBody)
+    reader = flat_reader(UserMessageFrame, EndFrame)
+    assert reader is not None
+    assert reader('{"text":"hi"}') is None
+    assert reader(b'{"type":"message","text":"hi"}') == reader('{"type":"message","text":"hi"}')
 
 
 async def test_the_fingerprint_of_a_body_is_the_same_either_way() -> None:
