@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from samvad.config import Settings
-from samvad.server import SamvadServer, YoungCollections, uvicorn_config
+from samvad.server import YOUNG_THRESHOLD, SamvadServer, YoungCollections, uvicorn_config
 from samvad.web.app import create_app
 
 
@@ -116,6 +116,7 @@ async def test_samvad_server_collects_on_a_schedule_while_it_runs(gc_on: None) -
                 await asyncio.sleep(0.01)
         young = server._young
         assert isinstance(young, YoungCollections) and young._handle is not None
+        assert gc.get_threshold()[0] == YOUNG_THRESHOLD
         server.should_exit = True
         async with asyncio.timeout(10):
             await serving
