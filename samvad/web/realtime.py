@@ -562,7 +562,16 @@ class Connection:
                 if data is None:
                     data = message.get("bytes") or b""
                 try:
-                    await self._dispatch(self.proto.receive(data))
+                    received = self.proto.receive(data)
+                    if received.__class__ is UserMessage:
+                        # Nearly every frame, handled here: without the two
+                        # coroutines _dispatch and an async handler would make.
+                        self.hub.count_frame(received)
+                        touch = self._on_message(received)
+                        if touch is not None:
+                            await self.hub.service.touch_session(touch)
+                    else:
+                        await self._dispatch(received)
                 except (Unauthorized, Forbidden) as exc:
                     self.send(error_frame(exc.code, exc.message))
                     self.close(exc.close_code, exc.code)
@@ -609,6 +618,7 @@ class Connection:
         self.close(CloseCode.IDLE_TIMEOUT, "idle timeout")
 
     async def _dispatch(self, received: Received) -> None:
+        """Handle any frame but a message (:meth:`_read_loop` handles those)."""
         self.hub.count_frame(received)
         if isinstance(received, Reject):
             logger.debug("connection %s: frame rejected (%s)", self.id, received.error.code)
@@ -623,8 +633,6 @@ class Connection:
             self.send(pong_frame(received.ts, to_iso(self.hub.clock.now())))
         elif isinstance(received, Start):
             await self._on_start(received)
-        elif isinstance(received, UserMessage):
-            await self._on_message(received)
         elif isinstance(received, Interrupt):
             self._on_interrupt(received)
         elif isinstance(received, StateUpdate):
@@ -708,9 +716,11 @@ class Connection:
             " (resume)" if frame.resume_from is not None else "",
         )
 
-    async def _on_message(self, frame: UserMessage) -> None:
+    def _on_message(self, frame: UserMessage) -> str | None:
+        """Handle a message frame; the session whose activity is now due to be
+        written (``touch_session``), if it is."""
         if not frame.final:
-            return  # interim transcript: only the final one is a message
+            return None  # interim transcript: only the final one is a message
         channel = self._session()
         hub = self.hub
         hub.engine.user_message(self, frame.text, client_id=frame.client_id)
@@ -719,7 +729,8 @@ class Connection:
         now = hub.clock.monotonic()
         if now - self._touched >= hub.settings.touch_interval:
             self._touched = now
-            await hub.service.touch_session(channel.session_id)
+            return channel.session_id
+        return None
 
     def _on_interrupt(self, frame: Interrupt) -> None:
         done = self.hub.engine.interrupt(
