@@ -293,12 +293,16 @@ class WriteBehind:
             entry.write.absorb(write)  # type: ignore[arg-type]  # same key, same type
             self._grow(entry, write)
             if not write.touch:
-                entry.lag_from = min(entry.lag_from, now)
-                due = self._due(key, now, touch=False)
-                if due < entry.due_at:
-                    entry.due_at = due
-                    heapq.heappush(self._heap, (due, entry.seq, key))
-                    self._wake.set()
+                if now < entry.lag_from:
+                    entry.lag_from = now
+                # A write can bring the entry's turn forward only when that is
+                # later than a write of now could be due (it waits as a touch).
+                if entry.due_at > now + self._config.linger:
+                    due = self._due(key, now, touch=False)
+                    if due < entry.due_at:
+                        entry.due_at = due
+                        heapq.heappush(self._heap, (due, entry.seq, key))
+                        self._wake.set()
             return
         seq = next(self._seq)
         entry = _Entry(
