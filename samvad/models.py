@@ -62,6 +62,7 @@ MESSAGE_OVERHEAD_BYTES = 160
 _OBJECT_BYTES = 64  # an object with a few slots, or a small int, float or datetime
 _ITEM_BYTES = 72  # one key of a dict with its share of the table, or one list slot
 _MESSAGE_BYTES = 256  # a Message with its id, timestamp and slot values, beyond its content
+_getsizeof = sys.getsizeof  # one lookup fewer, on every message written
 
 
 def approx_bytes(value: Any) -> int:
@@ -135,7 +136,7 @@ class Message(msgspec.Struct, frozen=True, gc=False):
 
     def memory_bytes(self) -> int:
         """Approximate bytes this message takes in memory (see :func:`approx_bytes`)."""
-        return sys.getsizeof(self.content) + _MESSAGE_BYTES
+        return _getsizeof(self.content) + _MESSAGE_BYTES
 
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)
