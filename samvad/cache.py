@@ -272,6 +272,15 @@ class ViewCache(Generic[K, V]):
             return held
         return await asyncio.shield(self._loading.get(key) or self._start(key, load))
 
+    def held(self, key: K, *, want_complete: bool = True) -> tuple[V | None, bool] | None:
+        """What :meth:`lookup` would answer without loading (counted as a hit),
+        or None when it would have to load: for a caller that can skip a
+        coroutine when the cache answers."""
+        held = self._held(key, want_complete)
+        if held is not None:
+            self.hits += 1
+        return held
+
     def prefetch(
         self, key: K, load: Loader[V], *, want_complete: bool = True
     ) -> asyncio.Task[tuple[V | None, bool]] | None:

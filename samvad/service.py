@@ -715,9 +715,13 @@ class SessionService:
         interruption: Interruption | None,
     ) -> ReplyContext:
         """What the responder gets to answer ``message``."""
-        state = await self.persistence.get_state(user_id)
-        history = await self.persistence.recent_history(user_id, REPLY_HISTORY)
-        session = self.persistence.sessions.peek(session_id)
+        persistence = self.persistence
+        held = persistence.held_state(user_id)
+        state = held[0] if held is not None else await persistence.get_state(user_id)
+        history = persistence.held_history(user_id, REPLY_HISTORY)
+        if history is None:
+            history = await persistence.recent_history(user_id, REPLY_HISTORY)
+        session = persistence.sessions.peek(session_id)
         return ReplyContext(
             user_id=user_id,
             session_id=session_id,

@@ -408,3 +408,23 @@ def test_a_size_the_caller_knows_is_not_measured_again() -> None:
     cache.put("a", "y" * 100, size=cache.size_of("a"))
     assert cache.bytes == ENTRY_OVERHEAD + 100
     assert cache.size_of("b") is None
+
+
+async def test_held_answers_what_a_lookup_would_without_loading() -> None:
+    clock = ManualClock()
+    cache = make(clock)
+
+    async def absent() -> tuple[str | None, bool]:
+        return None, True
+
+    assert cache.held("k") is None and cache.held("gone") is None
+    cache.put("k", "v")
+    assert cache.held("k") == ("v", True) == await cache.lookup("k", absent)
+    assert await cache.lookup("gone", absent) == (None, True)
+    assert cache.held("gone") == (None, True)  # absence is an answer too
+    cache.put("partial", "p", complete=False)
+    assert cache.held("partial", want_complete=False) == ("p", False)
+    assert cache.held("partial") is None  # a lookup would load it
+    assert (cache.hits, cache.misses) == (4, 1)
+    clock.advance(1801)
+    assert cache.held("k") is None

@@ -586,3 +586,21 @@ async def test_the_dead_letter_keeps_a_refused_message_whole(
             "client_id": None,
         }
     ]
+
+
+async def test_held_views_answer_as_the_lookups_do_once_cached(p: Persistence) -> None:
+    assert p.held_state("u1") is None and p.held_history("u1", 20) is None
+    assert await p.get_state("u1") is None and await p.recent_history("u1", 20) == ()
+    assert p.held_state("u1") == (None,)  # known absent: an answer, not a load
+    assert p.held_history("u1", 20) == ()
+    p.save_state("u1", {"mood": "calm"})
+    for n in range(3):
+        p.append_message("u1", role=Role.USER, content=f"m{n}")
+    state = await p.get_state("u1")
+    assert state is not None and p.held_state("u1") == (state,)
+    held = p.held_history("u1", 2)
+    assert held is not None and [m.content for m in held] == ["m1", "m2"]
+    assert held == await p.recent_history("u1", 2)
+    assert p.held_history("u1", 0) == ()
+    p.profiles.invalidate("u1")
+    assert p.held_history("u1", 2) is None  # the next read loads it

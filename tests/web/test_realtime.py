@@ -782,14 +782,15 @@ async def test_a_crashing_reply_task_closes_its_session_with_1011_only(
         persistence = server.services.persistence
         victim = await open_client(server, "u-crash")
         bystander = await open_client(server, "u-fine")
-        get_state = persistence.get_state
+        held_state = persistence.held_state
 
-        async def broken(user_id: str) -> Any:
+        # The reply reads the user's state first (from the cache, as it is held).
+        def broken(user_id: str) -> Any:
             if user_id == "u-crash":
                 raise RuntimeError("a bug")
-            return await get_state(user_id)
+            return held_state(user_id)
 
-        persistence.get_state = broken  # type: ignore[method-assign]
+        persistence.held_state = broken  # type: ignore[method-assign]
         await victim.message("hello")
         error = await victim.wait_for("error")
         assert error["code"] == "internal_error"
