@@ -731,3 +731,44 @@ async def test_a_receipt_holds_the_newest_write_of_its_context_only(tmp_path: Pa
     assert receipt.record.result() == 3, "the request's newest record"
     await p.durable(WriteReceipt())  # a request that wrote nothing waits for nothing
     await p.close()
+
+
+# A profile write as the journal of f2d7049 wrote it (messages were frozen
+# dataclasses then, msgspec structs since): a journal left by an older
+# version must replay after an upgrade, and an older version must read ours.
+_RECORD_BEFORE_STRUCTS = bytes.fromhex(
+    "95a170a275319288a26964a430316132a4726f6c65a475736572a7636f6e74656e74a668c3a96c6c6f"
+    "a974696d657374616d70d7ff6cb808006b0ccb0baa73657373696f6e5f6964a173ab696e746572727570"
+    "746564c2a373657103a9636c69656e745f6964a2633188a26964a178a4726f6c65a9617373697374616e"
+    "74a7636f6e74656e74a26f6ba974696d657374616d70d7ff6cf511006b0ccb0baa73657373696f6e5f69"
+    "64c0ab696e746572727570746564c3a3736571c0a9636c69656e745f6964c081a1700164"
+)
+
+
+def test_a_profile_write_journalled_by_an_earlier_version_reads_the_same() -> None:
+    at = datetime(2026, 11, 30, 1, 2, 3, 456_000, tzinfo=UTC)
+    write = ProfileWrite(
+        user_id="u1",
+        append=[
+            Message(
+                id="01a2",
+                role=Role.USER,
+                content="héllo",
+                timestamp=at,
+                session_id="s",
+                seq=3,
+                client_id="c1",
+            ),
+            Message(
+                id="x",
+                role=Role.ASSISTANT,
+                content="ok",
+                timestamp=at.replace(microsecond=457_000),
+                interrupted=True,
+            ),
+        ],
+        preferences={"p": 1},
+        cap=100,
+    )
+    assert decode_write(_RECORD_BEFORE_STRUCTS) == write
+    assert encode_write(write) == _RECORD_BEFORE_STRUCTS
