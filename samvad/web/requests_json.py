@@ -277,7 +277,7 @@ class _FlatBody(Generic[_S]):
                     return None
         try:
             return self._decoder.decode(raw)
-        except msgspec.MsgspecError:
+        except (msgspec.MsgspecError, UnicodeEncodeError):  # text with a lone surrogate
             return None
 
 

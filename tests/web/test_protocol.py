@@ -245,6 +245,7 @@ FLAT_LEFT = [
     '{"type":"message"}',
     '{"type":"message","text":"a","clientId":"' + "x" * 500 + '"}',
     '{"type":"message","text":"\\ud800"}',
+    '{"type":"message","text":"a\ud800b"}',  # not from a socket (strict UTF-8)
     '{"type":"message","text":"tab\there"}',
     '{"type":"message","text":"a"} trailing',
     '{"type":"message","text":"a"',
