@@ -124,9 +124,9 @@ class _SystemMillisecond:
 
     Stored timestamps are millisecond-precise and a busy server stamps several
     messages within one millisecond: the integer time of day and one compare
-    cost a fifth of building a datetime and truncating it. Every reading of
-    one millisecond is the same (immutable) object. One entry, replaced
-    whole, so a thread reading it never sees half of one.
+    cost a sixth of building a datetime and truncating it (0.3 against 1.8 µs
+    here). Every reading of one millisecond is the same (immutable) object.
+    One entry, replaced whole, so a thread reading it never sees half of one.
     """
 
     __slots__ = ("entry",)
@@ -139,7 +139,7 @@ class _SystemMillisecond:
         entry = self.entry
         if entry[0] == millis:
             return entry[1]
-        # Positional (days, seconds, microseconds): keywords cost a third more.
+        # Positional (days, seconds, microseconds): keywords cost a fifth more.
         value = _EPOCH + timedelta(0, millis // 1000, millis % 1000 * 1000)
         self.entry = (millis, value)
         return value

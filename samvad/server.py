@@ -123,10 +123,11 @@ def tune_gc() -> None:
     rather than CPython's 700. Each young collection walks what is alive of
     what was allocated since the last one, and a busy server always has the
     objects of its messages in flight: walked about seven times less often,
-    they cost a WebSocket message about a tenth less CPU, with the same ack
-    latency when replies stream at 1,000 messages/s (docs/benchmarks.md,
-    section 22). :class:`YoungCollections` still bounds how long the
-    youngest generation goes unwalked.
+    they cost a WebSocket message about 12 % less CPU (medians of two
+    interleaved runs), with the same ack latency when replies stream at
+    1,000 messages/s (docs/benchmarks.md, section 22).
+    :class:`YoungCollections` still bounds how long the youngest generation
+    goes unwalked.
     """
     gc.collect()
     gc.freeze()
