@@ -14,7 +14,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from samvad.clock import parse_iso
-from samvad.history import history_bytes, in_time_order, merge, order_key, trim
+from samvad.history import (
+    extended,
+    history_bytes,
+    in_time_order,
+    merge,
+    newer_than,
+    order_key,
+    trim,
+)
 from samvad.models import Message, Profile, Role, Session, SessionStatus, UserState
 
 __all__ = [
@@ -185,7 +193,12 @@ def profile_with(
 ) -> Profile:
     """``profile`` with ``messages`` merged in (by id, in time order), bounded, and
     ``preferences`` merged over the stored ones."""
-    if messages:
+    if messages and newer_than(profile.history, messages):
+        # The common case, new messages after the newest: one copy.
+        history, size = extended(
+            profile.history, profile.history_bytes, messages, cap=cap, max_bytes=max_bytes
+        )
+    elif messages:
         merged = merge(profile.history, messages)
         known_size = None
         if len(merged) == len(profile.history) + len(messages) and merged[-1] is messages[-1]:

@@ -15,6 +15,7 @@ from datetime import datetime
 from samvad.models import Message
 
 __all__ = [
+    "extended",
     "history_bytes",
     "in_time_order",
     "merge",
@@ -58,6 +59,45 @@ def trim(
         kept = tuple(messages)
     if size is None:
         size = history_bytes(kept)
+    return _within_bytes(kept, size, max_bytes)
+
+
+def extended(
+    existing: tuple[Message, ...],
+    size: int,
+    fresh: Sequence[Message],
+    *,
+    cap: int,
+    max_bytes: int,
+) -> tuple[tuple[Message, ...], int]:
+    """``existing`` (of stored size ``size``) with ``fresh`` appended, bounded as
+    :func:`trim` bounds: for ``fresh`` that sorts after all of ``existing``
+    (:func:`newer_than`), what :func:`merge` then :func:`trim` give, with one
+    copy of the history where they make three (a list, its slice, a tuple):
+    every message appended to a full history copies the hundred before it.
+    """
+    if type(existing) is not tuple:
+        existing = tuple(existing)
+    size += history_bytes(fresh)
+    dropped = len(existing) + len(fresh) - cap
+    if dropped <= 0:
+        kept = existing + tuple(fresh)
+    elif dropped < len(existing):
+        # Usually one message falls off a full history.
+        size -= existing[0].stored_size() if dropped == 1 else history_bytes(existing[:dropped])
+        kept = existing[dropped:] + tuple(fresh)
+    else:
+        return trim(existing + tuple(fresh), cap=cap, max_bytes=max_bytes)
+    if size <= max_bytes:
+        return kept, size
+    return _within_bytes(kept, size, max_bytes)
+
+
+def _within_bytes(
+    kept: tuple[Message, ...], size: int, max_bytes: int
+) -> tuple[tuple[Message, ...], int]:
+    """The newest of ``kept`` (of size ``size``) within ``max_bytes``, the newest
+    message always among them."""
     start = 0
     while size > max_bytes and start < len(kept) - 1:
         size -= kept[start].stored_size()
@@ -102,6 +142,12 @@ def newer_than(existing: Sequence[Message], fresh: Sequence[Message]) -> bool:
     after the last message of ``existing``."""
     if not fresh:
         return False
+    if len(fresh) == 1 and existing:
+        # One message, the usual append: without building its sort keys.
+        newest, message = existing[-1], fresh[0]
+        if message.timestamp != newest.timestamp:
+            return message.timestamp > newest.timestamp
+        return message.id > newest.id
     last = order_key(existing[-1]) if existing else None
     for message in fresh:
         key = order_key(message)

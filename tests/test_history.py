@@ -4,12 +4,17 @@ import os
 import re
 from datetime import UTC, datetime, timedelta
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from samvad.history import (
+    extended,
     history_bytes,
     in_time_order,
     merge,
     new_message_id,
     newer_than,
+    order_key,
     trim,
 )
 from samvad.models import MESSAGE_OVERHEAD_BYTES, Message, Role
@@ -42,6 +47,26 @@ def test_trim_drops_oldest_until_under_the_byte_bound() -> None:
 def test_trim_keeps_the_newest_message_even_when_it_alone_is_too_big() -> None:
     kept, _ = trim([msg(0), msg(1, "y" * 5000)], cap=100, max_bytes=1000)
     assert [m.id for m in kept] == ["m1"]
+
+
+@given(
+    held=st.lists(st.integers(0, 3000), max_size=12),
+    fresh=st.lists(st.integers(0, 3000), min_size=1, max_size=4),
+    cap=st.integers(1, 10),
+    max_bytes=st.integers(0, 12_000),
+)
+def test_extended_is_merge_then_trim_for_newer_messages(
+    held: list[int], fresh: list[int], cap: int, max_bytes: int
+) -> None:
+    """The one-copy append gives what merge then trim give, history and size."""
+    existing, size = trim(
+        [msg(i, "é" * n) for i, n in enumerate(held)], cap=cap, max_bytes=max_bytes
+    )
+    new = [msg(100 + i, "x" * n) for i, n in enumerate(fresh)]
+    assert newer_than(existing, new)
+    expected = trim(merge(existing, new), cap=cap, max_bytes=max_bytes)
+    assert extended(existing, size, new, cap=cap, max_bytes=max_bytes) == expected
+    assert extended(list(existing), size, new, cap=cap, max_bytes=max_bytes) == expected
 
 
 def test_merge_skips_known_ids_so_a_replay_is_idempotent() -> None:
@@ -101,6 +126,18 @@ def test_merge_accepts_any_iterable() -> None:
     assert [m.id for m in merged] == ["m0", "m1", "m2"]
 
 
+@given(
+    first=st.tuples(st.integers(0, 3), st.sampled_from(["a", "b", "c"])),
+    second=st.tuples(st.integers(0, 3), st.sampled_from(["a", "b", "c"])),
+)
+def test_newer_than_one_message_compares_its_sort_key(
+    first: tuple[int, str], second: tuple[int, str]
+) -> None:
+    older = Message(id=first[1], role=Role.USER, content="x", timestamp=T0 + timedelta(first[0]))
+    newer = Message(id=second[1], role=Role.USER, content="x", timestamp=T0 + timedelta(second[0]))
+    assert newer_than([older], [newer]) == (order_key(newer) > order_key(older))
+
+
 def test_newer_than_needs_strictly_newer_messages_in_order() -> None:
     assert newer_than([], [msg(0)])
     assert newer_than([msg(0)], [msg(1), msg(2)])
@@ -150,3 +187,19 @@ def test_a_forked_child_makes_ids_of_its_own() -> None:
     # parent's, as did ours): only the random part tells them apart.
     assert child[:20] == ours[:20]
     assert child != ours and child[20:] != parent[20:]
+
+
+def test_a_message_is_counted_in_memory_as_getsizeof_counts_its_text() -> None:
+    """The shortcut for ASCII text gives ``sys.getsizeof``'s figure, and other
+    text is still measured by it."""
+    import sys
+
+    from samvad.models import approx_bytes
+
+    for text in ["", "hi", "x" * 5000, "é", "नमस्ते", "😀" * 3]:
+        plain = msg(0, text)
+        extra = plain.memory_bytes() - sys.getsizeof(text)
+        assert extra == msg(1, "").memory_bytes() - sys.getsizeof("")
+        assert approx_bytes(text) == sys.getsizeof(text)
+        grown = 2 * (sys.getsizeof(text) - sys.getsizeof(""))
+        assert approx_bytes({text: text}) == approx_bytes({"": ""}) + grown
