@@ -109,7 +109,10 @@ class _Expiring(Generic[K, T]):
     def put(self, key: K, value: T, size: int) -> bool:
         """Keep ``value`` for ``key``; False (and nothing kept for ``key``) when
         ``size`` alone exceeds the bound."""
-        self.pop(key)
+        old = self._entries.pop(key, None)  # pop(), inlined: once per message
+        if old is not None:
+            del self._by_expiry[key]
+            self.size -= old[1]
         if size > self.max_size:
             return False
         now = self._timer()
@@ -227,7 +230,8 @@ class ViewCache(Generic[K, V]):
         """Cache ``value``; ``size`` is its ``sizeof`` when the caller knows it
         already (saves measuring it again)."""
         self._keep(key, Cached(value, complete), size)
-        self._absent.pop(key)
+        if self._absent.size:  # each absent key counts 1: none, nothing to pop
+            self._absent.pop(key)
 
     def discard(self, key: K) -> None:
         """Forget ``key`` (its value, or that it is absent): the next get loads it."""

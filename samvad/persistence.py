@@ -644,16 +644,21 @@ class Persistence:
         """:meth:`get_state`'s answer, in a 1-tuple, when the cache holds it;
         None when it would have to be loaded. The reply to every message reads
         the state: from the cache, without the three coroutines of a lookup."""
-        self._forget_refused()
-        held = self.states.held(user_id, want_complete=self._want_complete())
+        writes = self.writes
+        if writes.refused:
+            self._forget_refused()
+        held = self.states.held(user_id, want_complete=writes.mode is Mode.FIRESTORE)
         return None if held is None else (held[0],)
 
     def held_history(self, user_id: str, limit: int) -> tuple[Message, ...] | None:
         """:meth:`recent_history`'s answer when the cache holds the profile;
         None when it would have to be loaded (as :meth:`held_state`)."""
-        self._forget_refused()
-        self._adopt_committed()
-        held = self.profiles.held(user_id, want_complete=self._want_complete())
+        writes = self.writes
+        if writes.refused:
+            self._forget_refused()
+        if writes.committed:
+            self._adopt_committed()
+        held = self.profiles.held(user_id, want_complete=writes.mode is Mode.FIRESTORE)
         if held is None:
             return None
         profile = held[0]
@@ -673,7 +678,8 @@ class Persistence:
     ) -> Message:
         """Append a message to a user's history; returns it with its id and timestamp."""
         now = self._now()
-        self._adopt_committed()
+        if self.writes.committed:
+            self._adopt_committed()
         cached = self.profiles.peek(user_id)
         if cached is not None and cached.value.history:
             # Never older than the message before it, whatever the wall clock does.

@@ -199,13 +199,19 @@ class WriteBehind:
         self._last_prune = self._clock.monotonic()
         self._seq = itertools.count()
         self._barriers = Barriers()
-        # The newest committed profile per document not yet taken, with the
-        # barriers its write sat behind (an erase drops it).
-        self._committed: dict[Key, tuple[Profile, tuple[Barrier, ...]]] = {}
-        # Documents a change of which was set aside since the last take.
-        self._refused: set[Key] = set()
+        #: The newest committed profile per document not yet taken, with the
+        #: barriers its write sat behind (an erase drops it). Read-only to
+        #: others (emptied by :meth:`take_committed_profiles`): a caller that
+        #: finds it empty skips the call, as every message does.
+        self.committed: dict[Key, tuple[Profile, tuple[Barrier, ...]]] = {}
+        #: Documents a change of which was set aside since the last take
+        #: (:meth:`take_refused`; read-only to others, as :attr:`committed`).
+        self.refused: set[Key] = set()
 
-        self._mode = Mode.FIRESTORE
+        #: ``memory`` while the store is unreachable (nothing is dispatched).
+        #: Others only read it (a plain attribute, not a property: every
+        #: message reads it).
+        self.mode = Mode.FIRESTORE
         self._mode_since = self._clock.now()
         self._last_error: str | None = None
         self._counters = _Counters()
@@ -226,11 +232,6 @@ class WriteBehind:
         self._flushes: set[asyncio.Task[None]] = set()
 
     # -- public API --------------------------------------------------------
-
-    @property
-    def mode(self) -> Mode:
-        """``memory`` while the store is unreachable (nothing is dispatched)."""
-        return self._mode
 
     async def start(self) -> None:
         """Start the dispatcher, after finding out whether the store answers."""
@@ -265,8 +266,10 @@ class WriteBehind:
             raise RuntimeError("Cannot submit a write once the write-behind queue is closed.")
         if isinstance(write, Erase):
             return
+        queued = self._queued
         if self.pending_bytes >= self._config.max_pending_bytes or (
-            self.pending_count >= self._config.max_pending and write.key not in self._queued
+            len(queued) + len(self._inflight) >= self._config.max_pending
+            and write.key not in queued
         ):
             raise BacklogFull("Too many writes are waiting for Firestore; try again shortly.")
 
@@ -395,9 +398,9 @@ class WriteBehind:
                 self._parked.discard(key)
                 self._gone(entry)
                 dropped += 1
-        for key, (_, barriers) in list(self._committed.items()):
+        for key, (_, barriers) in list(self.committed.items()):
             if barrier in barriers:
-                del self._committed[key]
+                del self.committed[key]
         if not self._queued and not self._inflight:
             self._empty.set()
         return dropped
@@ -405,10 +408,10 @@ class WriteBehind:
     def take_refused(self) -> tuple[Key, ...]:
         """The documents a change of which the store refused and that was set
         aside since the last call: a view built with that change is wrong."""
-        if not self._refused:
+        if not self.refused:
             return ()
-        keys = tuple(self._refused)
-        self._refused.clear()
+        keys = tuple(self.refused)
+        self.refused.clear()
         return keys
 
     def take_committed_profiles(self) -> tuple[Profile, ...]:
@@ -418,10 +421,10 @@ class WriteBehind:
         instances appended; a profile an erase submitted since covers is left
         out. Taking them empties the list.
         """
-        if not self._committed:
+        if not self.committed:
             return ()
-        profiles = tuple(profile for profile, _ in self._committed.values())
-        self._committed.clear()
+        profiles = tuple(profile for profile, _ in self.committed.values())
+        self.committed.clear()
         return profiles
 
     async def read(
@@ -447,7 +450,7 @@ class WriteBehind:
             epoch = self._barriers.epoch
             before = pending()
             value, stored = None, False
-            if self._mode is Mode.MEMORY or self._barriers.raised(barriers):
+            if self.mode is Mode.MEMORY or self._barriers.raised(barriers):
                 break
             try:
                 value = await fetch()
@@ -471,7 +474,7 @@ class WriteBehind:
         """Seconds until the store may be read again: until the prober's next
         ping in memory-only mode (one probe interval if none is scheduled), 0
         while the store is in use."""
-        if self._mode is Mode.FIRESTORE:
+        if self.mode is Mode.FIRESTORE:
             return 0.0
         wait = self._next_probe_at - self._clock.monotonic()
         return wait if wait > 0 else self._config.probe_interval
@@ -483,9 +486,9 @@ class WriteBehind:
     def report_unavailable(self, exc: BaseException) -> None:
         """A reader saw the store fail: switch to memory-only mode (once)."""
         self._last_error = type(exc).__name__
-        if self._mode is Mode.MEMORY:
+        if self.mode is Mode.MEMORY:
             return
-        self._mode = Mode.MEMORY
+        self.mode = Mode.MEMORY
         self._reachable.clear()
         self._mode_since = self._clock.now()
         self._ok_since_recovery = 0
@@ -508,7 +511,7 @@ class WriteBehind:
             # show as a 30 s backlog.
             lag_start = min(lag_start, entry.lag_from)
         return PersistenceStatus(
-            mode=self._mode if self._store.durable else Mode.MEMORY,
+            mode=self.mode if self._store.durable else Mode.MEMORY,
             backend=self._store.name,
             pending_documents=self.pending_count,
             pending_in_flight=len(self._inflight),
@@ -554,7 +557,7 @@ class WriteBehind:
             return self.pending_count
         self._urgent += 1
         self._reschedule_all()
-        if self._mode is Mode.MEMORY:
+        if self.mode is Mode.MEMORY:
             self._start_prober()
         try:
             async with asyncio.timeout(deadline):
@@ -600,9 +603,9 @@ class WriteBehind:
                 self._parked.discard(key)
                 self._gone(entry)
                 dropped.extend(entry.journal)
-        for key, (_, barriers) in list(self._committed.items()):
+        for key, (_, barriers) in list(self.committed.items()):
             if barrier in barriers:
-                del self._committed[key]
+                del self.committed[key]
         self._barriers.erase_submitted(barrier, next(self._seq))
         return dropped
 
@@ -634,7 +637,7 @@ class WriteBehind:
 
     def _dispatch_ready(self) -> float | None:
         """Launch due writes; return seconds until the next one is due (None: nothing)."""
-        if self._mode is Mode.MEMORY:
+        if self.mode is Mode.MEMORY:
             return None
         now = self._clock.monotonic()
         heap = self._heap
@@ -724,11 +727,11 @@ class WriteBehind:
             self._requeue(entry, transient=False, exc=exc)
         else:
             self._observe(label, started, ok=True)
-            if self._mode is Mode.FIRESTORE:
+            if self.mode is Mode.FIRESTORE:
                 self._ok_since_recovery += 1
             self._done(entry)
             if isinstance(result, Profile) and not self._barriers.raised(write.barriers):
-                self._committed[write.key] = (result, write.barriers)
+                self.committed[write.key] = (result, write.barriers)
             if (
                 isinstance(write, ProfileWrite)
                 and write.append
@@ -772,7 +775,7 @@ class WriteBehind:
 
     async def _set_aside(self, key: Key, write: Write, exc: StoreRejected) -> None:
         self._counters.set_aside += 1
-        self._refused.add(key)
+        self.refused.add(key)
         logger.error(
             "Firestore refused a change to %s for its content (%s): set aside in the "
             "dead-letter; the document's other changes go on",
@@ -904,7 +907,7 @@ class WriteBehind:
     async def _probe(self) -> None:
         delay = self._config.probe_interval
         failures = 0
-        while self._mode is Mode.MEMORY:
+        while self.mode is Mode.MEMORY:
             self._next_probe_at = self._clock.monotonic() + delay
             await asyncio.sleep(delay)
             try:
@@ -926,7 +929,7 @@ class WriteBehind:
 
     def _recovered(self) -> None:
         outage = (self._clock.now() - self._mode_since).total_seconds()
-        self._mode = Mode.FIRESTORE
+        self.mode = Mode.FIRESTORE
         self._reachable.set()
         self._mode_since = self._clock.now()
         logger.warning(

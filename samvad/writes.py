@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from samvad.documents import PROFILES, Document
 from samvad.models import Message, approx_bytes
@@ -139,13 +139,12 @@ class ProfileWrite:
     def key(self) -> Key:
         return (PROFILES, self.user_id)
 
+    #: Never a touch (a class attribute, not a property: read for every write queued).
+    touch: ClassVar[bool] = False
+
     @property
     def barriers(self) -> tuple[Barrier, ...]:
         return (user_barrier(self.user_id),)
-
-    @property
-    def touch(self) -> bool:
-        return False
 
     def approx_bytes(self) -> int:
         """Approximate memory this write holds (see :func:`samvad.models.approx_bytes`)."""
@@ -192,9 +191,7 @@ class Erase:
         # wait for covered writes already in flight (Barriers.erase_must_wait).
         return ()
 
-    @property
-    def touch(self) -> bool:
-        return False
+    touch: ClassVar[bool] = False
 
     def absorb(self, later: Erase) -> None:
         """Two erases of the same target are one."""
