@@ -792,9 +792,10 @@ class Engine:
         self._cut(conversation, reason="new_message")
         message = self._append(conversation, Role.USER, text, client_id=client_id)
         self.fanout.send([device], Acked(message, client_id))
-        others = self._user_devices(conversation.user_id, skip=device)
-        if others:
-            self.fanout.send(others, MessageStored(message))
+        if len(self._by_user.get(conversation.user_id, ())) > 1:  # another device
+            others = self._user_devices(conversation.user_id, skip=device)
+            if others:
+                self.fanout.send(others, MessageStored(message))
         self._start_reply(conversation, message)
         return message
 
@@ -810,7 +811,7 @@ class Engine:
             interruption=interruption,
         )
         conversation.reply = reply
-        self._broadcast(conversation, ReplyStarted(reply.id, reply.in_reply_to))
+        self._broadcast(conversation, ReplyStarted(reply.id, prompt.seq))
         # Last: the runner may stream (and end) the whole reply before it returns.
         self.runner.start(reply)
 
@@ -823,7 +824,7 @@ class Engine:
     def reply_chunk(self, reply: Reply, chunk: str) -> bool:
         """The responder produced ``chunk``; False when the reply is over (cut,
         or now past the size limit) and the responder should stop."""
-        if not reply.streaming:
+        if reply.state is not ReplyState.STREAMING:
             return False
         conversation = self._reply_conversation(reply)
         if conversation is None:
@@ -846,7 +847,7 @@ class Engine:
 
     def reply_done(self, reply: Reply, *, complete: bool) -> None:
         """The responder ended (``complete=False``: it failed); no-op once cut."""
-        if not reply.streaming:
+        if reply.state is not ReplyState.STREAMING:
             return
         conversation = self._reply_conversation(reply)
         if conversation is not None:
@@ -854,7 +855,7 @@ class Engine:
 
     def _finish(self, conversation: Conversation, reply: Reply, *, complete: bool) -> None:
         reply.move(ReplyState.FINISHED)
-        text = reply.text
+        text = "".join(reply.chunks)
         message = (
             self._append_reply(conversation, reply, text, interrupted=not complete)
             if text
@@ -864,13 +865,15 @@ class Engine:
         conversation.reply = None
         conversation.last_reply = reply
         self._broadcast(conversation, ReplyEnded(reply.id, message, text, complete))
-        if message is not None:
+        if message is not None and len(self._by_user.get(conversation.user_id, ())) > 1:
             self._tell_other_sessions(conversation, message)
         if conversation.state is SessionState.ORPHANED:
             conversation.orphan_deadline = None
             self._release(conversation)
 
     def _tell_other_sessions(self, conversation: Conversation, message: Message) -> None:
+        if len(self._by_user.get(conversation.user_id, ())) <= len(conversation.devices):
+            return  # every device of the user is on this session
         others = self._user_devices(conversation.user_id, skip_session=conversation.session_id)
         if others:
             self.fanout.send(others, MessageStored(message))

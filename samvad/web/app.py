@@ -282,7 +282,7 @@ class _MetricsObserver:
             child = self._stored[(role, transport)] = self._metrics.messages.labels(
                 role.value, transport
             )
-        child.inc()
+        child.value += 1.0  # inc(), inlined: twice per exchange
 
     def interruption_pushed(self) -> None:
         self._metrics.interruptions.inc()

@@ -418,7 +418,16 @@ class Connection:
         reads too slowly: close it. An ``urgent`` frame (an ``ack``) goes to
         the socket once the frame that caused it is handled (with what that
         made too: the start of the reply), not at the end of the loop's turn."""
-        if self._write_now(text):
+        # _write_now(), inlined: once per frame.
+        send_now = self._send_now
+        if (
+            self._direct
+            and not self._out
+            and self._wakeup is not None
+            and self.closing is None
+            and send_now is not None
+            and send_now(text)
+        ):
             if urgent:
                 self._urgent = True
         else:
@@ -961,8 +970,8 @@ class Hub:
 
     def send(self, devices: Sequence[Device], event: Event) -> None:
         """Deliver ``event`` to ``devices`` as one frame, encoded once."""
-        text = encode(frame_of(event))
-        if isinstance(event, ReplyChunk):
+        text = encode(_FRAMES[event.__class__](event))  # frame_of(), inlined
+        if event.__class__ is ReplyChunk:
             for device in devices:
                 assert isinstance(device, Connection)
                 device.send_chunk(event, text)
@@ -1052,8 +1061,10 @@ class Hub:
                 )
                 complete = False
             finally:
+                # An async generator run to its end has nothing to close (its
+                # frame is gone): one awaitable fewer per reply.
                 aclose: Callable[[], Awaitable[None]] | None = getattr(stream, "aclose", None)
-                if aclose is not None:
+                if aclose is not None and getattr(stream, "ag_frame", stream) is not None:
                     await aclose()
             engine.reply_done(reply, complete=complete)
         finally:

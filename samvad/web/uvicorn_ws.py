@@ -90,6 +90,8 @@ _SHORT = struct.Struct("!BB")
 _MEDIUM = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
 _OPEN = State.OPEN
+# websockets' ``Protocol.state`` is a property over ``_state``: read directly,
+# five times per message (tests/web/test_uvicorn_ws.py checks they agree).
 #: Where websockets' parser waits between two frames: ``Protocol.parse``
 #: asking its reader whether the stream has ended.
 _PARSE = Protocol.parse.__code__
@@ -377,7 +379,7 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
         uvicorn would; everything else goes through websockets."""
         conn = self.conn
         if (
-            conn.state is _OPEN
+            conn._state is _OPEN
             and not self.close_sent
             and not conn.extensions
             and conn.cur_size is None
@@ -416,12 +418,17 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
         ):
             return False
         conn = self.conn
-        if conn.extensions or conn.state is not _OPEN or conn.expect_continuation_frame:
+        if conn.extensions or conn._state is not _OPEN or conn.expect_continuation_frame:
             return False
         payload = text.encode()
         length = len(payload)
         # text_frame_header and TurnBuffer.write_parts, inlined: once per frame.
-        head = _SHORT.pack(_FIN_TEXT, length) if length < 126 else text_frame_header(length)
+        if length < 126:
+            head = _SHORT.pack(_FIN_TEXT, length)
+        elif length < 65536:
+            head = _MEDIUM.pack(_FIN_TEXT, 126, length)
+        else:
+            head = _LONG.pack(_FIN_TEXT, 127, length)
         buffer = self.transport
         buffer._parts += (head, payload)
         if not buffer._scheduled:

@@ -635,6 +635,58 @@ async def test_replies_are_cut_at_the_size_limit() -> None:
         await client.close()
 
 
+async def test_a_responder_stream_is_closed_when_the_reply_stops_early() -> None:
+    """Cut at the size limit, a generator is closed (its ``finally`` runs) and an
+    async iterator of another kind gets its ``aclose``; one run to its end is
+    left as it is."""
+    events: list[str] = []
+
+    class Generator:
+        task_free = True
+
+        async def reply(self, context: ReplyContext) -> AsyncIterator[str]:
+            try:
+                for word in context.message.split():
+                    yield word + " "
+            finally:
+                events.append(f"finally {context.message[:5]}")
+
+    class Iterator:
+        task_free = True
+
+        def reply(self, context: ReplyContext) -> AsyncIterator[str]:
+            parts = iter(["x" * 30, "y" * 30])
+
+            class Stream:
+                def __aiter__(self) -> Stream:
+                    return self
+
+                async def __anext__(self) -> str:
+                    try:
+                        return next(parts)
+                    except StopIteration:
+                        raise StopAsyncIteration from None
+
+                async def aclose(self) -> None:
+                    events.append("aclose")
+
+            return Stream()
+
+    async with live_server(make_app()) as server:
+        hub = server.services.hub
+        hub.max_reply_chars = 40
+        hub.responder = Generator()
+        client = await open_client(server, "u-close")
+        whole = await client.ask("short one")
+        assert whole.reply.complete and events == ["finally short"]
+        cut = await client.ask("a question whose echo is longer than forty characters")
+        assert not cut.reply.complete and events[-1] == "finally a que"
+        hub.responder = Iterator()
+        cut = await client.ask("anything")
+        assert not cut.reply.complete and events[-1] == "aclose"
+        await client.close()
+
+
 class TaskNames:
     """The names of the tasks the event loop creates while installed (a task factory)."""
 

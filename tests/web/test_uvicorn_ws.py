@@ -60,6 +60,18 @@ async def next_turn() -> None:
     await asyncio.sleep(0)
 
 
+def test_websockets_state_is_the_attribute_the_protocol_reads() -> None:
+    """``TurnWebSocketProtocol`` reads websockets' ``Protocol._state`` for its
+    ``state`` property; through every state a connection goes."""
+    from websockets.protocol import State
+    from websockets.server import ServerProtocol
+
+    conn = ServerProtocol()
+    for state in State:
+        conn.state = state
+        assert conn._state is conn.state is state
+
+
 @pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536, 70000])
 def test_a_text_frame_is_framed_as_websockets_frames_it(length: int) -> None:
     payload = b"x" * length
