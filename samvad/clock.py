@@ -132,20 +132,30 @@ class _SystemMillisecond:
     One entry, replaced whole, so a thread reading it never sees half of one.
     """
 
-    __slots__ = ("entry",)
+    __slots__ = ("entry", "second")
 
     def __init__(self) -> None:
         self.entry: tuple[int, datetime] = (-1, _EPOCH)
+        self.second: tuple[int, datetime] = (-1, _EPOCH)
 
     def __call__(self) -> datetime:
         millis = time.time_ns() // 1_000_000
         entry = self.entry
         if entry[0] == millis:
             return entry[1]
-        # Positional (days, seconds, microseconds): keywords cost a fifth more.
-        value = _EPOCH + timedelta(0, millis // 1000, millis % 1000 * 1000)
+        # A new millisecond: its second plus a timedelta from a table, since
+        # building a timedelta costs three times the addition (0.65 against
+        # 0.18 µs here).
+        seconds, rest = divmod(millis, 1000)
+        second = self.second
+        if second[0] != seconds:
+            second = self.second = (seconds, _EPOCH + timedelta(0, seconds))
+        value = second[1] + _MILLISECONDS[rest]
         self.entry = (millis, value)
         return value
+
+
+_MILLISECONDS = tuple(timedelta(0, 0, ms * 1000) for ms in range(1000))
 
 
 _system_millisecond = _SystemMillisecond()

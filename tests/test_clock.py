@@ -6,6 +6,8 @@ import random
 from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
+import pytest
+
 from samvad.clock import (
     ManualClock,
     SystemClock,
@@ -116,6 +118,30 @@ def test_millisecond_now_gives_one_object_per_millisecond_and_a_new_one_after() 
     while (value := now()) == first:
         assert value is first
     assert value - first >= timedelta(milliseconds=1)
+
+
+def test_millisecond_now_builds_each_millisecond_across_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second is kept and the milliseconds added from a table: every
+    reading equals the exact conversion, across second boundaries and jumps."""
+    from samvad import clock as clock_module
+
+    readings = [
+        1_764_471_599_998_123_456,
+        1_764_471_599_999_000_000,
+        1_764_471_600_000_000_001,
+        1_764_471_600_001_999_999,
+        1_764_471_600_001_000_000,
+        1_700_000_000_500_000_000,
+        1_764_471_599_999_500_000,
+    ]
+    monkeypatch.setattr(clock_module.time, "time_ns", iter(readings).__next__)
+    now = clock_module._SystemMillisecond()
+    for ns in readings:
+        millis = ns // 1_000_000
+        expected = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=millis)
+        assert now() == expected
 
 
 def test_millisecond_now_follows_any_other_clock_truncated() -> None:
