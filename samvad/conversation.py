@@ -748,7 +748,12 @@ class Engine:
         if client_id is not None:
             conversation.remember_client_ids((message,))
         conversation.last_seq = seq
-        self._remember_seq(conversation.session_id, conversation.user_id, seq)
+        # The session's last seq, for a device that joins it once it is released.
+        seqs = self._seqs
+        seqs[conversation.session_id] = (conversation.user_id, seq)
+        seqs.move_to_end(conversation.session_id)
+        if len(seqs) > _REMEMBERED_SESSIONS:
+            seqs.popitem(last=False)
         conversation.remember(message)
         return message
 
@@ -764,12 +769,6 @@ class Engine:
                 conversation.session_id,
             )
             return None
-
-    def _remember_seq(self, session_id: str, user_id: str, seq: int) -> None:
-        self._seqs[session_id] = (user_id, seq)
-        self._seqs.move_to_end(session_id)
-        if len(self._seqs) > _REMEMBERED_SESSIONS:
-            self._seqs.popitem(last=False)
 
     def user_message(self, device: Device, text: str, *, client_id: str | None = None) -> Message:
         """One turn: a user message from ``device`` cuts the reply in flight, is
