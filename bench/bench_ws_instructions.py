@@ -130,6 +130,10 @@ def count(tree: Path, module: str, exchange: Exchange, args: argparse.Namespace)
                 server.kill()
                 server.wait()
         instructions = _dumped_instructions(out)
+        if args.keep_dumps is not None:
+            args.keep_dumps.mkdir(parents=True, exist_ok=True)
+            for part in out.parent.glob(out.name + ".*"):
+                shutil.copy(part, args.keep_dumps / f"{module}-{tree.name}-{part.name}")
     return {
         "exchanges": completed,
         "instructions": instructions,
@@ -145,6 +149,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--settle", type=float, default=2.0)
     parser.add_argument("--repetitions", type=int, default=2)
+    parser.add_argument(
+        "--keep-dumps",
+        type=Path,
+        metavar="DIR",
+        help="copy callgrind's dumps there (for callgrind_annotate)",
+    )
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:

@@ -788,7 +788,8 @@ class Engine:
                 self.service.record_again(conversation.user_id, original)
                 self.fanout.send([device], Acked(original, client_id, duplicate=True))
                 return original
-        self._cut(conversation, reason="new_message")
+        if conversation.reply is not None:  # without a reply_id, _cut has nothing else to do
+            self._cut(conversation, reason="new_message")
         message = self._append(conversation, Role.USER, text, client_id=client_id)
         self.fanout.send([device], Acked(message, client_id))
         if len(self._by_user.get(conversation.user_id, ())) > 1:  # another device

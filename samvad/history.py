@@ -78,7 +78,7 @@ def extended(
     """
     if type(existing) is not tuple:
         existing = tuple(existing)
-    size += history_bytes(fresh)
+    size += fresh[0].stored_size() if len(fresh) == 1 else history_bytes(fresh)
     dropped = len(existing) + len(fresh) - cap
     if dropped <= 0:
         kept = existing + tuple(fresh)
