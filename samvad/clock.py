@@ -132,14 +132,15 @@ class _SystemMillisecond:
     One entry, replaced whole, so a thread reading it never sees half of one.
     """
 
-    __slots__ = ("entry", "second")
+    __slots__ = ("_time_ns", "entry", "second")
 
-    def __init__(self) -> None:
+    def __init__(self, time_ns: Callable[[], int] = time.time_ns) -> None:
+        self._time_ns = time_ns
         self.entry: tuple[int, datetime] = (-1, _EPOCH)
         self.second: tuple[int, datetime] = (-1, _EPOCH)
 
     def __call__(self) -> datetime:
-        millis = time.time_ns() // 1_000_000
+        millis = self._time_ns() // 1_000_000
         entry = self.entry
         if entry[0] == millis:
             return entry[1]

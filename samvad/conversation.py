@@ -865,7 +865,7 @@ class Engine:
         conversation.reply = None
         conversation.last_reply = reply
         self._broadcast(conversation, ReplyEnded(reply.id, message, text, complete))
-        if message is not None and len(self._by_user.get(conversation.user_id, ())) > 1:
+        if message is not None:
             self._tell_other_sessions(conversation, message)
         if conversation.state is SessionState.ORPHANED:
             conversation.orphan_deadline = None

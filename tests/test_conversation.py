@@ -346,6 +346,22 @@ async def test_a_reply_that_ends_while_orphaned_is_stored_whole(world: World) ->
     assert plan.recovered and [m.seq for m in plan.messages] == [1, 2] and in_flight is None
 
 
+async def test_a_reply_that_ends_while_orphaned_reaches_the_users_other_session(
+    world: World,
+) -> None:
+    """The only device left is on another session: it still hears of the reply
+    stored after its own session's device went away."""
+    await world.join(ALICE_PHONE, "s1")
+    await world.join(ALICE_WATCH, "s2")
+    world.engine.user_message(ALICE_PHONE, "q")
+    world.engine.leave(ALICE_PHONE)
+    world.wire.take()
+    stream(world, "done")
+    heard = world.wire.to(ALICE_WATCH)
+    assert [type(e) for e in heard] == [MessageStored]
+    assert isinstance(heard[0], MessageStored) and heard[0].message.content == "done"
+
+
 async def test_without_grace_the_last_device_leaving_cuts_the_reply_at_once(
     world: World,
 ) -> None:

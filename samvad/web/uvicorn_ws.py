@@ -89,9 +89,10 @@ _FIN_TEXT = 0x81
 _SHORT = struct.Struct("!BB")
 _MEDIUM = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
+# Compared with websockets' ``Protocol._state``, the attribute under its
+# ``state`` property, read directly five times per message
+# (tests/web/test_uvicorn_ws.py checks they agree).
 _OPEN = State.OPEN
-# websockets' ``Protocol.state`` is a property over ``_state``: read directly,
-# five times per message (tests/web/test_uvicorn_ws.py checks they agree).
 #: Where websockets' parser waits between two frames: ``Protocol.parse``
 #: asking its reader whether the stream has ended.
 _PARSE = Protocol.parse.__code__
@@ -423,12 +424,7 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
         payload = text.encode()
         length = len(payload)
         # text_frame_header and TurnBuffer.write_parts, inlined: once per frame.
-        if length < 126:
-            head = _SHORT.pack(_FIN_TEXT, length)
-        elif length < 65536:
-            head = _MEDIUM.pack(_FIN_TEXT, 126, length)
-        else:
-            head = _LONG.pack(_FIN_TEXT, 127, length)
+        head = _SHORT.pack(_FIN_TEXT, length) if length < 126 else text_frame_header(length)
         buffer = self.transport
         buffer._parts += (head, payload)
         if not buffer._scheduled:
