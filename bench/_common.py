@@ -187,7 +187,8 @@ class ServerProcess:
 
     ``env`` adds ``SAMVAD_*`` settings; the server's log goes to ``log_path``.
     ``module="bench._serve"`` runs the same command with the garbage collector
-    instrumented (see ``bench/_serve.py``).
+    instrumented (see ``bench/_serve.py``); ``wrapper`` is a command it runs
+    under (``bench_ws_instructions.py``'s ``valgrind --tool=callgrind ...``).
     """
 
     def __init__(
@@ -201,6 +202,7 @@ class ServerProcess:
         python: str | None = None,
         module: str = "samvad",
         root: Path | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.port = port or free_port()
         #: The source tree the server runs from (another checkout: an A/B of two versions).
@@ -213,6 +215,7 @@ class ServerProcess:
         )
         self.open_files = open_files
         self.python = python or sys.executable
+        self.wrapper = tuple(wrapper)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -238,6 +241,7 @@ class ServerProcess:
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [
+                *self.wrapper,
                 self.python,
                 "-m",
                 self.module,

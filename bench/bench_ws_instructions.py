@@ -33,25 +33,21 @@ a window fall into flushes.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import emit  # noqa: E402
+from bench._common import ServerProcess, emit  # noqa: E402
 from bench._ws_raw import Exchange, WsClientProcess  # noqa: E402
 from bench.bench_overhead import BARE_WS, SAMVAD_ENV, SAMVAD_WS  # noqa: E402
-from bench.bench_ws_calls import free_port  # noqa: E402
 
 
 def _control(pid: int, *args: str) -> None:
@@ -73,45 +69,25 @@ def _dumped_instructions(out: Path) -> int:
 
 def count(tree: Path, module: str, exchange: Exchange, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``python -m MODULE serve`` from ``tree`` under callgrind; instructions per exchange."""
-    port = free_port()
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "callgrind.out"
-        env = {**os.environ, **SAMVAD_ENV, "PYTHONPATH": str(tree)}
-        server = subprocess.Popen(
-            [
+        server = ServerProcess(
+            env=SAMVAD_ENV,
+            module=module,
+            root=tree,
+            log_path=Path(scratch) / "server.log",
+            wrapper=(
                 "valgrind",
                 "--tool=callgrind",
                 "--instr-atstart=no",
                 f"--callgrind-out-file={out}",
-                sys.executable,
-                "-m",
-                module,
-                "serve",
-                "--store",
-                "memory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=tree,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            ),
         )
+        server.start(timeout=180)  # valgrind slows start-up too
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise RuntimeError("the server did not start") from None
-                    time.sleep(0.5)
             client = WsClientProcess()
             try:
-                client.connect("ir", f"ws://127.0.0.1:{port}/ws", args.connections, exchange)
+                client.connect("ir", server.ws_url, args.connections, exchange)
                 client.run("ir", args.warmup)
                 time.sleep(args.settle)
                 _control(server.pid, "-i", "on")
@@ -123,12 +99,7 @@ def count(tree: Path, module: str, exchange: Exchange, args: argparse.Namespace)
             finally:
                 client.stop()
         finally:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            server.stop(timeout=120)
         instructions = _dumped_instructions(out)
         if args.keep_dumps is not None:
             args.keep_dumps.mkdir(parents=True, exist_ok=True)
