@@ -229,16 +229,7 @@ class ViewCache(Generic[K, V]):
     def put(self, key: K, value: V, *, complete: bool = True, size: int | None = None) -> None:
         """Cache ``value``; ``size`` is its ``sizeof`` when the caller knows it
         already (saves measuring it again)."""
-        # _keep(), inlined: twice per message.
-        sizeof = self._sizeof
-        if sizeof is None:
-            self._data.put(key, Cached(value, complete), 1)
-        else:
-            self._data.put(
-                key,
-                Cached(value, complete),
-                (sizeof(value) if size is None else size) + ENTRY_OVERHEAD,
-            )
+        self._keep(key, Cached(value, complete), size)
         if self._absent.size:  # each absent key counts 1: none, nothing to pop
             self._absent.pop(key)
 

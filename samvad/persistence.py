@@ -502,25 +502,17 @@ class Persistence:
         """
         if adopted is None:
             self._adopt_committed()  # before the write joins the pending ones
-        if self.journal is None and not self._taps:
-            self.writes.submit(write)  # _submit(), its usual case inlined
-        else:
-            self._submit(write)
+        self._submit(write)
         cached = adopted or self.profiles.peek(write.user_id)
         if cached is None:
             self.profiles.discard(write.user_id)  # it may be cached as absent
             self._warm(self.profiles, write.user_id, self._profile_loader(write.user_id))
             return
-        s = self.settings
-        view = profile_with(  # _profile_with(), inlined: twice per exchange
-            cached.value,
-            messages=write.append,
-            preferences=write.preferences,
-            now=now,
-            cap=s.history_cap,
-            max_bytes=s.history_max_bytes,
+        self.profiles.put(
+            write.user_id,
+            self._profile_with(cached.value, write, now),
+            complete=cached.complete,
         )
-        self.profiles.put(write.user_id, view, complete=cached.complete)
 
     def _want_complete(self) -> bool:
         return self.writes.mode is Mode.FIRESTORE
@@ -655,7 +647,7 @@ class Persistence:
         writes = self.writes
         if writes.refused:
             self._forget_refused()
-        held = self.states.held(user_id, want_complete=writes.mode is Mode.FIRESTORE)
+        held = self.states.held(user_id, want_complete=self._want_complete())
         return None if held is None else (held[0],)
 
     def held_history(self, user_id: str, limit: int) -> tuple[Message, ...] | None:
@@ -666,7 +658,7 @@ class Persistence:
             self._forget_refused()
         if writes.committed:
             self._adopt_committed()
-        held = self.profiles.held(user_id, want_complete=writes.mode is Mode.FIRESTORE)
+        held = self.profiles.held(user_id, want_complete=self._want_complete())
         if held is None:
             return None
         profile = held[0]

@@ -280,13 +280,7 @@ class WriteBehind:
         acknowledged before a restart) bypasses the bound.
         """
         if not replay:
-            config = self._config
-            if (
-                self._closed
-                or self.pending_bytes >= config.max_pending_bytes
-                or len(self._queued) + len(self._inflight) >= config.max_pending
-            ):
-                self.admit(write)  # below every bound it admits: checked without the call
+            self.admit(write)
         now = self._clock.monotonic()
         key = write.key
         moot: list[int] = []

@@ -418,16 +418,7 @@ class Connection:
         reads too slowly: close it. An ``urgent`` frame (an ``ack``) goes to
         the socket once the frame that caused it is handled (with what that
         made too: the start of the reply), not at the end of the loop's turn."""
-        # _write_now(), inlined: once per frame.
-        send_now = self._send_now
-        if (
-            self._direct
-            and not self._out
-            and self._wakeup is not None
-            and self.closing is None
-            and send_now is not None
-            and send_now(text)
-        ):
+        if self._write_now(text):
             if urgent:
                 self._urgent = True
         else:
@@ -970,7 +961,7 @@ class Hub:
 
     def send(self, devices: Sequence[Device], event: Event) -> None:
         """Deliver ``event`` to ``devices`` as one frame, encoded once."""
-        text = encode(_FRAMES[event.__class__](event))  # frame_of(), inlined
+        text = encode(frame_of(event))
         if event.__class__ is ReplyChunk:
             for device in devices:
                 assert isinstance(device, Connection)
