@@ -200,9 +200,16 @@ class _MessageIds:
     def __call__(self, at: datetime) -> str:
         last, prefix = self._prefix
         if at is not last:
-            prefix = "%012x" % int(at.timestamp() * 1000)  # noqa: UP031
+            prefix = hex(_MILLIS_MARK | int(at.timestamp() * 1000))[3:]
             self._prefix = (at, prefix)
-        return f"{prefix}{self._next() & 0xFFFFFFFF:08x}{self._suffix}"
+        return prefix + hex(_COUNT_MARK | self._next() & 0xFFFFFFFF)[3:] + self._suffix
+
+
+# Zero-padded hex without a format string ("0x1" + the digits, the first three
+# cut): a third of the cost of ``"%012x" %`` or an f-string's ``:08x``, and
+# two ids per WebSocket message. 12 digits of milliseconds last until 10889.
+_MILLIS_MARK = 1 << 48
+_COUNT_MARK = 1 << 32
 
 
 _message_ids = _MessageIds()

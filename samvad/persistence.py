@@ -108,6 +108,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _MAX_SESSIONS_LISTED = 100
+
+# Read for every message, under a module name: on Python 3.11 reading an
+# attribute of an Enum class goes through the slow hook ``EnumType.__getattr__``
+# installs (see samvad.conversation._USER).
+_FIRESTORE = Mode.FIRESTORE
 #: Seconds another instance's write is laid over loads here: far longer than
 #: its write-behind takes to flush it (about a second) unless it is in an outage.
 REMOTE_WRITES_TTL = 60.0
@@ -515,7 +520,7 @@ class Persistence:
         )
 
     def _want_complete(self) -> bool:
-        return self.writes.mode is Mode.FIRESTORE
+        return self.writes.mode is _FIRESTORE
 
     def _forget_refused(self) -> None:
         """Drop the views of documents a change of which the store refused

@@ -100,6 +100,12 @@ class Transport(StrEnum):
     WEBSOCKET = "websocket"
 
 
+# Read for every WebSocket message, under a module name: on Python 3.11 reading
+# an attribute of an Enum class goes through the slow hook
+# ``EnumType.__getattr__`` installs (see samvad.conversation._USER).
+_WEBSOCKET = Transport.WEBSOCKET
+
+
 def ensure_owner(owner: str | None, user_id: str, session_id: str) -> None:
     """The ownership rule: ``user_id`` may use ``session_id`` unless another user owns it.
 
@@ -684,7 +690,7 @@ class SessionService:
             seq=seq,
             client_id=client_id,
         )
-        self.observer.message_stored(role, Transport.WEBSOCKET)
+        self.observer.message_stored(role, _WEBSOCKET)
         return message
 
     def record_again(self, user_id: str, message: Message) -> None:

@@ -153,6 +153,13 @@ class ConnectionState(StrEnum):
     CLOSED = "closed"
 
 
+# Members read for every frame, under module names: an Enum class's attribute
+# is slow to read on Python 3.11 (see samvad.conversation._USER).
+_AWAITING_START = ConnectionState.AWAITING_START
+_ACTIVE = ConnectionState.ACTIVE
+_ENDED = ConnectionState.ENDED
+_CLOSED = ConnectionState.CLOSED
+
 _TRANSITIONS: dict[ConnectionState, frozenset[ConnectionState]] = {
     ConnectionState.AWAITING_START: frozenset({ConnectionState.ACTIVE, ConnectionState.CLOSED}),
     ConnectionState.ACTIVE: frozenset({ConnectionState.ENDED, ConnectionState.CLOSED}),
@@ -263,6 +270,10 @@ class RateDecision(Enum):
     CLOSE = "close"
 
 
+# Read for every frame (see _ACTIVE).
+_ALLOW, _REJECT, _CLOSE = RateDecision.ALLOW, RateDecision.REJECT, RateDecision.CLOSE
+
+
 class RateLimiter:
     """A token bucket that tolerates ``strikes`` refused frames in a row, then closes.
 
@@ -279,11 +290,11 @@ class RateLimiter:
     def check(self) -> RateDecision:
         if self._bucket.take():
             self.strikes = 0
-            return RateDecision.ALLOW
+            return _ALLOW
         self.strikes += 1
         if self.strikes > self._max_strikes:
-            return RateDecision.CLOSE
-        return RateDecision.REJECT
+            return _CLOSE
+        return _REJECT
 
 
 def frame_too_large(data: str | bytes, limit: int) -> bool:
@@ -346,7 +357,7 @@ class ServerProtocol:
 
     def receive(self, data: str | bytes) -> Received:
         """Check, parse and validate one frame of client data."""
-        if self.state is ConnectionState.CLOSED:
+        if self.state is _CLOSED:
             raise RuntimeError("Cannot receive a frame once the connection is closed.")
         limit = self.max_frame_bytes
         # frame_too_large(), its usual answer inlined: text of at most a
@@ -358,11 +369,11 @@ class ServerProtocol:
                 FrameTooLarge.code,
             )
         decision = self.limiter.check()
-        if decision is RateDecision.CLOSE:
+        if decision is _CLOSE:
             return Close(
                 CloseCode.POLICY_VIOLATION, "message-rate limit exceeded", RateLimited.code
             )
-        if decision is RateDecision.REJECT:
+        if decision is _REJECT:
             return Reject(RateLimited("Too many frames; slow down.", retry_after=0.0))
         try:
             frame = parse_frame(data)
@@ -374,11 +385,11 @@ class ServerProtocol:
         if isinstance(frame, Ping):
             return frame
         state = self.state
-        if state is ConnectionState.AWAITING_START and not isinstance(frame, Start):
+        if state is _AWAITING_START and not isinstance(frame, Start):
             return Reject(NotStarted("Send a start frame first."))
-        if state is ConnectionState.ACTIVE and isinstance(frame, Start):
+        if state is _ACTIVE and isinstance(frame, Start):
             return Reject(AlreadyStarted("This connection has already started."))
-        if state is ConnectionState.ENDED:
+        if state is _ENDED:
             return Reject(SessionEnded("The session has ended."))
         return frame
 
