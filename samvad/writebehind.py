@@ -107,7 +107,8 @@ class _Entry:
     journal: list[int] = field(default_factory=list)
     #: Estimated memory of ``write`` (counted in ``WriteBehind.pending_bytes``).
     bytes: int = 0
-    #: ``bytes`` as last counted in full (see ``WriteBehind._grow``).
+    #: ``bytes`` as last counted in full, plus what exact folds added since
+    #: (see ``WriteBehind._grow``).
     counted: int = 0
 
 
@@ -293,8 +294,8 @@ class WriteBehind:
         if entry is not None:
             if journal_seq is not None:
                 entry.journal.append(journal_seq)
-            entry.write.absorb(write)  # type: ignore[arg-type]  # same key, same type
-            self._grow(entry, write)
+            added = entry.write.absorb(write)  # type: ignore[arg-type]  # same key, same type
+            self._grow(entry, write, added)
             if not write.touch:
                 if now < entry.lag_from:
                     entry.lag_from = now
@@ -329,15 +330,22 @@ class WriteBehind:
         self.pending_bytes += size - entry.bytes
         entry.bytes = entry.counted = size
 
-    def _grow(self, entry: _Entry, later: Write) -> None:
+    def _grow(self, entry: _Entry, later: Write, added: int | None) -> None:
         """Count ``later``, just folded into ``entry``, in time linear in ``later``.
 
-        Folding trims a history and replaces fields, so adding overcounts;
+        ``added``: what the fold added, when the write knows it exactly (a
+        history appended to): counted as if counted in full. Otherwise folding
+        may have trimmed a history or replaced fields, so adding overcounts;
         once the estimate has doubled since the last full count, count again
         (amortized constant time per write, never less than the truth).
         A touch re-sends a session's fields unchanged but for its activity
         times: folded into a write of that session, it adds nothing.
         """
+        if added is not None:
+            self.pending_bytes += added
+            entry.bytes += added
+            entry.counted += added
+            return
         if later.touch and entry.counted:
             return
         size = entry.bytes + later.approx_bytes()

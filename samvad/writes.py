@@ -80,14 +80,17 @@ class FieldsWrite:
             return (user_barrier(self.user_id),)
         return (user_barrier(self.user_id), session_barrier(self.session_id))
 
-    def absorb(self, later: FieldsWrite) -> None:
-        """Fold a later write to the same document into this one."""
+    def absorb(self, later: FieldsWrite) -> int | None:
+        """Fold a later write to the same document into this one; None: what
+        that added to :meth:`approx_bytes` is not known exactly (fields
+        replaced are counted twice until the entry is counted again)."""
         self.fields.update(later.fields)
         for name, value in later.defaults.items():
             self.defaults.setdefault(name, value)
         self.touch = self.touch and later.touch
         # Folded into a write that may create the document, it may create it too.
         self.must_exist = self.must_exist and later.must_exist
+        return None
 
     def takes_over(self, doc: Mapping[str, Any] | None) -> bool:
         """Whether this write would change a document another user owns.
@@ -153,11 +156,21 @@ class ProfileWrite:
             size += message.memory_bytes()
         return size + approx_bytes(self.preferences) if self.preferences else size
 
-    def absorb(self, later: ProfileWrite) -> None:
-        self.append.extend(later.append)
-        if len(self.append) > self.cap:
-            del self.append[: len(self.append) - self.cap]
+    def absorb(self, later: ProfileWrite) -> int | None:
+        """Fold a later write of the same user into this one: what that added
+        to :meth:`approx_bytes` when it is known exactly (messages appended,
+        none trimmed, no preferences), else None."""
+        append = self.append
+        append.extend(later.append)
+        added: int | None = None
+        if len(append) > self.cap:
+            del append[: len(append) - self.cap]
+        elif not later.preferences:
+            added = 0
+            for message in later.append:
+                added += message.memory_bytes()
         self.preferences.update(later.preferences)
+        return added
 
 
 class EraseScope(StrEnum):
@@ -193,8 +206,9 @@ class Erase:
 
     touch: ClassVar[bool] = False
 
-    def absorb(self, later: Erase) -> None:
-        """Two erases of the same target are one."""
+    def absorb(self, later: Erase) -> int:
+        """Two erases of the same target are one (it adds nothing)."""
+        return 0
 
 
 Write = FieldsWrite | ProfileWrite | Erase

@@ -413,6 +413,36 @@ async def test_the_byte_bound_refuses_every_write_but_erases_until_the_backlog_d
     ]
 
 
+async def test_messages_folded_into_one_write_are_counted_exactly_and_trims_recounted(
+    store: FlakyStore, clock: ManualClock
+) -> None:
+    # Appends add exactly what they carry (no recount needed); a fold that
+    # trims the history overcounts until the estimate doubles, never less
+    # than the truth, and at most twice it once counted again.
+    queue = make(store, clock)
+    await queue.start()
+    store.down = True
+    queue.report_unavailable(RuntimeError("test"))
+    folded = message("a", 0)
+    queue.submit(message("a", 0))
+    for i in range(1, 50):
+        queue.submit(message("a", i))
+        folded.absorb(message("a", i))
+        assert queue.pending_bytes == folded.approx_bytes()
+    folded = ProfileWrite(user_id="b", cap=3)
+    for i in range(200):
+        write = message("b", i)
+        write.cap = 3
+        queue.submit(write)
+        folded.absorb(message("b", i))
+        truth = folded.approx_bytes()
+        held = queue.pending_bytes - queue.pending_writes((PROFILES, "a"))[0].approx_bytes()
+        assert truth <= held <= 2 * truth + message("b", i).approx_bytes()
+    store.down = False
+    assert await queue.close(5) == 0
+    assert queue.pending_bytes == 0
+
+
 async def test_an_erase_frees_the_bytes_of_the_writes_it_drops(
     store: FlakyStore, clock: ManualClock
 ) -> None:
