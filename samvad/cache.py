@@ -47,13 +47,17 @@ V = TypeVar("V")
 T = TypeVar("T")
 
 
-class Cached(msgspec.Struct, Generic[V], frozen=True):
+class Cached(msgspec.Struct, Generic[V], frozen=True, gc=False):
     """A cached value; ``complete`` is False when it was built without reading the
     store (memory-only mode) and should be re-read once the store is back.
 
     A frozen msgspec struct: one is made for every change of a cached view
     (twice per WebSocket message), where a frozen dataclass costs several
-    times as much to make."""
+    times as much to make. Out of the garbage collector's lists
+    (``gc=False``), and with it the cache's tuple that holds it: nothing a
+    cache keeps refers back to its entry, so it can never be part of a
+    reference cycle, and every entry would otherwise be walked by each full
+    collection (the value is, when it is a type the collector tracks)."""
 
     value: V
     complete: bool = True

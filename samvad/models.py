@@ -166,12 +166,17 @@ class UserState:
         return 4 * _OBJECT_BYTES + approx_bytes(self.data)
 
 
-class Profile(msgspec.Struct, frozen=True):
+class Profile(msgspec.Struct, frozen=True, gc=False):
     """A user's cross-session profile (``user_profiles/{userId}``).
 
     ``history`` is oldest first and already bounded by the history cap and byte
     bound. A frozen msgspec struct, as :class:`Message` is: a new one is made
-    for every message appended.
+    for every message appended. Out of the garbage collector's lists, as
+    :class:`Message` is (``gc=False``; and so the cache's wrapper of it): every
+    cached user's profile would be walked by each full collection, and the
+    young collections walk every profile made since the last one. Nothing
+    in it can refer back to it (messages, JSON-like preferences), so it can
+    never be part of a reference cycle.
     """
 
     user_id: str
