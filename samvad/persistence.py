@@ -113,6 +113,7 @@ _MAX_SESSIONS_LISTED = 100
 # attribute of an Enum class goes through the slow hook ``EnumType.__getattr__``
 # installs (see samvad.conversation._USER).
 _FIRESTORE = Mode.FIRESTORE
+
 #: Seconds another instance's write is laid over loads here: far longer than
 #: its write-behind takes to flush it (about a second) unless it is in an outage.
 REMOTE_WRITES_TTL = 60.0
