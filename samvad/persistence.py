@@ -152,6 +152,13 @@ def _json_value(value: object) -> object:
     return repr(value)
 
 
+def _fields_of(write: Write) -> dict[str, Any]:
+    """A write's fields by name (a dataclass's or a msgspec struct's)."""
+    if isinstance(write, msgspec.Struct):
+        return msgspec.structs.asdict(write)
+    return dataclasses.asdict(write)
+
+
 def new_id() -> str:
     """A random identifier for messages and interruption records."""
     return uuid.uuid4().hex
@@ -357,7 +364,7 @@ class Persistence:
             "at": to_iso(self.clock.now()),
             "document": "/".join(key),
             "reason": reason,
-            "change": {"type": type(write).__name__, **dataclasses.asdict(write)},
+            "change": {"type": type(write).__name__, **_fields_of(write)},
         }
         # ASCII: a lone surrogate (one way to be refused) is kept as an escape.
         line = json.dumps(record, default=_json_value, ensure_ascii=True) + "\n"
