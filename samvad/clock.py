@@ -17,6 +17,7 @@ __all__ = [
     "Clock",
     "ManualClock",
     "SystemClock",
+    "epoch_millis",
     "millisecond_now",
     "parse_iso",
     "to_iso",
@@ -157,6 +158,7 @@ class _SystemMillisecond:
 
 
 _MILLISECONDS = tuple(timedelta(0, 0, ms * 1000) for ms in range(1000))
+_ONE_MILLISECOND = _MILLISECONDS[1]
 
 
 _system_millisecond = _SystemMillisecond()
@@ -169,6 +171,22 @@ def millisecond_now(clock: Clock) -> Callable[[], datetime]:
     if type(clock) is SystemClock:
         return _system_millisecond
     return lambda: truncate_ms(clock.now())
+
+
+def epoch_millis(value: datetime) -> int:
+    """Whole milliseconds from the Unix epoch to ``value`` (a naive one taken
+    as local time, as ``timestamp()`` takes it), exactly: the float of
+    ``timestamp() * 1000`` is one short for some. The millisecond clock's
+    latest reading (the timestamp of the message being stored) is answered
+    with the integer it was made from, where the subtraction costs a
+    timedelta and a division, and a message id wants the milliseconds of
+    every new message."""
+    entry = _system_millisecond.entry
+    if entry[1] is value:
+        return entry[0]
+    if value.tzinfo is None:
+        value = value.astimezone(UTC)
+    return (value - _EPOCH) // _ONE_MILLISECOND
 
 
 def truncate_ms(value: datetime) -> datetime:

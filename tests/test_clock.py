@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 from samvad.clock import (
     ManualClock,
     SystemClock,
+    epoch_millis,
     millisecond_now,
     parse_iso,
     to_iso,
@@ -145,3 +146,20 @@ def test_millisecond_now_follows_any_other_clock_truncated() -> None:
     assert now() == datetime(2025, 1, 10, 17, 0, 0, 123000, tzinfo=UTC)
     clock.advance(0.0015)
     assert now() == datetime(2025, 1, 10, 17, 0, 0, 124000, tzinfo=UTC)
+
+
+def test_epoch_millis_is_the_timestamp_in_milliseconds_for_clock_readings_and_others() -> None:
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    one = timedelta(milliseconds=1)
+    now = millisecond_now(SystemClock())
+    for _ in range(200):  # the clock's latest reading: from its own integer
+        value = now()
+        assert epoch_millis(value) == (value - epoch) // one
+    rng = random.Random(7)
+    for _ in range(2000):  # any other datetime (a ManualClock's, a stored one)
+        millis = rng.randrange(0, 4_000_000_000_000)
+        value = epoch + timedelta(milliseconds=millis)
+        assert epoch_millis(value) == millis
+        assert epoch_millis(value.astimezone(ZoneInfo("Asia/Kolkata"))) == millis
+    naive = datetime(2025, 1, 10, 17, 0, 0, 123000)  # local time, as timestamp() takes it
+    assert epoch_millis(naive) == round(naive.timestamp() * 1000)
