@@ -73,6 +73,12 @@ def _str_bytes(text: str) -> int:
     return _ASCII_STR_BYTES + len(text) if text.isascii() else _getsizeof(text)
 
 
+def _utf8_len(text: str) -> int:
+    """``len(text.encode())``, without encoding ASCII text (one character, one
+    byte): an append measures the message it adds and the one it drops."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def approx_bytes(value: Any) -> int:
     """Approximate memory of a JSON-like value (dicts, lists, strings, numbers,
     datetimes), erring on the high side. Linear in the value's size."""
@@ -137,9 +143,9 @@ class Message(msgspec.Struct, frozen=True, gc=False):
 
     def stored_size(self) -> int:
         """Approximate bytes this message takes in the profile document."""
-        size = len(self.content.encode()) + MESSAGE_OVERHEAD_BYTES
+        size = _utf8_len(self.content) + MESSAGE_OVERHEAD_BYTES
         if self.client_id is not None:
-            size += len(self.client_id.encode())
+            size += _utf8_len(self.client_id)
         return size
 
     def memory_bytes(self) -> int:

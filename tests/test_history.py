@@ -189,6 +189,17 @@ def test_a_forked_child_makes_ids_of_its_own() -> None:
     assert child != ours and child[20:] != parent[20:]
 
 
+def test_a_message_is_counted_in_the_document_by_the_utf8_bytes_of_its_text() -> None:
+    for text in ["", "hi", "x" * 5000, "é", "नमस्ते", "😀" * 3, "a\x7f"]:
+        for client_id in [None, "c-1", "ç"]:
+            message = Message(
+                id="m", role=Role.USER, content=text, timestamp=T0, client_id=client_id
+            )
+            expected = len(text.encode()) + MESSAGE_OVERHEAD_BYTES
+            expected += len(client_id.encode()) if client_id is not None else 0
+            assert message.stored_size() == expected
+
+
 def test_a_message_is_counted_in_memory_as_getsizeof_counts_its_text() -> None:
     """The shortcut for ASCII text gives ``sys.getsizeof``'s figure, and other
     text is still measured by it."""
