@@ -208,8 +208,9 @@ class _MessageIds:
 
 
 # Zero-padded hex without a format string ("0x1" + the digits, the first three
-# cut): a third of the cost of ``"%012x" %`` or an f-string's ``:08x``, and
-# two ids per WebSocket message. 12 digits of milliseconds last until 10889.
+# cut): 0.19 against 0.22 µs for ``"%012x" %`` and 0.34 against 0.51 µs for
+# the rest of the id with an f-string's ``:08x`` (``timeit``), two ids per
+# WebSocket message. 12 digits of milliseconds last until 10889.
 _MILLIS_MARK = 1 << 48
 _COUNT_MARK = 1 << 32
 
