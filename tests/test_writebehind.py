@@ -64,6 +64,15 @@ def make(store: FlakyStore, clock: ManualClock, **config: object) -> WriteBehind
     return WriteBehind(store, config=WriteBehindConfig(**defaults), clock=clock)  # type: ignore[arg-type]
 
 
+async def in_outage(store: FlakyStore, clock: ManualClock, **config: object) -> WriteBehind:
+    """A started queue (:func:`make`) whose store is down, in memory-only mode."""
+    queue = make(store, clock, **config)
+    await queue.start()
+    store.down = True
+    queue.report_unavailable(RuntimeError("test"))
+    return queue
+
+
 @pytest.fixture
 async def wb(store: FlakyStore, clock: ManualClock) -> AsyncIterator[WriteBehind]:
     queue = make(store, clock)
@@ -364,10 +373,7 @@ async def test_an_outage_while_isolating_keeps_the_parts_not_yet_written(
 async def test_the_pending_bound_refuses_new_documents_but_not_updates_or_erases(
     store: FlakyStore, clock: ManualClock
 ) -> None:
-    queue = make(store, clock, max_pending=2)
-    await queue.start()
-    store.down = True
-    queue.report_unavailable(RuntimeError("test"))
+    queue = await in_outage(store, clock, max_pending=2)
     queue.submit(state("a", v=1))
     queue.submit(state("b", v=1))
     with pytest.raises(BacklogFull):
@@ -387,10 +393,7 @@ async def test_the_byte_bound_refuses_every_write_but_erases_until_the_backlog_d
     three = message("a", 0)
     three.absorb(message("a", 1))
     three.absorb(message("a", 2))
-    queue = make(store, clock, max_pending_bytes=three.approx_bytes())
-    await queue.start()
-    store.down = True
-    queue.report_unavailable(RuntimeError("test"))
+    queue = await in_outage(store, clock, max_pending_bytes=three.approx_bytes())
     accepted = 0
     with pytest.raises(BacklogFull):
         for i in range(10):  # folded into one entry, each adds its bytes
@@ -419,10 +422,7 @@ async def test_messages_folded_into_one_write_are_counted_exactly_and_trims_reco
     # Appends add exactly what they carry (no recount needed); a fold that
     # trims the history overcounts until the estimate doubles, never less
     # than the truth, and at most twice it once counted again.
-    queue = make(store, clock)
-    await queue.start()
-    store.down = True
-    queue.report_unavailable(RuntimeError("test"))
+    queue = await in_outage(store, clock)
     folded = message("a", 0)
     queue.submit(message("a", 0))
     for i in range(1, 50):
@@ -446,10 +446,7 @@ async def test_messages_folded_into_one_write_are_counted_exactly_and_trims_reco
 async def test_an_erase_frees_the_bytes_of_the_writes_it_drops(
     store: FlakyStore, clock: ManualClock
 ) -> None:
-    queue = make(store, clock)
-    await queue.start()
-    store.down = True
-    queue.report_unavailable(RuntimeError("test"))
+    queue = await in_outage(store, clock)
     queue.submit(message("a", 0))
     queue.submit(state("a", v=1))
     queue.submit(state("b", v=1))
