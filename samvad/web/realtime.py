@@ -6,11 +6,12 @@ connection's state; :mod:`samvad.conversation` runs the conversations
 (:mod:`samvad.service`) hold the rules and reach the store. This module only
 moves frames and runs tasks:
 
-- per connection, the ASGI handler's task reads frames and turns them into
-  calls, and one writer task drains a bounded send queue to the socket, so a
-  client that reads slowly only fills its own queue (and is then closed with
-  1013) while everyone else goes on; ``reply.chunk`` frames still waiting in
-  the queue merge, so a connection that is behind gets fewer, larger frames.
+- per connection, a reader task reads frames and turns them into calls
+  (the ASGI handler's task waits for it), and one writer task drains a
+  bounded send queue to the socket, so a client that reads slowly only fills
+  its own queue (and is then closed with 1013) while everyone else goes on;
+  ``reply.chunk`` frames still waiting in the queue merge, so a connection
+  that is behind gets fewer, larger frames.
   When the server offers a synchronous write (``samvad serve``:
   :mod:`samvad.web.uvicorn_ws`) and no journal must be waited for, a frame
   with nothing queued before it is written at once by whoever made it, and
@@ -753,9 +754,14 @@ class Connection:
     async def serve(self) -> None:
         """Run the connection until it closes, then detach it from the hub.
 
-        The read loop runs in the caller's task (the ASGI handler's): one task
-        fewer per connection. When the writer ends first (the close frame is
-        out, or the peer is gone) it cancels the read.
+        The read loop runs in a task of its own, not in the caller's (the ASGI
+        handler's): the caller's coroutine sits under twenty-odd frames of
+        server, middleware and routing, and every frame that arrived would
+        resume and suspend each of them (1.2 % of a message's instructions,
+        ``bench/bench_ws_instructions.py``); the reader's task holds one. When
+        the writer ends first (the close frame is out, or the peer is gone) it
+        cancels the read; a cancellation of the caller reaches the reader
+        through the ``await``.
         """
         try:
             await self.ws.accept()
@@ -767,13 +773,13 @@ class Connection:
             self.hub.metrics.ws_opened.inc()
         writer = self._writer = asyncio.create_task(self._write_loop(), name=f"ws-{self.id}-w")
         writer.add_done_callback(self._writer_done)
-        self._reading = asyncio.current_task()
+        reader = self._reading = asyncio.create_task(self._read_loop(), name=f"ws-{self.id}-r")
         try:
             try:
-                await self._read_loop()
+                await reader
             except asyncio.CancelledError:
-                reading = self._reading
-                if not self._stop_reading or reading is None or reading.uncancel():
+                caller = asyncio.current_task()
+                if not self._stop_reading or caller is None or caller.cancelling():
                     raise  # cancelled from outside (shutdown): not only by the writer
             except Exception as exc:
                 # A bug handling a frame: this connection alone closes, with 1011.

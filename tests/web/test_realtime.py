@@ -796,6 +796,31 @@ async def test_shutdown_closes_with_1001_and_stores_the_reply_in_flight() -> Non
         assert server.services.interruptions.count(client.session_id) == 0
 
 
+async def test_a_handler_cancelled_from_outside_cancels_its_reader_and_lets_go() -> None:
+    # What a server does to a handler that outlives its shutdown deadline: the
+    # cancellation reaches the read loop (a task of its own), the handler
+    # still ends with it, and the connection is detached.
+    async with live_server(make_app()) as server:
+        hub = server.services.hub
+        victim = await open_client(server, "u-cancelled")
+        bystander = await open_client(server, "u-on")
+        (connection,) = hub.connections_of("u-cancelled")
+        reader = connection._reading
+        assert reader is not None
+        (handler,) = [t for t in asyncio.all_tasks() if getattr(t, "_fut_waiter", None) is reader]
+        handler.cancel()
+        async with asyncio.timeout(10):
+            await connection.finished.wait()
+            await asyncio.wait({handler})
+        assert reader.cancelled()
+        # Not taken for the writer's end, which would close with 1011 first.
+        assert connection.closing is None
+        assert hub.connections_of("u-cancelled") == ()
+        assert (await bystander.ask("still here?", within=5)).reply.complete
+        await victim.close()
+        await bystander.close()
+
+
 async def test_authentication_checks_the_token_of_the_start_frame() -> None:
     async def verify(token: str) -> str:
         if token.startswith("good-"):
