@@ -55,6 +55,7 @@ import contextlib
 import struct
 import weakref
 from collections import deque
+from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -313,12 +314,15 @@ class _Inbox:
     (``task_done``/``join``) and the loop lookups that cost ``asyncio.Queue``
     a dozen Python calls per message. Getters are served in order; one
     cancelled after it was woken passes the wake-up on, as ``asyncio.Queue``
-    does."""
+    does. ``drained`` is called when a ``get`` took the last item."""
 
-    __slots__ = ("_getters", "_items", "_loop")
+    __slots__ = ("_drained", "_getters", "_items", "_loop")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, drained: Callable[[], None] = lambda: None
+    ) -> None:
         self._loop = loop
+        self._drained = drained
         self._items: deque[Any] = deque()
         self._getters: deque[asyncio.Future[None]] = deque()
 
@@ -354,7 +358,10 @@ class _Inbox:
                 if items and not getter.cancelled():
                     self._wake_one()  # woken, but leaving: the next getter takes it
                 raise
-        return items.popleft()
+        item = items.popleft()
+        if not items:
+            self._drained()
+        return item
 
 
 class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -367,7 +374,20 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.queue = cast("asyncio.Queue[Any]", _Inbox(self.loop))
+        self._inbox = _Inbox(self.loop, self._drained)
+        self.queue = cast("asyncio.Queue[Any]", self._inbox)
+
+    def receive(self) -> Coroutine[Any, Any, Any]:
+        """uvicorn's ``receive``: the inbox's ``get`` itself, not a coroutine
+        awaiting it, so the read loop's task resumes through one frame fewer
+        per message (about 1 % of a message's instructions); reading resumes
+        when the app has taken every message (``_drained``), as in uvicorn."""
+        return self._inbox.get()
+
+    def _drained(self) -> None:
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not subclasses of asyncio.Transport.

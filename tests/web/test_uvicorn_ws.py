@@ -422,11 +422,15 @@ async def test_a_slow_reader_is_closed_with_1013_without_delaying_others() -> No
 async def test_the_inbox_hands_messages_in_order_to_getters_in_order() -> None:
     from samvad.web.uvicorn_ws import _Inbox
 
-    inbox = _Inbox(asyncio.get_running_loop())
+    drained: list[int] = []
+    inbox = _Inbox(asyncio.get_running_loop(), lambda: drained.append(inbox.qsize()))
     inbox.put_nowait("early")
-    assert not inbox.empty() and inbox.qsize() == 1
+    inbox.put_nowait("second")
+    assert not inbox.empty() and inbox.qsize() == 2
     assert await inbox.get() == "early"
-    assert inbox.empty()
+    assert drained == []  # not while a message waits: reading stays paused
+    assert await inbox.get() == "second"
+    assert inbox.empty() and drained == [0]
     first = asyncio.ensure_future(inbox.get())
     second = asyncio.ensure_future(inbox.get())
     await asyncio.sleep(0)
