@@ -18,8 +18,12 @@ garbage-collector tuning at start-up) with logging at WARNING:
 * **B**: ``python -m bench._bare serve``: a bare Starlette app with the same
   paths doing the trivial equivalent (JSON in, JSON out; a WebSocket JSON echo).
 
-Workloads, each run on A and B alternately (A B A B A B: three repetitions,
-interleaved), a window of ``--window`` seconds each after a warm-up:
+Workloads, each run on A and B alternately (A B B A A B: three repetitions,
+interleaved, the order reversed in every other one), a window of
+``--window`` seconds each after a warm-up. The reversal matters: the same
+tree measured in the first and in the last place of each repetition
+(``bench_ws_overhead.py`` with one checkout as both trees, 2026-11-30)
+came out 8 % dearer in the first place (median of six pairs).
 
 * ``get_state``: ``GET /api/session/{u}/state`` over 1,000 users with a
   saved state (every read a cache hit);
@@ -270,7 +274,8 @@ class Bench:
             self.settle()
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in self.servers()}
         for rep in range(self.args.repetitions):
-            for name, server in self.servers():
+            servers = self.servers()
+            for name, server in servers if rep % 2 == 0 else servers[::-1]:
                 figures = self.window(name, server, make_run(name, server, rep))
                 runs[name].append(figures)
                 print(
@@ -408,8 +413,9 @@ class Bench:
             held[name] = ws.connect(f"idle-{name}", server.ws_url, 50, exchanges[name])["connected"]
         time.sleep(0.5)
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in self.servers()}
-        for _ in range(self.args.repetitions):
-            for name, server in self.servers():
+        for rep in range(self.args.repetitions):
+            servers = self.servers()
+            for name, server in servers if rep % 2 == 0 else servers[::-1]:
                 before = server.rss_kib()
                 result = ws.connect(
                     f"idle-{name}", server.ws_url, IDLE_CONNECTIONS, exchanges[name]
