@@ -11,9 +11,9 @@ message) and ``ws_idle_memory`` (RSS per idle started connection), each
 repetition measuring this tree, the bare Starlette app and the
 baseline one after the other (in reverse order every other repetition), with
 the same servers, client, pinning and settings as ``bench_overhead.py``
-(whose docstring describes them). The report
-gives this tree's figures and ratio to bare, and the baseline's under
-``baseline`` against the same bare windows: before and after within one run.
+(whose docstring describes them). The report gives this tree's figures and
+ratio to bare, and the baseline's under ``baseline`` against the same bare
+windows: before and after within one run.
 """
 
 from __future__ import annotations

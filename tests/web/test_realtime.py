@@ -807,6 +807,8 @@ async def test_a_handler_cancelled_from_outside_cancels_its_reader_and_lets_go()
         (connection,) = hub.connections_of("u-cancelled")
         reader = connection._reading
         assert reader is not None
+        # The handler's task is the one waiting on the reader (CPython's Task
+        # keeps what it waits on in ``_fut_waiter``).
         (handler,) = [t for t in asyncio.all_tasks() if getattr(t, "_fut_waiter", None) is reader]
         handler.cancel()
         async with asyncio.timeout(10):
