@@ -377,7 +377,9 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
         self._inbox = _Inbox(self.loop, self._drained)
         self.queue = cast("asyncio.Queue[Any]", self._inbox)
         # ``writable``'s state as a plain attribute, for ``send_text_now``: four
-        # ``Event.is_set`` calls (Python methods) per message otherwise.
+        # ``Event.is_set`` calls (Python methods) per message otherwise. It can
+        # differ from ``writable`` only after ``connection_lost`` (which sets
+        # the event without ``resume_writing``), when ``disconnected`` refuses.
         self._writing_paused = False
 
     def pause_writing(self) -> None:
