@@ -19,7 +19,6 @@ from samvad.history import (
     history_bytes,
     in_time_order,
     merge,
-    newer_than,
     order_key,
     trim,
 )
@@ -144,11 +143,12 @@ def decode_message(doc: Mapping[str, Any]) -> Message:
 
 
 def encode_profile(profile: Profile) -> Document:
+    history = profile.history
     return {
         "userId": profile.user_id,
-        "conversationHistory": [encode_message(m) for m in profile.history],
+        "conversationHistory": [encode_message(m) for m in history],
         "preferences": dict(profile.preferences),
-        "historyLength": len(profile.history),
+        "historyLength": len(history),
         "createdAt": profile.created_at,
         "lastUpdated": profile.last_updated,
     }
@@ -168,8 +168,8 @@ def decode_profile(user_id: str, doc: Mapping[str, Any], *, cap: int, max_bytes:
         messages.sort(key=order_key)
     history, size = trim(messages, cap=cap, max_bytes=max_bytes)
     preferences = doc.get("preferences")
-    return Profile(
-        user_id=user_id,
+    return Profile.of(
+        user_id,
         history=history,
         preferences=dict(preferences) if isinstance(preferences, Mapping) else {},
         created_at=_time(doc.get("createdAt")),
@@ -179,7 +179,7 @@ def decode_profile(user_id: str, doc: Mapping[str, Any], *, cap: int, max_bytes:
 
 
 def empty_profile(user_id: str) -> Profile:
-    return Profile(user_id=user_id)
+    return Profile(user_id)
 
 
 def profile_with(
@@ -193,27 +193,39 @@ def profile_with(
 ) -> Profile:
     """``profile`` with ``messages`` merged in (by id, in time order), bounded, and
     ``preferences`` merged over the stored ones."""
-    if messages and newer_than(profile.history, messages):
-        # The common case, new messages after the newest: one copy.
-        history, size = extended(
-            profile.history, profile.history_bytes, messages, cap=cap, max_bytes=max_bytes
-        )
-    elif messages:
-        merged = merge(profile.history, messages)
-        known_size = None
-        if len(merged) == len(profile.history) + len(messages) and merged[-1] is messages[-1]:
-            known_size = profile.history_bytes + history_bytes(messages)
-        history, size = trim(merged, cap=cap, max_bytes=max_bytes, size=known_size)
-    else:
-        history, size = profile.history, profile.history_bytes
     prefs = profile.preferences
     if preferences:
         prefs = {**profile.preferences, **preferences}
-    return Profile(
-        user_id=profile.user_id,
-        history=history,
+    created_at = profile.created_at or (min(now, messages[0].timestamp) if messages else now)
+    if messages:
+        # The common case, new messages after the newest: onto the shared log.
+        window = extended(profile, messages, cap=cap, max_bytes=max_bytes)
+        if window is not None:
+            log, start, end, size, spent = window
+            return Profile(profile.user_id, prefs, created_at, now, size, log, start, end, spent)
+    else:
+        return Profile(
+            profile.user_id,
+            prefs,
+            created_at,
+            now,
+            profile.history_bytes,
+            profile.log,
+            profile.log_start,
+            profile.log_end,
+            profile.log_spent,
+        )
+    history = profile.history
+    merged = merge(history, messages)
+    known_size = None
+    if len(merged) == len(history) + len(messages) and merged[-1] is messages[-1]:
+        known_size = profile.history_bytes + history_bytes(messages)
+    kept, size = trim(merged, cap=cap, max_bytes=max_bytes, size=known_size)
+    return Profile.of(
+        profile.user_id,
+        history=kept,
         preferences=prefs,
-        created_at=profile.created_at or (min(now, messages[0].timestamp) if messages else now),
+        created_at=created_at,
         last_updated=now,
         history_bytes=size,
     )

@@ -13,10 +13,11 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 from samvad.clock import epoch_millis
-from samvad.models import Message
+from samvad.models import Message, Profile
 
 __all__ = [
     "extended",
+    "follows",
     "history_bytes",
     "in_time_order",
     "merge",
@@ -64,34 +65,63 @@ def trim(
 
 
 def extended(
-    existing: tuple[Message, ...],
-    size: int,
-    fresh: Sequence[Message],
-    *,
-    cap: int,
-    max_bytes: int,
-) -> tuple[tuple[Message, ...], int]:
-    """``existing`` (of stored size ``size``) with ``fresh`` appended, bounded as
-    :func:`trim` bounds: for ``fresh`` that sorts after all of ``existing``
-    (:func:`newer_than`), what :func:`merge` then :func:`trim` give, with one
-    copy of the history where they make three (a list, its slice, a tuple):
-    every message appended to a full history copies the hundred before it.
+    profile: Profile, fresh: Sequence[Message], *, cap: int, max_bytes: int
+) -> tuple[list[Message], int, int, int, int] | None:
+    """The history of ``profile`` with ``fresh`` appended, bounded as :func:`trim`
+    bounds, when ``fresh`` sorts after all of it (:func:`follows`; None when it
+    does not): what :func:`merge` then :func:`trim` give, as the window of a
+    log (:class:`~samvad.models.Profile`): ``(log, log_start, log_end, size,
+    spent)``.
+
+    The new messages go onto the end of the profile's log, which the new
+    profile shares, and the ones that fall off the front stay in it, out of
+    the window: no copy of the hundred messages before them. The window is
+    copied into a new log when another profile has appended to this one's
+    log already (a write replayed over an older view: its items past the
+    window are not this history's), or when the log's spent front holds an
+    eighth of the cap's messages (at least 8) or a quarter of the window's
+    bytes: about once every ``cap // 8`` appends to a full history, which
+    bounds what a history holds beyond itself and costs an append an eighth
+    of a copy. Runs for every message appended: the checks are inline.
     """
-    if type(existing) is not tuple:
-        existing = tuple(existing)
-    size += fresh[0].stored_size() if len(fresh) == 1 else history_bytes(fresh)
-    dropped = len(existing) + len(fresh) - cap
-    if dropped <= 0:
-        kept = existing + tuple(fresh)
-    elif dropped < len(existing):
-        # Usually one message falls off a full history.
-        size -= existing[0].stored_size() if dropped == 1 else history_bytes(existing[:dropped])
-        kept = existing[dropped:] + tuple(fresh)
+    log, start, end = profile.log, profile.log_start, profile.log_end
+    if len(fresh) == 1 and end > start:
+        # One message after the newest, the usual append: without sort keys.
+        message, newest = fresh[0], log[end - 1]
+        if message.timestamp != newest.timestamp:
+            if message.timestamp < newest.timestamp:
+                return None
+        elif message.id <= newest.id:
+            return None
+    elif not follows(log[end - 1] if end > start else None, fresh):
+        return None
+    size, spent = profile.history_bytes, profile.log_spent
+    if end != len(log) or start >= (cap >> 3 if cap > 64 else 8) or spent > size >> 2:
+        log = log[start:end]
+        end -= start
+        start = spent = 0
+    if len(fresh) == 1:
+        message = fresh[0]
+        log.append(message)
+        size += message.stored_size()
     else:
-        return trim(existing + tuple(fresh), cap=cap, max_bytes=max_bytes)
-    if size <= max_bytes:
-        return kept, size
-    return _within_bytes(kept, size, max_bytes)
+        log.extend(fresh)
+        size += history_bytes(fresh)
+    end += len(fresh)
+    dropped = end - start - cap
+    if dropped > 0:
+        # Usually one message falls off a full history.
+        gone = log[start].stored_size() if dropped == 1 else history_bytes(log[start : end - cap])
+        size -= gone
+        spent += gone
+        start += dropped
+    while size > max_bytes and start < end - 1:
+        # The newest message is always kept (as trim keeps it).
+        gone = log[start].stored_size()
+        size -= gone
+        spent += gone
+        start += 1
+    return log, start, end, size, spent
 
 
 def _within_bytes(
@@ -141,15 +171,21 @@ def merge(existing: Sequence[Message], new: Iterable[Message]) -> list[Message]:
 def newer_than(existing: Sequence[Message], fresh: Sequence[Message]) -> bool:
     """True when ``fresh`` is non-empty, in strict time order, and all of it sorts
     after the last message of ``existing``."""
+    return follows(existing[-1] if existing else None, fresh)
+
+
+def follows(newest: Message | None, fresh: Sequence[Message]) -> bool:
+    """True when ``fresh`` is non-empty, in strict time order, and all of it sorts
+    after ``newest`` (the last message of a history; None for an empty one)."""
     if not fresh:
         return False
-    if len(fresh) == 1 and existing:
+    if len(fresh) == 1 and newest is not None:
         # One message, the usual append: without building its sort keys.
-        newest, message = existing[-1], fresh[0]
+        message = fresh[0]
         if message.timestamp != newest.timestamp:
             return message.timestamp > newest.timestamp
         return message.id > newest.id
-    last = order_key(existing[-1]) if existing else None
+    last = order_key(newest) if newest is not None else None
     for message in fresh:
         key = order_key(message)
         if last is not None and key <= last:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -73,12 +73,6 @@ def _str_bytes(text: str) -> int:
     return _ASCII_STR_BYTES + len(text) if text.isascii() else _getsizeof(text)
 
 
-def _utf8_len(text: str) -> int:
-    """``len(text.encode())``, without encoding ASCII text (one character, one
-    byte): an append measures the message it adds and the one it drops."""
-    return len(text) if text.isascii() else len(text.encode())
-
-
 def approx_bytes(value: Any) -> int:
     """Approximate memory of a JSON-like value (dicts, lists, strings, numbers,
     datetimes), erring on the high side. Linear in the value's size."""
@@ -143,9 +137,15 @@ class Message(msgspec.Struct, frozen=True, gc=False):
 
     def stored_size(self) -> int:
         """Approximate bytes this message takes in the profile document."""
-        size = _utf8_len(self.content) + MESSAGE_OVERHEAD_BYTES
-        if self.client_id is not None:
-            size += _utf8_len(self.client_id)
+        # UTF-8 lengths without encoding ASCII text (one character, one byte),
+        # inline: this runs for each message appended and each that falls off.
+        content = self.content
+        size = (len(content) if content.isascii() else len(content.encode())) + (
+            MESSAGE_OVERHEAD_BYTES
+        )
+        client_id = self.client_id
+        if client_id is not None:
+            size += len(client_id) if client_id.isascii() else len(client_id.encode())
         return size
 
     def memory_bytes(self) -> int:
@@ -172,36 +172,129 @@ class UserState:
         return 4 * _OBJECT_BYTES + approx_bytes(self.data)
 
 
-class Profile(msgspec.Struct, frozen=True, gc=False):
+class Profile(msgspec.Struct, frozen=True, gc=False, eq=False):
     """A user's cross-session profile (``user_profiles/{userId}``).
 
-    ``history`` is oldest first and already bounded by the history cap and byte
-    bound. A frozen msgspec struct, as :class:`Message` is: a new one is made
-    for every message appended. Out of the garbage collector's lists, as
-    :class:`Message` is (``gc=False``; and so the cache's wrapper of it): every
-    cached user's profile would be walked by each full collection, and the
-    young collections walk every profile made since the last one. Nothing
-    in it can refer back to it (messages, JSON-like preferences), so it can
-    never be part of a reference cycle.
+    Make one with :meth:`of`. :attr:`history` is oldest first and already
+    bounded by the history cap and byte bound. A frozen msgspec struct, as
+    :class:`Message` is: a new one is made for every message appended. Out of
+    the garbage collector's lists, as :class:`Message` is (``gc=False``; and
+    so the cache's wrapper of it): every cached user's profile would be
+    walked by each full collection, and the young collections walk every
+    profile made since the last one. Nothing in it can refer back to it
+    (messages, JSON-like preferences), so it can never be part of a
+    reference cycle.
+
+    The history is the window ``log[log_start:log_end]`` of a list the
+    profiles of successive appends share. The list is append-only: nothing
+    ever rewrites or removes an item of it, so every profile's window stays
+    what it was when the profile was made, and appending a message to the
+    newest profile is a ``list.append`` where a tuple would copy the hundred
+    messages before it (``samvad.history.extended``, which also copies the
+    window into a new log when another profile has appended to the shared
+    one first or when enough of its front has fallen off). ``log_spent`` is
+    the stored size of ``log[:log_start]``, which the log still holds.
+    Compared by value (:attr:`history` and the other fields), not by log.
+
+    Unlike a tuple of untracked messages, which a collection stops tracking,
+    the log is a list the collector keeps walking in its full collections
+    (rare: about every half hour at a steady load): some 30 ms for 50,000
+    full histories on the reference machine, about 2 ms for the ~3,000 the
+    default cache budget holds (docs/benchmarks.md, section 26).
     """
 
     user_id: str
-    history: tuple[Message, ...] = ()
     preferences: Mapping[str, Any] = msgspec.field(default_factory=dict)
     created_at: datetime | None = None
     last_updated: datetime | None = None
     history_bytes: int = 0
+    log: list[Message] = msgspec.field(default_factory=list)
+    log_start: int = 0
+    log_end: int = 0
+    log_spent: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        user_id: str,
+        *,
+        history: Iterable[Message] = (),
+        preferences: Mapping[str, Any] | None = None,
+        created_at: datetime | None = None,
+        last_updated: datetime | None = None,
+        history_bytes: int | None = None,
+    ) -> Profile:
+        """A profile with ``history`` (bounded already by the caller), whose
+        stored size is ``history_bytes`` (computed when not given)."""
+        log = list(history)
+        if history_bytes is None:
+            history_bytes = 0
+            for message in log:
+                history_bytes += message.stored_size()
+        return cls(
+            user_id,
+            {} if preferences is None else preferences,
+            created_at,
+            last_updated,
+            history_bytes,
+            log,
+            0,
+            len(log),
+        )
+
+    @property
+    def history(self) -> tuple[Message, ...]:
+        """The history, oldest first (a copy of the window: read it once per use)."""
+        log, start, end = self.log, self.log_start, self.log_end
+        return tuple(log) if start == 0 and end == len(log) else tuple(log[start:end])
+
+    def recent(self, limit: int) -> tuple[Message, ...]:
+        """The last ``limit`` messages of the history (none for ``limit`` <= 0)."""
+        if limit <= 0:
+            return ()
+        end = self.log_end
+        return tuple(self.log[max(self.log_start, end - limit) : end])
+
+    def newest(self) -> Message | None:
+        """The last message of the history, if any (without copying it)."""
+        return self.log[self.log_end - 1] if self.log_end > self.log_start else None
 
     def memory_bytes(self) -> int:
         """Approximate bytes this view takes in memory (see :func:`approx_bytes`).
 
         Constant time in the history's length: ``history_bytes`` already sums
         the messages' stored sizes (UTF-8, never fewer bytes than CPython keeps
-        for the same text, plus :data:`MESSAGE_OVERHEAD_BYTES`).
+        for the same text, plus :data:`MESSAGE_OVERHEAD_BYTES`), and
+        ``log_spent`` those of the messages that fell off the front of the
+        shared log and are held until it is copied.
         """
-        size = 6 * _OBJECT_BYTES + self.history_bytes
-        size += len(self.history) * (_MESSAGE_BYTES + _ITEM_BYTES)
+        size = 6 * _OBJECT_BYTES + self.history_bytes + self.log_spent
+        size += self.log_end * (_MESSAGE_BYTES + _ITEM_BYTES)
         return size + approx_bytes(self.preferences) if self.preferences else size
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Profile):
+            return NotImplemented
+        return (
+            self.user_id == other.user_id
+            and self.history_bytes == other.history_bytes
+            and self.created_at == other.created_at
+            and self.last_updated == other.last_updated
+            and self.preferences == other.preferences
+            and self.history == other.history
+        )
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None  # type: ignore[assignment]  # preferences are a dict
+
+    def __repr__(self) -> str:
+        return (
+            f"Profile(user_id={self.user_id!r}, history=<{self.log_end - self.log_start}"
+            f" messages>, created_at={self.created_at!r}, last_updated={self.last_updated!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -649,9 +649,7 @@ class Persistence:
     async def recent_history(self, user_id: str, limit: int) -> tuple[Message, ...]:
         """The last ``limit`` messages of a user's history, oldest first."""
         profile = await self.get_profile(user_id)
-        if profile is None or limit <= 0:
-            return ()
-        return profile.history[-limit:]
+        return profile.recent(limit) if profile is not None else ()
 
     def held_state(self, user_id: str) -> tuple[UserState | None] | None:
         """:meth:`get_state`'s answer, in a 1-tuple, when the cache holds it;
@@ -675,7 +673,7 @@ class Persistence:
         if held is None:
             return None
         profile = held[0]
-        return profile.history[-limit:] if profile is not None and limit > 0 else ()
+        return profile.recent(limit) if profile is not None else ()
 
     def append_message(
         self,
@@ -694,9 +692,11 @@ class Persistence:
         if self.writes.committed:
             self._adopt_committed()
         cached = self.profiles.peek(user_id)
-        if cached is not None and cached.value.history:
-            # Never older than the message before it, whatever the wall clock does.
-            now = max(now, cached.value.history[-1].timestamp)
+        if cached is not None:
+            newest = cached.value.newest()
+            if newest is not None:
+                # Never older than the message before it, whatever the wall clock does.
+                now = max(now, newest.timestamp)
         message = Message(
             id=message_id or new_message_id(now),
             role=role,

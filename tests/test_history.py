@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from samvad.history import (
     extended,
+    follows,
     history_bytes,
     in_time_order,
     merge,
@@ -17,7 +18,7 @@ from samvad.history import (
     order_key,
     trim,
 )
-from samvad.models import MESSAGE_OVERHEAD_BYTES, Message, Role
+from samvad.models import MESSAGE_OVERHEAD_BYTES, Message, Profile, Role
 
 T0 = datetime(2025, 1, 10, 17, 0, tzinfo=UTC)
 
@@ -49,24 +50,91 @@ def test_trim_keeps_the_newest_message_even_when_it_alone_is_too_big() -> None:
     assert [m.id for m in kept] == ["m1"]
 
 
+def profile_after(profile: Profile, new: list[Message], *, cap: int, max_bytes: int) -> Profile:
+    """``profile`` with ``new`` appended by :func:`extended` (as ``profile_with`` does)."""
+    window = extended(profile, new, cap=cap, max_bytes=max_bytes)
+    assert window is not None
+    log, start, end, size, spent = window
+    assert spent == history_bytes(log[:start])
+    return Profile(profile.user_id, {}, None, None, size, log, start, end, spent)
+
+
 @given(
     held=st.lists(st.integers(0, 3000), max_size=12),
-    fresh=st.lists(st.integers(0, 3000), min_size=1, max_size=4),
+    steps=st.lists(
+        st.tuples(st.integers(0, 50), st.lists(st.integers(0, 3000), min_size=1, max_size=4)),
+        min_size=1,
+        max_size=30,
+    ),
     cap=st.integers(1, 10),
     max_bytes=st.integers(0, 12_000),
 )
-def test_extended_is_merge_then_trim_for_newer_messages(
-    held: list[int], fresh: list[int], cap: int, max_bytes: int
+def test_extended_is_merge_then_trim_and_leaves_every_earlier_history_alone(
+    held: list[int], steps: list[tuple[int, list[int]]], cap: int, max_bytes: int
 ) -> None:
-    """The one-copy append gives what merge then trim give, history and size."""
+    """Appends onto shared logs give what merge then trim give, history and size,
+    whichever profile they extend (the newest, or an older one whose log another
+    profile has appended to since), and no profile's history ever changes."""
     existing, size = trim(
         [msg(i, "é" * n) for i, n in enumerate(held)], cap=cap, max_bytes=max_bytes
     )
-    new = [msg(100 + i, "x" * n) for i, n in enumerate(fresh)]
-    assert newer_than(existing, new)
-    expected = trim(merge(existing, new), cap=cap, max_bytes=max_bytes)
-    assert extended(existing, size, new, cap=cap, max_bytes=max_bytes) == expected
-    assert extended(list(existing), size, new, cap=cap, max_bytes=max_bytes) == expected
+    profiles = [Profile.of("u", history=existing, history_bytes=size)]
+    histories = [(existing, size)]
+    next_id = 100
+    for pick, sizes in steps:
+        which = pick % len(profiles)
+        base = profiles[which]
+        new = [msg(next_id + i, "x" * n) for i, n in enumerate(sizes)]
+        next_id += len(new)
+        assert follows(base.newest(), new)
+        expected = trim(merge(base.history, new), cap=cap, max_bytes=max_bytes)
+        after = profile_after(base, new, cap=cap, max_bytes=max_bytes)
+        assert (after.history, after.history_bytes) == expected
+        profiles.append(after)
+        histories.append(expected)
+        for profile, (history, history_size) in zip(profiles, histories, strict=True):
+            assert profile.history == history
+            assert profile.history_bytes == history_size
+            assert profile.recent(3) == history[-3:]
+            assert profile.newest() is (history[-1] if history else None)
+
+
+def test_a_full_history_appends_without_copying_and_holds_little_beyond_itself() -> None:
+    """A hundred appends to a full history of a hundred share one log most of the
+    time; the log never holds more than an eighth of the cap beyond the window."""
+    profile = Profile.of("u", history=[msg(i) for i in range(100)])
+    logs = set()
+    for i in range(100, 300):
+        profile = profile_after(profile, [msg(i)], cap=100, max_bytes=10**9)
+        logs.add(id(profile.log))
+        assert [m.id for m in profile.history] == [f"m{j}" for j in range(i - 99, i + 1)]
+        assert len(profile.log) <= 100 + 12
+        assert profile.memory_bytes() >= Profile.of("u", history=profile.history).memory_bytes()
+    assert len(logs) <= 200 // 12 + 1
+
+
+def test_big_messages_that_fall_off_are_let_go_by_bytes_too() -> None:
+    """Messages near the byte bound fall off a few at a time: the log is copied
+    once what fell off outweighs a quarter of what stays."""
+    profile = Profile.of("u")
+    for i in range(40):
+        profile = profile_after(profile, [msg(i, "x" * 3000)], cap=100, max_bytes=12_000)
+        assert profile.log_spent <= profile.history_bytes // 4 + 3000 + MESSAGE_OVERHEAD_BYTES
+    assert len(profile.history) == 3
+
+
+def test_profiles_compare_by_history_not_by_log() -> None:
+    shared = profile_after(
+        Profile.of("u", history=[msg(i) for i in range(3)]), [msg(3)], cap=3, max_bytes=10**9
+    )
+    fresh = Profile.of("u", history=[msg(1), msg(2), msg(3)])
+    assert shared.log != fresh.log
+    assert shared == fresh
+    assert (shared != fresh) is False  # __ne__ too: msgspec's would compare identity
+    assert shared != Profile.of("u", history=[msg(1), msg(2)])
+    assert repr(shared) == (
+        "Profile(user_id='u', history=<3 messages>, created_at=None, last_updated=None)"
+    )
 
 
 def test_merge_skips_known_ids_so_a_replay_is_idempotent() -> None:

@@ -949,11 +949,12 @@ def state_view_json(state: UserState | None) -> StateObject:
 
 
 def profile_view(profile: Profile) -> ProfileView:
+    history = profile.history
     return ProfileView(
         user_id=profile.user_id,
-        conversation_history=history_messages(profile.history),
+        conversation_history=history_messages(history),
         preferences=plain_json(profile.preferences),
-        history_length=len(profile.history),
+        history_length=len(history),
         created_at=_iso(profile.created_at),
         last_updated=_iso(profile.last_updated),
     )

@@ -86,14 +86,14 @@ DATA = {
 }
 STATE = UserState(user_id="u1", data=DATA, updated_at=T0, is_active=True)
 STATE_BARE = UserState(user_id="u2", data={}, updated_at=None, is_active=False)
-PROFILE = Profile(
-    user_id="u1",
+PROFILE = Profile.of(
+    "u1",
     history=(BARE, FULL),
     preferences={"voice": "slow", "speed": 1.25, "nested": {"a": [1, {"b": None}]}},
     created_at=T0,
     last_updated=T0,
 )
-PROFILE_BARE = Profile(user_id="u3")
+PROFILE_BARE = Profile.of("u3")
 SESSION = Session(
     id="s1",
     user_id="u1",
