@@ -19,8 +19,8 @@ import msgspec
 from msgspec import UNSET, Struct
 
 from samvad.clock import to_iso
+from samvad.conversation import Acked, ReplyChunk, ReplyEnded, ReplyStarted, ResumePlan
 from samvad.conversation import ResumeFailure as ResumeFailure
-from samvad.conversation import ResumePlan
 from samvad.conversation import heard_part as heard_part
 from samvad.conversation import last_seq as last_seq
 from samvad.conversation import plan_resume as plan_resume
@@ -80,6 +80,7 @@ __all__ = [
     "error_frame",
     "frame_too_large",
     "interrupted_frame",
+    "merged_chunk_frame",
     "message_frame",
     "parse_frame",
     "pong_frame",
@@ -573,15 +574,17 @@ def resume_frame(
     )
 
 
-def ack_frame(
-    message: Message, client_id: str | None, *, duplicate: bool = False
-) -> schemas.AckFrame:
+def ack_frame(event: Acked) -> schemas.AckFrame:
+    """``ack`` of the engine's :class:`~samvad.conversation.Acked`. The four
+    frames of a message's exchange are built from their events, one call
+    each (:data:`samvad.web.realtime` maps events to these)."""
+    message = event.message
     return schemas.AckFrame(
         seq=message.seq,
         message_id=message.id,
-        client_id=client_id,
+        client_id=event.client_id,
         timestamp=to_iso(message.timestamp),
-        duplicate=True if duplicate else UNSET,
+        duplicate=True if event.duplicate else UNSET,
     )
 
 
@@ -593,31 +596,32 @@ def message_frame(message: Message) -> schemas.MessageFrame:
     return schemas.MessageFrame(message=schemas.history_message(message))
 
 
-def reply_start_frame(reply_id: str, *, in_reply_to: int | None) -> schemas.ReplyStartFrame:
-    return schemas.ReplyStartFrame(reply_id=reply_id, in_reply_to=in_reply_to)
+def reply_start_frame(event: ReplyStarted) -> schemas.ReplyStartFrame:
+    return schemas.ReplyStartFrame(reply_id=event.reply_id, in_reply_to=event.in_reply_to)
 
 
-def reply_chunk_frame(
-    reply_id: str, *, index: int, text: str, first_index: int | None = None
+def reply_chunk_frame(event: ReplyChunk) -> schemas.ReplyChunkFrame:
+    return schemas.ReplyChunkFrame(reply_id=event.reply_id, index=event.index, text=event.text)
+
+
+def merged_chunk_frame(
+    reply_id: str, *, first_index: int, index: int, text: str
 ) -> schemas.ReplyChunkFrame:
-    """``reply.chunk``; ``first_index`` when it carries chunks ``first_index..index`` merged."""
+    """``reply.chunk`` carrying chunks ``first_index..index`` merged (a reader
+    that fell behind)."""
     return schemas.ReplyChunkFrame(
-        reply_id=reply_id,
-        index=index,
-        text=text,
-        first_index=UNSET if first_index is None else first_index,
+        reply_id=reply_id, index=index, text=text, first_index=first_index
     )
 
 
-def reply_end_frame(
-    reply_id: str, *, message: Message | None, text: str, complete: bool
-) -> schemas.ReplyEndFrame:
+def reply_end_frame(event: ReplyEnded) -> schemas.ReplyEndFrame:
+    message = event.message
     return schemas.ReplyEndFrame(
-        reply_id=reply_id,
+        reply_id=event.reply_id,
         seq=message.seq if message is not None else None,
         message_id=message.id if message is not None else None,
-        text=text,
-        complete=complete,
+        text=event.text,
+        complete=event.complete,
     )
 
 

@@ -101,6 +101,7 @@ from samvad.web.protocol import (
     ended_frame,
     error_frame,
     interrupted_frame,
+    merged_chunk_frame,
     message_frame,
     pong_frame,
     reply_chunk_frame,
@@ -110,6 +111,7 @@ from samvad.web.protocol import (
     started_frame,
     state_frame,
 )
+from samvad.web.schemas import encode as encode_json
 from samvad.web.uvicorn_ws import FLUSH, SEND_TEXT
 
 __all__ = [
@@ -206,11 +208,11 @@ class _Chunk:
         if text is None:
             assert self.parts is not None
             text = self.text = encode(
-                reply_chunk_frame(
+                merged_chunk_frame(
                     self.reply_id,
+                    first_index=self.first,
                     index=self.index,
                     text="".join(self.parts),
-                    first_index=self.first,
                 )
             )
         return text
@@ -227,26 +229,8 @@ class _Urgent(str):
 _Outgoing = str | _Chunk | _CloseRequest
 
 
-def _chunk(event: ReplyChunk) -> Frame:
-    return reply_chunk_frame(event.reply_id, index=event.index, text=event.text)
-
-
-def _acked(event: Acked) -> Frame:
-    return ack_frame(event.message, event.client_id, duplicate=event.duplicate)
-
-
 def _stored(event: MessageStored) -> Frame:
     return message_frame(event.message)
-
-
-def _started(event: ReplyStarted) -> Frame:
-    return reply_start_frame(event.reply_id, in_reply_to=event.in_reply_to)
-
-
-def _ended(event: ReplyEnded) -> Frame:
-    return reply_end_frame(
-        event.reply_id, message=event.message, text=event.text, complete=event.complete
-    )
 
 
 def _interrupted(event: ReplyInterrupted) -> Frame:
@@ -274,11 +258,11 @@ def _session_ended(event: SessionEnded) -> Frame:
 #: The frame of each kind of event: one dict lookup per event, not a chain of
 #: ``isinstance`` (an event type is final: the engine makes exactly these).
 _FRAMES: dict[type, Callable[[Any], Frame]] = {
-    ReplyChunk: _chunk,
-    Acked: _acked,
+    ReplyChunk: reply_chunk_frame,
+    Acked: ack_frame,
     MessageStored: _stored,
-    ReplyStarted: _started,
-    ReplyEnded: _ended,
+    ReplyStarted: reply_start_frame,
+    ReplyEnded: reply_end_frame,
     ReplyInterrupted: _interrupted,
     StateChanged: _state,
     Durable: _durable,
@@ -419,7 +403,16 @@ class Connection:
         reads too slowly: close it. An ``urgent`` frame (an ``ack``) goes to
         the socket once the frame that caused it is handled (with what that
         made too: the start of the reply), not at the end of the loop's turn."""
-        if self._write_now(text):
+        # _write_now, inlined: three frames a message come this way.
+        send_now = self._send_now
+        if (
+            self._direct
+            and not self._out
+            and self._wakeup is not None
+            and self.closing is None
+            and send_now is not None
+            and send_now(text)
+        ):
             if urgent:
                 self._urgent = True
         else:
@@ -428,7 +421,8 @@ class Connection:
     def _write_now(self, text: str) -> bool:
         """Write ``text`` at once if the writer has nothing queued, is waiting
         for more, and no journal must be waited for; True when written (the
-        server's turn buffer still sends it with what follows, in one write)."""
+        server's turn buffer still sends it with what follows, in one write).
+        :meth:`send_text` has the same test inline."""
         return (
             self._direct
             and not self._out
@@ -967,7 +961,8 @@ class Hub:
 
     def send(self, devices: Sequence[Device], event: Event) -> None:
         """Deliver ``event`` to ``devices`` as one frame, encoded once."""
-        text = encode(_FRAMES[event.__class__](event))  # frame_of, inlined: 4 times a message
+        # frame_of and encode, inlined: 4 times a message.
+        text = encode_json(_FRAMES[event.__class__](event)).decode()
         if event.__class__ is ReplyChunk:
             for device in devices:
                 assert isinstance(device, Connection)

@@ -23,7 +23,7 @@ import base64
 import math
 import re
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from enum import Enum
 from functools import partial
@@ -681,14 +681,13 @@ def _enc_hook(value: Any) -> Any:
 _encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
 
 
-def encode(shape: Struct | Mapping[str, Any]) -> bytes:
-    """``shape`` as compact UTF-8 JSON.
-
-    Non-finite floats become ``null``. Floats in exponent form are written
-    without a ``+`` (``1e16``, where ``json.dumps`` wrote ``1e+16``): the same
-    number, the only difference to the encodings before this module.
-    """
-    return _encoder.encode(shape)
+#: ``encode(shape)``: ``shape`` (a wire shape, or a mapping holding shapes) as
+#: compact UTF-8 JSON. Non-finite floats become ``null``. Floats in exponent
+#: form are written without a ``+`` (``1e16``, where ``json.dumps`` wrote
+#: ``1e+16``): the same number, the only difference to the encodings before
+#: this module. The encoder's own method, not a function calling it: every
+#: response body and four frames a WebSocket message are encoded here.
+encode: Callable[[Struct | Mapping[str, Any]], bytes] = _encoder.encode
 
 
 def encode_text(shape: Struct | Mapping[str, Any]) -> str:

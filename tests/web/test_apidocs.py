@@ -28,6 +28,7 @@ from referencing.jsonschema import DRAFT202012
 
 from samvad.clock import to_iso
 from samvad.config import Settings
+from samvad.conversation import Acked, ReplyChunk, ReplyEnded, ReplyStarted
 from samvad.models import (
     Message,
     Mode,
@@ -49,6 +50,7 @@ from samvad.web.protocol import (
     ended_frame,
     error_frame,
     interrupted_frame,
+    merged_chunk_frame,
     message_frame,
     pong_frame,
     reply_chunk_frame,
@@ -268,17 +270,23 @@ NEW: dict[str, Callable[[], bytes]] = {
             in_flight=None,
         )
     ),
-    "frame_ack": lambda: _frame(ack_frame(FULL, "c-1")),
-    "frame_ack_no_client_id": lambda: _frame(ack_frame(FULL, None)),
+    "frame_ack": lambda: _frame(ack_frame(Acked(FULL, "c-1"))),
+    "frame_ack_no_client_id": lambda: _frame(ack_frame(Acked(FULL, None))),
+    "frame_ack_duplicate": lambda: _frame(ack_frame(Acked(FULL, "c-1", duplicate=True))),
     "frame_message": lambda: _frame(message_frame(BARE)),
-    "frame_reply_start": lambda: _frame(reply_start_frame("r1", in_reply_to=3)),
-    "frame_reply_start_none": lambda: _frame(reply_start_frame("r1", in_reply_to=None)),
-    "frame_reply_chunk": lambda: _frame(reply_chunk_frame("r1", index=0, text="You ")),
+    "frame_reply_start": lambda: _frame(reply_start_frame(ReplyStarted("r1", in_reply_to=3))),
+    "frame_reply_start_none": lambda: _frame(
+        reply_start_frame(ReplyStarted("r1", in_reply_to=None))
+    ),
+    "frame_reply_chunk": lambda: _frame(reply_chunk_frame(ReplyChunk("r1", index=0, text="You "))),
+    "frame_reply_chunk_merged": lambda: _frame(
+        merged_chunk_frame("r1", first_index=2, index=4, text="said it")
+    ),
     "frame_reply_end": lambda: _frame(
-        reply_end_frame("r1", message=FULL, text="You said", complete=True)
+        reply_end_frame(ReplyEnded("r1", message=FULL, text="You said", complete=True))
     ),
     "frame_reply_end_unstored": lambda: _frame(
-        reply_end_frame("r1", message=None, text="", complete=False)
+        reply_end_frame(ReplyEnded("r1", message=None, text="", complete=False))
     ),
     "frame_interrupted": lambda: _frame(
         interrupted_frame("r1", heard="You ", message=FULL, reason="barge_in", late=False)
@@ -327,10 +335,12 @@ GOLDEN = {
     "frame_resume_lost": b'{"type":"resume","recovered":false,"lastSeq":7,"reason":"history_trimmed","inFlight":null}',  # noqa: E501
     "frame_ack": b'{"type":"ack","seq":7,"messageId":"m1","clientId":"c-1","timestamp":"2025-01-10T17:00:00.123Z"}',  # noqa: E501
     "frame_ack_no_client_id": b'{"type":"ack","seq":7,"messageId":"m1","clientId":null,"timestamp":"2025-01-10T17:00:00.123Z"}',  # noqa: E501
+    "frame_ack_duplicate": b'{"type":"ack","seq":7,"messageId":"m1","clientId":"c-1","timestamp":"2025-01-10T17:00:00.123Z","duplicate":true}',  # noqa: E501
     "frame_message": b'{"type":"message","message":{"id":"m2","role":"user","content":"hi","timestamp":"2025-01-10T17:00:00.123Z"}}',  # noqa: E501
     "frame_reply_start": b'{"type":"reply.start","replyId":"r1","inReplyTo":3}',
     "frame_reply_start_none": b'{"type":"reply.start","replyId":"r1","inReplyTo":null}',
     "frame_reply_chunk": b'{"type":"reply.chunk","replyId":"r1","index":0,"text":"You "}',
+    "frame_reply_chunk_merged": b'{"type":"reply.chunk","replyId":"r1","index":4,"text":"said it","firstIndex":2}',  # noqa: E501
     "frame_reply_end": b'{"type":"reply.end","replyId":"r1","seq":7,"messageId":"m1","text":"You said","complete":true}',  # noqa: E501
     "frame_reply_end_unstored": b'{"type":"reply.end","replyId":"r1","seq":null,"messageId":null,"text":"","complete":false}',  # noqa: E501
     "frame_interrupted": b'{"type":"interrupted","replyId":"r1","heard":"You ","seq":7,"messageId":"m1","reason":"barge_in","late":false}',  # noqa: E501
