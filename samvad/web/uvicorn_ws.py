@@ -423,9 +423,16 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
         ):
             texts = whole_text_frames(data, conn.max_size)
             if texts is not None:
+                inbox = self._inbox
+                # The app has not taken what an earlier read brought: stop
+                # reading until it has (``_drained``). uvicorn pauses after
+                # every read, which costs a connection that keeps up a pause
+                # and a resume per message; this holds at most two reads'
+                # worth for one that does not.
+                behind = bool(inbox._items)
                 for text in texts:
-                    self.queue.put_nowait({"type": "websocket.receive", "text": text})
-                if not self.read_paused:
+                    inbox.put_nowait({"type": "websocket.receive", "text": text})
+                if behind and not self.read_paused:
                     self.read_paused = True
                     self.transport.pause_reading()
                 return
@@ -457,7 +464,12 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
         payload = text.encode()
         length = len(payload)
         # text_frame_header and TurnBuffer.write_parts, inlined: once per frame.
-        head = _SHORT.pack(_FIN_TEXT, length) if length < 126 else text_frame_header(length)
+        if length < 126:
+            head = _SHORT.pack(_FIN_TEXT, length)
+        elif length < 65536:
+            head = _MEDIUM.pack(_FIN_TEXT, 126, length)
+        else:
+            head = _LONG.pack(_FIN_TEXT, 127, length)
         buffer = self.transport
         buffer._parts += (head, payload)
         if not buffer._scheduled:

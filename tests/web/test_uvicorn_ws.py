@@ -23,6 +23,7 @@ from samvad.responder import EchoResponder, ReplyContext
 from samvad.server import uvicorn_config
 from samvad.web.app import create_app
 from samvad.web.uvicorn_ws import (
+    SEND_TEXT,
     TurnBuffer,
     TurnWebSocketProtocol,
     _TurnFlush,
@@ -417,6 +418,49 @@ async def test_a_slow_reader_is_closed_with_1013_without_delaying_others() -> No
             kinds = [f["type"] for f in await _frames(fast, 4)]
             assert kinds == ["ack", "reply.start", "reply.chunk", "reply.end"]
             slow.close()
+
+
+async def test_a_client_writing_faster_than_the_app_reads_is_paused_then_resumed() -> None:
+    """Reading stops once a read finds the app behind (what an earlier read
+    brought still waits) and resumes when the app has taken everything: of a
+    client that floods, the server holds about two reads' worth, and loses
+    nothing."""
+    count = 40
+    release = asyncio.Event()
+    received: list[str] = []
+    protocols: list[TurnWebSocketProtocol] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        protocols.append(scope["extensions"][SEND_TEXT].__self__)
+        received.append((await receive())["text"])
+        await release.wait()
+        while len(received) < count:
+            received.append((await receive())["text"])
+        await send({"type": "websocket.send", "text": "done"})
+        await receive()  # websocket.disconnect
+
+    async with live_server(app, ws=TurnWebSocketProtocol) as server:
+        async with connect(server.ws_url, compression=None) as ws:
+            for i in range(count):
+                await ws.send(f"m{i}")
+                await asyncio.sleep(0.005)  # one read each, as far as the server goes
+            (protocol,) = protocols
+            async with asyncio.timeout(10):
+                while not protocol.read_paused:
+                    await asyncio.sleep(0.01)
+            assert protocol.queue.qsize() <= 4  # the rest waits in the socket
+            release.set()
+            async with asyncio.timeout(10):
+                assert await ws.recv() == "done"
+            assert received == [f"m{i}" for i in range(count)]
+            assert not protocol.read_paused
 
 
 async def test_the_inbox_hands_messages_in_order_to_getters_in_order() -> None:
