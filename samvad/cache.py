@@ -196,6 +196,11 @@ class ViewCache(Generic[K, V]):
         self._loading: dict[K, asyncio.Task[tuple[V | None, bool]]] = {}
         self.hits = 0
         self.misses = 0
+        #: ``peek(key)``: the cached entry, without loading (and without
+        #: counting a hit or miss); None both when nothing is cached and when
+        #: the key is known to be absent. The entries' own ``get``, bound here
+        #: rather than called from a method: three peeks a WebSocket message.
+        self.peek: Callable[[K], Cached[V] | None] = self._data.get
 
     def __len__(self) -> int:
         return len(self._data)
@@ -215,13 +220,6 @@ class ViewCache(Generic[K, V]):
                 key, entry, (sizeof(entry.value) if size is None else size) + ENTRY_OVERHEAD
             )
 
-    def peek(self, key: K) -> Cached[V] | None:
-        """The cached entry, without loading (and without counting a hit or miss).
-
-        None both when nothing is cached and when the key is known to be absent.
-        """
-        return self._data.get(key)
-
     def size_of(self, key: K) -> int | None:
         """What ``key``'s value was counted as when it was put (its ``sizeof``);
         None when nothing is cached for it or the cache counts entries only."""
@@ -233,7 +231,16 @@ class ViewCache(Generic[K, V]):
     def put(self, key: K, value: V, *, complete: bool = True, size: int | None = None) -> None:
         """Cache ``value``; ``size`` is its ``sizeof`` when the caller knows it
         already (saves measuring it again)."""
-        self._keep(key, Cached(value, complete), size)
+        # _keep, inlined: two puts a message.
+        sizeof = self._sizeof
+        if sizeof is None:
+            self._data.put(key, Cached(value, complete), 1)
+        else:
+            self._data.put(
+                key,
+                Cached(value, complete),
+                (sizeof(value) if size is None else size) + ENTRY_OVERHEAD,
+            )
         if self._absent.size:  # each absent key counts 1: none, nothing to pop
             self._absent.pop(key)
 
@@ -284,6 +291,11 @@ class ViewCache(Generic[K, V]):
         """What :meth:`lookup` would answer without loading (counted as a hit),
         or None when it would have to load: for a caller that can skip a
         coroutine when the cache answers."""
+        # _held's common case inline (two calls a message): a complete entry.
+        entry = self._data.get(key)
+        if entry is not None and entry.complete:
+            self.hits += 1
+            return entry.value, True
         held = self._held(key, want_complete)
         if held is not None:
             self.hits += 1

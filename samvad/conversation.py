@@ -175,10 +175,11 @@ def plan_resume(
 #
 # Frozen msgspec structs, not frozen dataclasses: four are made per message
 # (ack, reply start, chunk and end), and a frozen dataclass's ``__init__``
-# costs several times as much.
+# costs several times as much. Out of the collector's lists (``gc=False``):
+# they hold messages, text and numbers, never anything that refers back.
 
 
-class Acked(msgspec.Struct, frozen=True):
+class Acked(msgspec.Struct, frozen=True, gc=False):
     """The sender's message was stored (``ack``); ``duplicate`` when it had
     been already (the same ``clientId`` again): nothing was stored this time."""
 
@@ -187,20 +188,20 @@ class Acked(msgspec.Struct, frozen=True):
     duplicate: bool = False
 
 
-class MessageStored(msgspec.Struct, frozen=True):
+class MessageStored(msgspec.Struct, frozen=True, gc=False):
     """A message another device of the user should know about (``message``)."""
 
     message: Message
 
 
-class ReplyStarted(msgspec.Struct, frozen=True):
+class ReplyStarted(msgspec.Struct, frozen=True, gc=False):
     """``reply.start``."""
 
     reply_id: str
     in_reply_to: int | None
 
 
-class ReplyChunk(msgspec.Struct, frozen=True):
+class ReplyChunk(msgspec.Struct, frozen=True, gc=False):
     """``reply.chunk``."""
 
     reply_id: str
@@ -208,7 +209,7 @@ class ReplyChunk(msgspec.Struct, frozen=True):
     text: str
 
 
-class ReplyEnded(msgspec.Struct, frozen=True):
+class ReplyEnded(msgspec.Struct, frozen=True, gc=False):
     """``reply.end``: ``message`` is None when nothing was stored."""
 
     reply_id: str
@@ -217,7 +218,7 @@ class ReplyEnded(msgspec.Struct, frozen=True):
     complete: bool
 
 
-class ReplyInterrupted(msgspec.Struct, frozen=True):
+class ReplyInterrupted(msgspec.Struct, frozen=True, gc=False):
     """``interrupted``: what was heard, and what was stored of it."""
 
     reply_id: str
@@ -227,20 +228,20 @@ class ReplyInterrupted(msgspec.Struct, frozen=True):
     late: bool
 
 
-class StateChanged(msgspec.Struct, frozen=True):
+class StateChanged(msgspec.Struct, frozen=True, gc=False):
     """``state``."""
 
     state: UserState
 
 
-class Durable(msgspec.Struct, frozen=True):
+class Durable(msgspec.Struct, frozen=True, gc=False):
     """``durable``: every message of the session up to ``seq`` is in the store."""
 
     session_id: str
     seq: int
 
 
-class SessionEnded(msgspec.Struct, frozen=True):
+class SessionEnded(msgspec.Struct, frozen=True, gc=False):
     """``ended``."""
 
     session_id: str
@@ -827,7 +828,8 @@ class Engine:
             interruption=interruption,
         )
         conversation.reply = reply
-        self._broadcast(conversation, ReplyStarted(reply.id, prompt.seq))
+        if conversation.devices:  # _broadcast, inlined here and for chunks and the end
+            self.fanout.send(list(conversation.devices), ReplyStarted(reply.id, prompt.seq))
         # Last: the runner may stream (and end) the whole reply before it returns.
         self.runner.start(reply)
 
@@ -859,7 +861,10 @@ class Engine:
         if chunk:
             reply.chunks.append(chunk)
             reply.size += len(chunk)
-            self._broadcast(conversation, ReplyChunk(reply.id, len(reply.chunks) - 1, chunk))
+            if conversation.devices:
+                self.fanout.send(
+                    list(conversation.devices), ReplyChunk(reply.id, len(reply.chunks) - 1, chunk)
+                )
 
     def reply_done(self, reply: Reply, *, complete: bool) -> None:
         """The responder ended (``complete=False``: it failed); no-op once cut."""
@@ -880,7 +885,10 @@ class Engine:
         reply.message = message
         conversation.reply = None
         conversation.last_reply = reply
-        self._broadcast(conversation, ReplyEnded(reply.id, message, text, complete))
+        if conversation.devices:
+            self.fanout.send(
+                list(conversation.devices), ReplyEnded(reply.id, message, text, complete)
+            )
         if message is not None:
             self._tell_other_sessions(conversation, message)
         if conversation.state is _ORPHANED:

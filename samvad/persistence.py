@@ -521,11 +521,16 @@ class Persistence:
             self.profiles.discard(write.user_id)  # it may be cached as absent
             self._warm(self.profiles, write.user_id, self._profile_loader(write.user_id))
             return
-        self.profiles.put(
-            write.user_id,
-            self._profile_with(cached.value, write, now),
-            complete=cached.complete,
+        s = self.settings  # _profile_with, inlined: two appends a message
+        view = profile_with(
+            cached.value,
+            messages=write.append,
+            preferences=write.preferences,
+            now=now,
+            cap=s.history_cap,
+            max_bytes=s.history_max_bytes,
         )
+        self.profiles.put(write.user_id, view, complete=cached.complete)
 
     def _want_complete(self) -> bool:
         return self.writes.mode is _FIRESTORE
@@ -658,7 +663,7 @@ class Persistence:
         writes = self.writes
         if writes.refused:
             self._forget_refused()
-        held = self.states.held(user_id, want_complete=self._want_complete())
+        held = self.states.held(user_id, want_complete=writes.mode is _FIRESTORE)
         return None if held is None else (held[0],)
 
     def held_history(self, user_id: str, limit: int) -> tuple[Message, ...] | None:
@@ -669,7 +674,7 @@ class Persistence:
             self._forget_refused()
         if writes.committed:
             self._adopt_committed()
-        held = self.profiles.held(user_id, want_complete=self._want_complete())
+        held = self.profiles.held(user_id, want_complete=writes.mode is _FIRESTORE)
         if held is None:
             return None
         profile = held[0]
@@ -693,10 +698,10 @@ class Persistence:
             self._adopt_committed()
         cached = self.profiles.peek(user_id)
         if cached is not None:
-            newest = cached.value.newest()
-            if newest is not None:
+            held = cached.value  # its newest(), inline
+            if held.log_end > held.log_start:
                 # Never older than the message before it, whatever the wall clock does.
-                now = max(now, newest.timestamp)
+                now = max(now, held.log[held.log_end - 1].timestamp)
         message = Message(
             id=message_id or new_message_id(now),
             role=role,
