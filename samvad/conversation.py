@@ -771,7 +771,11 @@ class Engine:
         seqs.move_to_end(conversation.session_id)
         if len(seqs) > _REMEMBERED_SESSIONS:
             seqs.popitem(last=False)
-        conversation.remember(message)
+        recent = conversation.recent  # Conversation.remember, inlined: two a message
+        if recent is None:
+            conversation.remember(message)
+        else:
+            recent.append(message)
         return message
 
     def _append_reply(
@@ -844,8 +848,9 @@ class Engine:
         or now past the size limit) and the responder should stop."""
         if reply.state is not _STREAMING:
             return False
-        conversation = self._reply_conversation(reply)
-        if conversation is None:
+        # _reply_conversation, inlined: once per chunk.
+        conversation = self._sessions.get(reply.session_id)
+        if conversation is None or conversation.reply is not reply:
             return False
         room = self.max_reply_chars - reply.size
         if len(chunk) > room:
@@ -870,8 +875,8 @@ class Engine:
         """The responder ended (``complete=False``: it failed); no-op once cut."""
         if reply.state is not _STREAMING:
             return
-        conversation = self._reply_conversation(reply)
-        if conversation is not None:
+        conversation = self._sessions.get(reply.session_id)  # _reply_conversation
+        if conversation is not None and conversation.reply is reply:
             self._finish(conversation, reply, complete=complete)
 
     def _finish(self, conversation: Conversation, reply: Reply, *, complete: bool) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 
 from samvad.clock import epoch_millis
@@ -85,7 +85,8 @@ def extended(
     of a copy. Runs for every message appended: the checks are inline.
     """
     log, start, end = profile.log, profile.log_start, profile.log_end
-    if len(fresh) == 1 and end > start:
+    count = len(fresh)
+    if count == 1 and end > start:
         # One message after the newest, the usual append: without sort keys.
         message, newest = fresh[0], log[end - 1]
         if message.timestamp != newest.timestamp:
@@ -100,14 +101,14 @@ def extended(
         log = log[start:end]
         end -= start
         start = spent = 0
-    if len(fresh) == 1:
+    if count == 1:
         message = fresh[0]
         log.append(message)
         size += message.stored_size()
     else:
         log.extend(fresh)
         size += history_bytes(fresh)
-    end += len(fresh)
+    end += count
     dropped = end - start - cap
     if dropped > 0:
         # Usually one message falls off a full history.
@@ -255,6 +256,7 @@ _message_ids = _MessageIds()
 os.register_at_fork(after_in_child=_message_ids.reseed)
 
 
-def new_message_id(at: datetime) -> str:
-    """A unique message id that sorts by creation time (ms), then creation order."""
-    return _message_ids(at)
+#: ``new_message_id(at)``: a unique message id that sorts by creation time
+#: (ms), then creation order. The ids' own method, bound, not a function
+#: calling it: two a WebSocket message.
+new_message_id: Callable[[datetime], str] = _message_ids.__call__

@@ -150,7 +150,10 @@ class Message(msgspec.Struct, frozen=True, gc=False):
 
     def memory_bytes(self) -> int:
         """Approximate bytes this message takes in memory (see :func:`approx_bytes`)."""
-        return _str_bytes(self.content) + _MESSAGE_BYTES
+        content = self.content  # _str_bytes, inline: two a WebSocket message
+        if content.isascii():
+            return _ASCII_STR_BYTES + len(content) + _MESSAGE_BYTES
+        return _getsizeof(content) + _MESSAGE_BYTES
 
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)

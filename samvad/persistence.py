@@ -515,7 +515,10 @@ class Persistence:
         """
         if adopted is None:
             self._adopt_committed()  # before the write joins the pending ones
-        self._submit(write)
+        if self.journal is None and not self._taps:
+            self.writes.submit(write)  # _submit's plain case, inlined: two a message
+        else:
+            self._submit(write)
         cached = adopted or self.profiles.peek(write.user_id)
         if cached is None:
             self.profiles.discard(write.user_id)  # it may be cached as absent

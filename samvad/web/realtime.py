@@ -337,8 +337,9 @@ class Connection:
         #: An urgent frame was written directly while a frame was handled.
         self._urgent = False
         # With it, and no journal to wait for, a frame with nothing queued
-        # before it is written by whoever makes it (``_write_now``): the writer
-        # task is woken only for a backlog, a close, or a socket that is full.
+        # before it is written by whoever makes it (``send_text``,
+        # ``send_chunk``): the writer task is woken only for a backlog, a
+        # close, or a socket that is full.
         self._direct = self._send_now is not None and hub.service.persistence.journal is None
         self.id = f"c{next(_ids)}"
         self.proto = ServerProtocol(
@@ -403,7 +404,10 @@ class Connection:
         reads too slowly: close it. An ``urgent`` frame (an ``ack``) goes to
         the socket once the frame that caused it is handled (with what that
         made too: the start of the reply), not at the end of the loop's turn."""
-        # _write_now, inlined: three frames a message come this way.
+        # Written at once if the writer has nothing queued, is waiting for
+        # more, and no journal must be waited for (the server's turn buffer
+        # still sends it with what follows, in one write). Inline, here and in
+        # send_chunk: four frames a message.
         send_now = self._send_now
         if (
             self._direct
@@ -418,25 +422,19 @@ class Connection:
         else:
             self._push(_Urgent(text) if urgent else text)
 
-    def _write_now(self, text: str) -> bool:
-        """Write ``text`` at once if the writer has nothing queued, is waiting
-        for more, and no journal must be waited for; True when written (the
-        server's turn buffer still sends it with what follows, in one write).
-        :meth:`send_text` has the same test inline."""
-        return (
-            self._direct
-            and not self._out
-            and self._wakeup is not None
-            and self.closing is None
-            and self._send_now is not None
-            and self._send_now(text)
-        )
-
     def send_chunk(self, event: ReplyChunk, text: str) -> None:
         """Queue a ``reply.chunk`` (``text`` is its frame), merged into the
         previous one of the same reply when that one has waited long enough."""
         out = self._out
-        if not out and self._write_now(text):
+        send_now = self._send_now  # as send_text writes at once
+        if (
+            not out
+            and self._direct
+            and self._wakeup is not None
+            and self.closing is None
+            and send_now is not None
+            and send_now(text)
+        ):
             return  # nothing waits, so nothing merges: the connection keeps up
         now = self.hub.clock.monotonic()
         if out and self.closing is None:
