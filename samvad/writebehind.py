@@ -280,22 +280,34 @@ class WriteBehind:
         ``journal_seq`` is the write's journal record; ``replay`` (a write
         acknowledged before a restart) bypasses the bound.
         """
-        if not replay:
+        key = write.key
+        queued = self._queued
+        entry = queued.get(key)
+        if not replay and (
+            entry is None
+            or self._closed
+            or self.pending_bytes >= self._config.max_pending_bytes
+        ):
+            # admit() decides; a write folded into a queued one under the
+            # bytes bound always passes (two a WebSocket message, inline).
             self.admit(write)
         now = self._clock.monotonic()
-        key = write.key
-        moot: list[int] = []
         if isinstance(write, Erase):
             moot = self._submit_erase(write)
-        entry = self._queued.get(key)
-        if moot:
-            # The erase deletes whatever these writes did: nothing to replay.
-            self._confirmed(moot)
+            entry = queued.get(key)
+            if moot:
+                # The erase deletes whatever these writes did: nothing to replay.
+                self._confirmed(moot)
         if entry is not None:
             if journal_seq is not None:
                 entry.journal.append(journal_seq)
             added = entry.write.absorb(write)  # type: ignore[arg-type]  # same key, same type
-            self._grow(entry, write, added)
+            if added is not None:  # _grow's exact case, inline
+                self.pending_bytes += added
+                entry.bytes += added
+                entry.counted += added
+            else:
+                self._grow(entry, write, added)
             if not write.touch:
                 if now < entry.lag_from:
                     entry.lag_from = now

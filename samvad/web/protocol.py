@@ -380,6 +380,8 @@ class ServerProtocol:
             frame = parse_frame(data)
         except SamvadError as exc:
             return Reject(exc)
+        if frame.__class__ is UserMessage and self.state is _ACTIVE:
+            return frame  # _admit's answer for the usual frame, inline
         return self._admit(frame)
 
     def _admit(self, frame: ClientFrame) -> Received:
