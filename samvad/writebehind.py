@@ -284,9 +284,7 @@ class WriteBehind:
         queued = self._queued
         entry = queued.get(key)
         if not replay and (
-            entry is None
-            or self._closed
-            or self.pending_bytes >= self._config.max_pending_bytes
+            entry is None or self._closed or self.pending_bytes >= self._config.max_pending_bytes
         ):
             # admit() decides; a write folded into a queued one under the
             # bytes bound always passes (two a WebSocket message, inline).

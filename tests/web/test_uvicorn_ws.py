@@ -446,21 +446,23 @@ async def test_a_client_writing_faster_than_the_app_reads_is_paused_then_resumed
         await send({"type": "websocket.send", "text": "done"})
         await receive()  # websocket.disconnect
 
-    async with live_server(app, ws=TurnWebSocketProtocol) as server:
-        async with connect(server.ws_url, compression=None) as ws:
-            for i in range(count):
-                await ws.send(f"m{i}")
-                await asyncio.sleep(0.005)  # one read each, as far as the server goes
-            (protocol,) = protocols
-            async with asyncio.timeout(10):
-                while not protocol.read_paused:
-                    await asyncio.sleep(0.01)
-            assert protocol.queue.qsize() <= 4  # the rest waits in the socket
-            release.set()
-            async with asyncio.timeout(10):
-                assert await ws.recv() == "done"
-            assert received == [f"m{i}" for i in range(count)]
-            assert not protocol.read_paused
+    async with (
+        live_server(app, ws=TurnWebSocketProtocol) as server,
+        connect(server.ws_url, compression=None) as ws,
+    ):
+        for i in range(count):
+            await ws.send(f"m{i}")
+            await asyncio.sleep(0.005)  # one read each, as far as the server goes
+        (protocol,) = protocols
+        async with asyncio.timeout(10):
+            while not protocol.read_paused:  # noqa: ASYNC110 (a protocol flag, no event)
+                await asyncio.sleep(0.01)
+        assert protocol.queue.qsize() <= 4  # the rest waits in the socket
+        release.set()
+        async with asyncio.timeout(10):
+            assert await ws.recv() == "done"
+        assert received == [f"m{i}" for i in range(count)]
+        assert not protocol.read_paused
 
 
 async def test_the_inbox_hands_messages_in_order_to_getters_in_order() -> None:
