@@ -198,6 +198,9 @@ class Profile(msgspec.Struct, frozen=True, gc=False, eq=False):
     one first or when enough of its front has fallen off). ``log_spent`` is
     the stored size of ``log[:log_start]``, which the log still holds.
     Compared by value (:attr:`history` and the other fields), not by log.
+    Profiles are made and extended on the event loop's thread only (a window
+    read from another thread would still be whole: the items below a list's
+    length never change).
 
     Unlike a tuple of untracked messages, which a collection stops tracking,
     the log is a list the collector keeps walking in its full collections
