@@ -210,16 +210,6 @@ class ViewCache(Generic[K, V]):
         """Estimated bytes held (entries, when the cache is not bounded in bytes)."""
         return self._data.held()
 
-    def _keep(self, key: K, entry: Cached[V], size: int | None = None) -> None:
-        # Larger than the whole byte budget: served, not kept (put drops it).
-        sizeof = self._sizeof
-        if sizeof is None:
-            self._data.put(key, entry, 1)
-        else:
-            self._data.put(
-                key, entry, (sizeof(entry.value) if size is None else size) + ENTRY_OVERHEAD
-            )
-
     def size_of(self, key: K) -> int | None:
         """What ``key``'s value was counted as when it was put (its ``sizeof``);
         None when nothing is cached for it or the cache counts entries only."""
@@ -231,7 +221,7 @@ class ViewCache(Generic[K, V]):
     def put(self, key: K, value: V, *, complete: bool = True, size: int | None = None) -> None:
         """Cache ``value``; ``size`` is its ``sizeof`` when the caller knows it
         already (saves measuring it again)."""
-        # _keep, inlined: two puts a message.
+        # Larger than the whole byte budget: served, not kept (_data.put drops it).
         sizeof = self._sizeof
         if sizeof is None:
             self._data.put(key, Cached(value, complete), 1)
@@ -338,8 +328,7 @@ class ViewCache(Generic[K, V]):
             if self._loading.get(key) is not task:
                 return value, complete  # invalidated while it ran: not cached
             if value is not None:
-                self._keep(key, Cached(value, complete))
-                self._absent.pop(key)
+                self.put(key, value, complete=complete)
             else:
                 self._data.pop(key)
                 self._absent.put(key, complete, 1)

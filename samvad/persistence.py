@@ -524,16 +524,11 @@ class Persistence:
             self.profiles.discard(write.user_id)  # it may be cached as absent
             self._warm(self.profiles, write.user_id, self._profile_loader(write.user_id))
             return
-        s = self.settings  # _profile_with, inlined: two appends a message
-        view = profile_with(
-            cached.value,
-            messages=write.append,
-            preferences=write.preferences,
-            now=now,
-            cap=s.history_cap,
-            max_bytes=s.history_max_bytes,
+        self.profiles.put(
+            write.user_id,
+            self._profile_with(cached.value, write, now),
+            complete=cached.complete,
         )
-        self.profiles.put(write.user_id, view, complete=cached.complete)
 
     def _want_complete(self) -> bool:
         return self.writes.mode is _FIRESTORE

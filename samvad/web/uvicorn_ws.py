@@ -464,12 +464,7 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
         payload = text.encode()
         length = len(payload)
         # text_frame_header and TurnBuffer.write_parts, inlined: once per frame.
-        if length < 126:
-            head = _SHORT.pack(_FIN_TEXT, length)
-        elif length < 65536:
-            head = _MEDIUM.pack(_FIN_TEXT, 126, length)
-        else:
-            head = _LONG.pack(_FIN_TEXT, 127, length)
+        head = _SHORT.pack(_FIN_TEXT, length) if length < 126 else text_frame_header(length)
         buffer = self.transport
         buffer._parts += (head, payload)
         if not buffer._scheduled:
