@@ -196,18 +196,11 @@ def profile_with(
     prefs = profile.preferences
     if preferences:
         prefs = {**profile.preferences, **preferences}
-    created_at = profile.created_at or (min(now, messages[0].timestamp) if messages else now)
-    if messages:
-        # The common case, new messages after the newest: onto the shared log.
-        window = extended(profile, messages, cap=cap, max_bytes=max_bytes)
-        if window is not None:
-            log, start, end, size, spent = window
-            return Profile(profile.user_id, prefs, created_at, now, size, log, start, end, spent)
-    else:
+    if not messages:
         return Profile(
             profile.user_id,
             prefs,
-            created_at,
+            profile.created_at or now,
             now,
             profile.history_bytes,
             profile.log,
@@ -215,6 +208,12 @@ def profile_with(
             profile.log_end,
             profile.log_spent,
         )
+    created_at = profile.created_at or min(now, messages[0].timestamp)
+    # The common case, new messages after the newest: onto the shared log.
+    window = extended(profile, messages, cap=cap, max_bytes=max_bytes)
+    if window is not None:
+        log, start, end, size, spent = window
+        return Profile(profile.user_id, prefs, created_at, now, size, log, start, end, spent)
     history = profile.history
     merged = merge(history, messages)
     known_size = None

@@ -87,7 +87,7 @@ def extended(
     log, start, end = profile.log, profile.log_start, profile.log_end
     count = len(fresh)
     if count == 1 and end > start:
-        # One message after the newest, the usual append: without sort keys.
+        # follows()'s one-message case, inline: the usual append.
         message, newest = fresh[0], log[end - 1]
         if message.timestamp != newest.timestamp:
             if message.timestamp < newest.timestamp:

@@ -205,8 +205,9 @@ class Profile(msgspec.Struct, frozen=True, gc=False, eq=False):
     Unlike a tuple of untracked messages, which a collection stops tracking,
     the log is a list the collector keeps walking in its full collections
     (rare: about every half hour at a steady load): some 30 ms for 50,000
-    full histories on the reference machine, about 2 ms for the ~3,000 the
-    default cache budget holds (docs/benchmarks.md, section 26).
+    full histories on the reference machine, about 1.5 ms by proportion for
+    the ~2,400 full histories of short messages the default cache budget
+    holds (docs/benchmarks.md, section 26).
     """
 
     user_id: str
