@@ -262,7 +262,9 @@ class _Client:
         await asyncio.gather(*(one(first + i) for i in range(count)))
         return {"connected": len(group.conns), "failures": len(failures), "first": failures[:3]}
 
-    async def run(self, name: str, seconds: float) -> dict[str, Any]:
+    async def run(self, name: str, seconds: float, poll: bool = False) -> dict[str, Any]:
+        """Closed loop for ``seconds``; with ``poll`` the loop never sleeps (see
+        :meth:`WsClientProcess.run`)."""
         group = self.groups[name]
         group.completed = group.frames = group.errors = 0
         group.drained = asyncio.Event()
@@ -273,7 +275,14 @@ class _Client:
         cpu = sum(os.times()[:2])
         for conn in live:
             conn.start_exchange()
-        await asyncio.sleep(seconds)
+        if poll:
+            # A ready callback always waiting: the loop polls its sockets
+            # without blocking.
+            until = started + seconds
+            while time.perf_counter() < until:  # noqa: ASYNC110 (a poll, not a wait)
+                await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(seconds)
         group.running = False
         sending = time.perf_counter() - started
         with contextlib.suppress(TimeoutError):
@@ -408,8 +417,20 @@ class WsClientProcess:
     def connect(self, name: str, url: str, count: int, exchange: Exchange) -> dict[str, Any]:
         return self._call("connect", name, url, count, exchange)
 
-    def run(self, name: str, seconds: float) -> dict[str, Any]:
-        return self._call("run", name, seconds)
+    def run(self, name: str, seconds: float, *, poll: bool = False) -> dict[str, Any]:
+        """Closed loop over group ``name`` for ``seconds``.
+
+        ``poll``: the client's loop polls instead of sleeping in ``epoll_wait``
+        between frames (its CPU runs at 100 %). A server that is the slower
+        side otherwise finds the client asleep at most of its writes, and each
+        such write wakes it: on these VMs that wake-up (``sock_def_readable``
+        → ``try_to_wake_up`` → an inter-processor interrupt, in the writer's
+        system time) cost about 17 µs per Samvad exchange, which a bare echo,
+        whose client is the slower side and hardly ever asleep, does not pay
+        (docs/benchmarks.md, section 27). Polling puts both servers on the same
+        footing: neither pays to wake the load generator.
+        """
+        return self._call("run", name, seconds, poll)
 
     def close(self, name: str) -> dict[str, Any]:
         return self._call("close", name)

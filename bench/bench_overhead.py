@@ -46,6 +46,19 @@ came out 8 % dearer in the first place (median of six pairs).
   ``start``/``started``; B: after one echo), 1,000 more connections per
   repetition, held open.
 
+``ws_message``'s client polls its sockets without sleeping during a window
+(``--ws-client polling``, the default; ``sleeping`` is how sections 12 to 26 of
+docs/benchmarks.md measured). A closed-loop client sleeps whenever it waits for
+the server: then every server write that finds it asleep also wakes it, and on
+these VMs that wake-up is an inter-processor interrupt charged to the writing
+server's system time, about 17 µs per Samvad exchange (``perf record -e
+cpu-clock``: ``sock_def_readable`` under the server's ``write``). Samvad is the
+slower side, so its client is nearly always asleep; the bare echo's client is
+the slower side, so it is nearly always awake and the echo hardly ever pays.
+With the client polling, neither server pays to wake the load generator, a
+cost a server answering remote clients does not have (docs/benchmarks.md,
+section 27).
+
 CPU per request is the server process's CPU time (user + system, all
 threads, from ``/proc``) from the start of a window until the write-behind
 has settled after it (``--settle`` seconds after A's windows; its flushes
@@ -385,7 +398,7 @@ class Bench:
 
         def make(name: str, server: ServerProcess, rep: int) -> Callable[[], dict[str, Any]]:
             def run() -> dict[str, Any]:
-                figures = ws.run(name, self.args.window)
+                figures = ws.run(name, self.args.window, poll=self.args.ws_client == "polling")
                 figures["requests"] = figures["completed"]
                 return figures
 
@@ -690,6 +703,12 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=WORKLOADS, help="run only these")
     parser.add_argument("--python", help="the interpreter that runs both servers")
     parser.add_argument(
+        "--ws-client",
+        choices=["polling", "sleeping"],
+        default="polling",
+        help="ws_message's client polls (default) or sleeps between frames (see docstring)",
+    )
+    parser.add_argument(
         "--baseline-root",
         metavar="DIR",
         type=Path,
@@ -724,6 +743,7 @@ def main() -> None:
         if bench.pinned
         else "none",
         "window_s": args.window,
+        "ws_client": args.ws_client,
         "settle_s": args.settle,
         "repetitions": args.repetitions,
         "http_connections": HTTP_CONNECTIONS,

@@ -48,6 +48,12 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=WORKLOADS, help="run only these")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--python", help="the interpreter that runs the servers")
+    parser.add_argument(
+        "--ws-client",
+        choices=["polling", "sleeping"],
+        default="polling",
+        help="the client polls (default) or sleeps between frames (bench_overhead.py)",
+    )
     parser.add_argument("--json", help="also write the figures as JSON")
     args = parser.parse_args()
     # What Bench reads besides the options above.
@@ -59,6 +65,7 @@ def main() -> None:
         "store": args.store,
         "baseline_root": args.baseline_root.name,
         "window_s": args.window,
+        "ws_client": args.ws_client,
         "settle_s": args.settle,
         "repetitions": args.repetitions,
         "ws_connections": WS_CONNECTIONS,
