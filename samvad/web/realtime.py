@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import itertools
 import logging
+import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass
@@ -112,7 +115,7 @@ from samvad.web.protocol import (
     state_frame,
 )
 from samvad.web.schemas import encode as encode_json
-from samvad.web.uvicorn_ws import FLUSH, SEND_TEXT
+from samvad.web.uvicorn_ws import FLUSH, ON_TEXT, SEND_TEXT
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -133,6 +136,13 @@ SHUTDOWN_DEADLINE = 10.0
 #: ``Connection._seen`` while a frame is being handled: the idle and start
 #: deadlines count only the time spent waiting for a frame.
 _HANDLING = float("inf")
+
+
+def _in_context(context: contextvars.Context, take: Callable[[str], bool]) -> Callable[[str], bool]:
+    """``take`` run in ``context``: ``context.run(take, text)`` without a Python frame."""
+    return functools.partial(context.run, take)  # type: ignore[call-arg]  # run(f, *args)
+
+
 #: Seconds between two looks at a connection whose frame is handled past a deadline.
 _WATCHDOG_POLL = 0.1
 #: Fewest seconds between two rounds of ``durable`` frames (one per session each).
@@ -291,7 +301,10 @@ class Connection:
         "_done",
         "_finished",
         "_flush_now",
+        "_handoff",
         "_limit",
+        "_loop_time",
+        "_on_text",
         "_out",
         "_peer_gone",
         "_reading",
@@ -334,6 +347,14 @@ class Connection:
         self._send_now: Callable[[str], bool] | None = extensions.get(SEND_TEXT)
         # And to hand what it wrote in this turn to the socket at once (after an ack).
         self._flush_now: Callable[[], None] | None = extensions.get(FLUSH)
+        # And to hand it each text frame as it is read, while the read loop
+        # waits (``_take_text``).
+        self._on_text: Callable[[Callable[[str], bool] | None], None] | None = extensions.get(
+            ON_TEXT
+        )
+        #: What ``_take_text`` left to the read loop with the frame it queued:
+        #: the frame parsed (not a message), or what handling it raised.
+        self._handoff: Received | Exception | None = None
         #: An urgent frame was written directly while a frame was handled.
         self._urgent = False
         # With it, and no journal to wait for, a frame with nothing queued
@@ -372,6 +393,7 @@ class Connection:
         # The idle and start deadlines: one timer per connection that checks
         # when the last frame came (``_seen``, loop time), not a timeout per frame.
         self._seen = 0.0
+        self._loop_time: Callable[[], float] = time.monotonic
         self._deadline = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self._touched = float("-inf")
@@ -540,8 +562,15 @@ class Connection:
         self._deadline = self._seen + settings.ws_start_timeout
         self._arm_watchdog(loop)
         receive = self._receive
+        on_text = self._on_text
+        self._loop_time = loop.time
         try:
             while self.closing is None:
+                if on_text is not None:
+                    # Frames taken between two turns of this loop are handled
+                    # in its context as it is now (the ids a start binds for
+                    # the log lines), copied after each frame it handled.
+                    on_text(_in_context(contextvars.copy_context(), self._take_text))
                 self._seen = loop.time()
                 message = await receive()
                 self._seen = _HANDLING
@@ -551,16 +580,23 @@ class Connection:
                     return
                 if kind != "websocket.receive":
                     continue
-                data = message.get("text")
-                if data is None:
-                    data = message.get("bytes") or b""
                 try:
-                    received = self.proto.receive(data)
+                    handoff = self._handoff
+                    if handoff is None:
+                        data = message.get("text")
+                        if data is None:
+                            data = message.get("bytes") or b""
+                        received = self.proto.receive(data)
+                    else:  # this frame, as _take_text left it
+                        self._handoff = None
+                        if isinstance(handoff, Exception):
+                            raise handoff
+                        received = handoff
                     if received.__class__ is UserMessage:
                         # Nearly every frame, handled here: without the two
                         # coroutines _dispatch and an async handler would make.
                         self.hub.count_frame(received)
-                        touch = self._on_message(received)
+                        touch = self._on_message(received, self.hub.clock.monotonic())
                         if touch is not None:
                             await self.hub.service.touch_session(touch)
                     else:
@@ -575,9 +611,53 @@ class Connection:
                     if self._flush_now is not None:
                         self._flush_now()
         finally:
+            if on_text is not None:
+                on_text(None)
             if self._watchdog is not None:
                 self._watchdog.cancel()
                 self._watchdog = None
+
+    def _take_text(self, text: str) -> bool:
+        """A text frame the server read while the read loop waits for one
+        (``ON_TEXT``, :mod:`samvad.web.uvicorn_ws`): a message is handled here
+        and now, as the read loop would, without waking its task; True when
+        it was. Anything else goes to the read loop (False, and the server
+        queues the frame): a frame the loop is still handling the one before
+        of, once closing, or when the session's touch is due (an ``await``);
+        a frame that is not a message, parsed (its rate-limit token spent),
+        or what handling it raised, is left in ``_handoff`` for the loop to
+        take with it, so that it is parsed and answered once, in order."""
+        if (
+            self._seen == _HANDLING
+            or self.closing is not None
+            or self._handoff is not None
+            or self._stop_reading
+        ):
+            return False
+        hub = self.hub
+        now = hub.clock.monotonic()
+        if now - self._touched >= hub.settings.touch_interval:
+            return False
+        seen = self._seen
+        self._seen = _HANDLING
+        try:
+            received = self.proto.receive(text)
+            if received.__class__ is not UserMessage:
+                self._handoff = received
+                self._seen = seen
+                return False
+            hub.count_frame(received)
+            self._on_message(received, now)  # no touch: not due at ``now``
+        except Exception as exc:
+            self._handoff = exc  # raised by the read loop, as if it had failed there
+            self._seen = seen
+            return False
+        if self._urgent:
+            self._urgent = False
+            if self._flush_now is not None:
+                self._flush_now()
+        self._seen = self._loop_time()
+        return True
 
     def _arm_watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
         idle = self.hub.settings.ws_idle_timeout
@@ -709,9 +789,10 @@ class Connection:
             " (resume)" if frame.resume_from is not None else "",
         )
 
-    def _on_message(self, frame: UserMessage) -> str | None:
-        """Handle a message frame; the session whose activity is now due to be
-        written (``touch_session``), if it is."""
+    def _on_message(self, frame: UserMessage, now: float) -> str | None:
+        """Handle a message frame (``now``: the hub's monotonic clock); the
+        session whose activity is now due to be written (``touch_session``),
+        if it is."""
         if not frame.final:
             return None  # interim transcript: only the final one is a message
         channel = self._session()
@@ -719,7 +800,6 @@ class Connection:
         hub.engine.user_message(self, frame.text, client_id=frame.client_id)
         # The session's activity is written lazily (``touch_interval``); one
         # touch per interval per connection says as much as one per message.
-        now = hub.clock.monotonic()
         if now - self._touched >= hub.settings.touch_interval:
             self._touched = now
             return channel.session_id

@@ -36,6 +36,14 @@ changes four things and nothing on the wire (nor in what the app receives):
   ASGI ``send`` per frame through every middleware's wrapper. When it cannot
   (not writable: the client reads slowly; an extension; closing), the frame
   goes through ``send`` as before.
+- **An app may take a text frame without a coroutine**: :data:`ON_TEXT` in
+  the same ``extensions`` installs a plain function that the protocol calls
+  with each whole text frame it reads while nothing waits in its inbox. When
+  the function says it took the frame, nothing is queued and no task wakes;
+  otherwise the frame is queued for ``receive`` as before. The connection
+  takes its messages so (:mod:`samvad.web.realtime`): a message no longer
+  costs its read loop's task a wake-up, nor a new future and coroutine to
+  wait with, which the young collections walked for every busy connection.
 - **An app may hand a frame to the socket at once**: :data:`FLUSH` in the
   same ``extensions`` writes what the connection has buffered in this turn
   now, instead of when the next turn begins. The connection does so once it
@@ -69,6 +77,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "FLUSH",
+    "ON_TEXT",
     "SEND_TEXT",
     "TurnBuffer",
     "TurnWebSocketProtocol",
@@ -84,6 +93,12 @@ SEND_TEXT = "samvad.websocket.send_text"
 #: The ASGI extension through which an app may hand what it has written during
 #: this turn of the loop to the socket at once: ``flush() -> None``.
 FLUSH = "samvad.websocket.flush"
+#: The ASGI extension through which an app may take whole text frames as they
+#: are read, without a coroutine: ``on_text(take)`` installs ``take(text) ->
+#: bool`` (None removes it). It is called only while nothing waits in the
+#: inbox, so what it takes and what ``receive`` returns keep the order of the
+#: frames; False means "queue it for ``receive``", as without it.
+ON_TEXT = "samvad.websocket.on_text"
 
 #: FIN and the text opcode: the first byte of an unfragmented text frame.
 _FIN_TEXT = 0x81
@@ -381,6 +396,8 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
         # differ from ``writable`` only after ``connection_lost`` (which sets
         # the event without ``resume_writing``), when ``disconnected`` refuses.
         self._writing_paused = False
+        #: What the app installed through :data:`ON_TEXT`.
+        self._take_text: Callable[[str], bool] | None = None
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -430,8 +447,11 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
                 # and a resume per message; this holds at most two reads'
                 # worth for one that does not.
                 behind = bool(inbox._items)
+                take = self._take_text
                 for text in texts:
-                    inbox.put_nowait({"type": "websocket.receive", "text": text})
+                    # Offered to the app while nothing waits before it (ON_TEXT).
+                    if take is None or inbox._items or not take(text):
+                        inbox.put_nowait({"type": "websocket.receive", "text": text})
                 if behind and not self.read_paused:
                     self.read_paused = True
                     self.transport.pause_reading()
@@ -445,6 +465,10 @@ class TurnWebSocketProtocol(WebSocketsSansIOProtocol):
             extensions = scope["extensions"]
             extensions[SEND_TEXT] = self.send_text_now
             extensions[FLUSH] = self.transport.flush
+            extensions[ON_TEXT] = self._on_text
+
+    def _on_text(self, take: Callable[[str], bool] | None) -> None:
+        self._take_text = take
 
     def send_text_now(self, text: str) -> bool:
         """Write a text frame at once, if nothing stands in the way: True when

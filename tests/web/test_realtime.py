@@ -1,7 +1,11 @@
 """The WebSocket endpoint end to end: a live uvicorn server, real ``websockets`` clients.
 
 These run on the memory store; tests/web/test_realtime_firestore.py runs the
-same paths against the Firestore emulator.
+same paths against the Firestore emulator. Each runs twice: with clients that
+negotiate no compression, whose frames ``samvad serve`` reads and writes
+itself (and whose messages, after a connection's first, the connection takes
+as they are read: samvad/web/uvicorn_ws.py), and with permessage-deflate, as
+browsers negotiate it, whose frames go through websockets and the read loop.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -52,8 +56,23 @@ def make_app(verify_token: TokenVerifier | None = None, **overrides: Any) -> Sta
     return create_app(Settings(**options), verify_token=verify_token)
 
 
+#: What the clients of a test negotiate (``client_compression``).
+_compression: str | None = None
+
+
+@pytest.fixture(autouse=True, params=["plain", "deflate"])
+def client_compression(request: pytest.FixtureRequest) -> Iterator[None]:
+    global _compression
+    _compression = "deflate" if request.param == "deflate" else None
+    try:
+        yield
+    finally:
+        _compression = None
+
+
 async def open_client(server: LiveServer, user_id: str, **options: Any) -> SamvadClient:
     options.setdefault("heartbeat", None)
+    options.setdefault("compression", _compression)
     return await SamvadClient.connect(f"{server.ws_url}/ws", user_id=user_id, **options)
 
 
@@ -982,7 +1001,9 @@ async def test_chunks_that_waited_in_the_send_queue_are_merged_into_one_frame() 
     words = [f"w{i} " for i in range(50)]
     async with live_server(merging_app(clock)) as server:
         server.services.hub.responder = Burst(words, clock)
-        client = await open_client(server, "u-merge")
+        # Compressed, so that no frame is written directly and the chunks
+        # wait in the send queue (under either parameter).
+        client = await open_client(server, "u-merge", compression="deflate")
         await client.message("go")
         frames = await read_reply(client)
         assert [f["type"] for f in frames] == ["ack", "reply.start", "reply.chunk", "reply.end"]
