@@ -136,6 +136,11 @@ class Settings:
     ws_send_queue: int = 256
     ws_resume_window: int = 200
     ws_rate_strikes: int = 5
+    #: Offer permessage-deflate (RFC 7692) to clients that ask, as browsers
+    #: do. Off by default: a compressed connection costs about 41 KiB more
+    #: while idle and 1.5x the CPU per message, and its frames bypass the
+    #: protocol's fast paths (docs/benchmarks.md, section 27).
+    ws_compression: bool = False
     ws_responder: str = "builtin"
     ws_reply_chunk_delay: float = 0.05
 
@@ -267,6 +272,7 @@ class Settings:
             ws_send_queue=env.integer("SAMVAD_WS_SEND_QUEUE", d.ws_send_queue, lo=1),
             ws_resume_window=env.integer("SAMVAD_WS_RESUME_WINDOW", d.ws_resume_window, lo=0),
             ws_rate_strikes=env.integer("SAMVAD_WS_RATE_STRIKES", d.ws_rate_strikes, lo=0),
+            ws_compression=env.flag("SAMVAD_WS_COMPRESSION", d.ws_compression),
             ws_responder=env.text("SAMVAD_RESPONDER", d.ws_responder),
             ws_reply_chunk_delay=env.number(
                 "SAMVAD_RESPONDER_CHUNK_DELAY_SECONDS", d.ws_reply_chunk_delay, lo=0.0, hi=10.0

@@ -202,6 +202,8 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         # The app closes oversized frames with 1009 itself; uvicorn's own limit
         # only bounds what is buffered before the app sees it.
         "ws_max_size": max(4 * settings.ws_max_frame_bytes, 1024 * 1024),
+        # permessage-deflate only when configured (Settings.ws_compression).
+        "ws_per_message_deflate": settings.ws_compression,
         "timeout_graceful_shutdown": 5,
         "proxy_headers": True,
         "server_header": False,

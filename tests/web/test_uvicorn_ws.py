@@ -29,6 +29,7 @@ from samvad.web.uvicorn_ws import (
     _TurnFlush,
     text_frame_header,
 )
+from tests.support.serve import start_serve
 from tests.support.server import live_server
 from tests.support.stores import FlakyStore
 from tests.web.test_realtime import RawSocket
@@ -347,6 +348,31 @@ def test_samvad_serve_runs_the_turn_protocol() -> None:
     config = uvicorn_config(_app(), Settings(store="memory"))
     config.load()
     assert config.ws_protocol_class is TurnWebSocketProtocol
+
+
+@pytest.mark.parametrize("configured", [None, "true"])
+async def test_samvad_serve_negotiates_compression_only_when_configured(
+    tmp_path: Path, configured: str | None
+) -> None:
+    """A client that asks for permessage-deflate (as browsers do) gets it only
+    with SAMVAD_WS_COMPRESSION; without it the connection takes the protocol's
+    fast paths, its messages among them."""
+    env = {"SAMVAD_STORE": "memory"}
+    if configured is not None:
+        env["SAMVAD_WS_COMPRESSION"] = configured
+    served = await asyncio.to_thread(start_serve, tmp_path, **env)
+    try:
+        async with connect(served.ws_url, compression="deflate") as ws:
+            offered = ws.response.headers.get("Sec-WebSocket-Extensions")
+            assert (offered is not None and "permessage-deflate" in offered) is (
+                configured is not None
+            )
+            await ws.send(json.dumps({"type": "start", "userId": "u-deflate"}))
+            assert json.loads(await ws.recv())["type"] == "started"
+            await ws.send(json.dumps({"type": "message", "text": "hello", "clientId": "m1"}))
+            assert json.loads(await ws.recv())["type"] == "ack"
+    finally:
+        served.stop()
 
 
 class _AsgiSends(TurnWebSocketProtocol):
