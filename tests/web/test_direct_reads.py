@@ -220,3 +220,14 @@ async def test_a_connections_first_message_writes_the_sessions_activity() -> Non
         await client.close()
         assert client.started is not None
         assert touched == [client.started.session_id]
+
+
+async def test_messages_taken_at_once_keep_the_connection_from_idling_out() -> None:
+    """The idle deadline counts from the last frame, taken at once or not."""
+    async with live_server(make_app(ws_idle_timeout=1.0)) as server:
+        client = await open_client(server, "u-busy", compression=None)
+        assert (await client.ask("first")).reply.complete  # through the read loop
+        for i in range(8):  # 2.4 s of messages taken at once, each 0.3 s apart
+            await asyncio.sleep(0.3)
+            assert (await client.ask(f"still here {i}")).reply.complete
+        await client.close()
