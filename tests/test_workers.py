@@ -21,6 +21,23 @@ from tests.support.serve import start_serve
 pytestmark = pytest.mark.firestore
 
 
+async def _started_with_state(url: str, user: str) -> SamvadClient:
+    """A session of ``user`` whose ``started`` shows the state saved over REST.
+
+    The other worker hears of the save through the change feed, within the
+    freshness docs/deploy.md gives (p99 about 0.4 s), not at once: a session
+    it starts before then finds no state (the save is queued, not yet in
+    Firestore). Sessions are started again until one shows it, for 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        client = await SamvadClient.connect(url, user_id=user, heartbeat=None)
+        started = client.started
+        if (started is not None and started.state.get("n") == 1) or time.monotonic() > deadline:
+            return client
+        await client.close()
+        await asyncio.sleep(0.1)
+
+
 async def test_two_workers_serve_rest_and_websockets_and_stop_flushed_on_sigterm(
     firestore_emulator: str,
     firestore_project: str,
@@ -58,7 +75,7 @@ async def test_two_workers_serve_rest_and_websockets_and_stop_flushed_on_sigterm
 
         # WebSocket sessions, one per user, on whichever worker accepts them.
         for user in users[:6]:
-            client = await SamvadClient.connect(served.ws_url, user_id=user, heartbeat=None)
+            client = await _started_with_state(served.ws_url, user)
             async with client:
                 assert client.started is not None
                 assert client.started.state.get("n") == 1  # saved through either worker
