@@ -52,17 +52,28 @@ class _Server(uvicorn.Server):
         yield
 
 
+#: Whether :func:`live_server` offers permessage-deflate when its caller does
+#: not say (``ws_per_message_deflate``). Off, as ``samvad serve`` by default
+#: (``SAMVAD_WS_COMPRESSION``): a ``websockets`` client, which asks for it,
+#: then takes the paths a browser's connection takes in production. A test
+#: module may switch it on to run through websockets' compressed path.
+OFFER_DEFLATE = False
+
+
 @contextlib.asynccontextmanager
 async def live_server(app: Any, **config: Any) -> AsyncIterator[LiveServer]:
     """Serve ``app`` on 127.0.0.1 (port 0) until the block ends, then shut down gracefully.
 
     WebSockets run under the protocol ``samvad serve`` runs
-    (:class:`samvad.web.uvicorn_ws.TurnWebSocketProtocol`) unless ``ws`` says otherwise.
+    (:class:`samvad.web.uvicorn_ws.TurnWebSocketProtocol`) unless ``ws`` says
+    otherwise, offering compression as :data:`OFFER_DEFLATE` says unless
+    ``ws_per_message_deflate`` does.
     """
     options: dict[str, Any] = {
         "log_level": "warning",
         "lifespan": "on",
         "ws": TurnWebSocketProtocol,
+        "ws_per_message_deflate": OFFER_DEFLATE,
     }
     options.update(config)
     server = _Server(uvicorn.Config(app, host="127.0.0.1", port=0, **options))

@@ -25,6 +25,7 @@ from starlette.applications import Starlette
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+import tests.support.server
 from samvad.client import SamvadClient, ServerError
 from samvad.clock import ManualClock
 from samvad.config import Settings
@@ -61,9 +62,14 @@ _compression: str | None = None
 
 
 @pytest.fixture(autouse=True, params=["plain", "deflate"])
-def client_compression(request: pytest.FixtureRequest) -> Iterator[None]:
+def client_compression(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
     global _compression
-    _compression = "deflate" if request.param == "deflate" else None
+    deflate = request.param == "deflate"
+    _compression = "deflate" if deflate else None
+    # The servers offer it only under "deflate" (samvad serve does only when configured).
+    monkeypatch.setattr(tests.support.server, "OFFER_DEFLATE", deflate)
     try:
         yield
     finally:
@@ -999,11 +1005,12 @@ async def read_reply(client: SamvadClient) -> list[dict[str, Any]]:
 async def test_chunks_that_waited_in_the_send_queue_are_merged_into_one_frame() -> None:
     clock = ManualClock()
     words = [f"w{i} " for i in range(50)]
-    async with live_server(merging_app(clock)) as server:
+    async with live_server(merging_app(clock), ws_per_message_deflate=True) as server:
         server.services.hub.responder = Burst(words, clock)
         # Compressed, so that no frame is written directly and the chunks
         # wait in the send queue (under either parameter).
         client = await open_client(server, "u-merge", compression="deflate")
+        assert client.connection.protocol.extensions
         await client.message("go")
         frames = await read_reply(client)
         assert [f["type"] for f in frames] == ["ack", "reply.start", "reply.chunk", "reply.end"]

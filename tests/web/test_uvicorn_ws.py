@@ -248,7 +248,9 @@ async def test_a_session_looks_the_same_on_the_wire_as_under_uvicorns_own_protoc
 ) -> None:
     seen = []
     for ws in ("auto", TurnWebSocketProtocol):
-        async with live_server(_app(), ws=ws) as server:
+        async with live_server(
+            _app(), ws=ws, ws_per_message_deflate=compression is not None
+        ) as server:
             server.services.hub.responder = OneChunk()
             seen.append(await _conversation(f"{server.ws_url}/ws", compression=compression))
     uvicorns, ours = seen
@@ -268,7 +270,9 @@ async def _started(
 ) -> AsyncIterator[ClientConnection]:
     """A live server running ``protocol`` that answers in one chunk, and a
     connection to it with ``user_id``'s session started."""
-    async with live_server(_app(), ws=protocol) as server:
+    async with live_server(
+        _app(), ws=protocol, ws_per_message_deflate=compression is not None
+    ) as server:
         server.services.hub.responder = OneChunk()
         async with connect(f"{server.ws_url}/ws", compression=compression) as ws:
             await ws.send(json.dumps({"type": "start", "userId": user_id}))
@@ -363,6 +367,7 @@ async def test_samvad_serve_negotiates_compression_only_when_configured(
     served = await asyncio.to_thread(start_serve, tmp_path, **env)
     try:
         async with connect(served.ws_url, compression="deflate") as ws:
+            assert ws.response is not None
             offered = ws.response.headers.get("Sec-WebSocket-Extensions")
             assert (offered is not None and "permessage-deflate" in offered) is (
                 configured is not None
