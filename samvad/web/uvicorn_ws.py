@@ -6,7 +6,8 @@ the socket at once: one ``send`` system call per frame. A user message
 answered in one chunk makes four frames (``ack``, ``reply.start``,
 ``reply.chunk``, ``reply.end``), all produced in one turn of the event loop by
 the connection's writer (:mod:`samvad.web.realtime`). :class:`TurnWebSocketProtocol`
-changes four things and nothing on the wire (nor in what the app receives):
+changes three things, none on the wire nor in what the app receives, and
+offers the app three extensions:
 
 - **Writes are gathered per loop turn.** The protocol writes through a
   :class:`TurnBuffer` around the transport: what the connection writes while a

@@ -79,7 +79,10 @@ def client_compression(
 async def open_client(server: LiveServer, user_id: str, **options: Any) -> SamvadClient:
     options.setdefault("heartbeat", None)
     options.setdefault("compression", _compression)
-    return await SamvadClient.connect(f"{server.ws_url}/ws", user_id=user_id, **options)
+    client = await SamvadClient.connect(f"{server.ws_url}/ws", user_id=user_id, **options)
+    # Negotiated as asked: otherwise the two parameters would run alike.
+    assert bool(client.connection.protocol.extensions) is (options["compression"] is not None)
+    return client
 
 
 async def closed_code(client: SamvadClient) -> int | None:
