@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import inspect
 import itertools
 import logging
 import time
@@ -1098,11 +1099,12 @@ class Hub:
             logger.error("reply %s failed", reply.id, exc_info=exc)
             self.engine.reply_failed(reply)
             return
-        self._replies[reply] = self.spawn(
+        task = self._replies[reply] = self.spawn(
             _go_on(run, waiting),
             name=f"samvad-reply-{reply.id}",
             on_failure=lambda: self.engine.reply_failed(reply),
         )
+        task.add_done_callback(functools.partial(_cancel_unstarted, run))
 
     def cancel(self, reply: Reply) -> None:
         """Stop the responder of a reply the engine cut."""
@@ -1266,6 +1268,31 @@ async def _go_on(run: Coroutine[Any, Any, None], waiting: Any) -> None:
     ``CancelledError`` is thrown in), and ``run`` goes on as in a task of its own.
     """
     await _resumed(run, waiting)
+
+
+def _cancel_unstarted(run: Coroutine[Any, Any, None], task: asyncio.Task[None]) -> None:
+    """Deliver a cancellation to ``run`` that its ``_go_on`` task never did.
+
+    A task cancelled before its first step never starts its coroutine, so
+    ``_go_on`` cannot pass the cancellation on: ``run`` would stay suspended
+    where it waited (inside the responder's stream) until the collector
+    closed it, and its ``finally`` would then find the stream still running
+    (``aclose(): asynchronous generator is already running``). That happens
+    when a reply is cut by a message read with the one that started it. Here
+    ``run`` gets the ``CancelledError`` the task would have thrown in; what it
+    still awaits on its way out runs in a task of its own, like this one.
+    """
+    if not task.cancelled() or inspect.getcoroutinestate(run) != inspect.CORO_SUSPENDED:
+        return  # it ran (to its end or to the cancellation): nothing is left
+    try:
+        waiting = run.throw(asyncio.CancelledError())
+    except (StopIteration, asyncio.CancelledError):
+        return
+    except Exception:
+        logger.exception("a cancelled reply failed on its way out")
+        return
+    follow = asyncio.get_running_loop().create_task(_go_on(run, waiting))
+    follow.add_done_callback(functools.partial(_cancel_unstarted, run))
 
 
 @types.coroutine
