@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
+import logging
 import os
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -231,3 +234,96 @@ async def test_messages_taken_at_once_keep_the_connection_from_idling_out() -> N
             await asyncio.sleep(0.3)
             assert (await client.ask(f"still here {i}")).reply.complete
         await client.close()
+
+
+#: Frames a client may send after its start, and what each must get back:
+#: ``ack`` (a message, acked once, in order), ``error`` (one error frame),
+#: or nothing (an interim transcript).
+_GENERATED: list[tuple[str, Any]] = [
+    ("ack", lambda rng, i: {"type": "message", "text": f"hi {i}", "clientId": f"g{i}"}),
+    (
+        "ack",
+        lambda rng, i: {
+            "type": "message",
+            "text": "".join(chr(rng.randint(0x20, 0x2FFF)) for _ in range(rng.randint(1, 60))),
+            "clientId": f"g{i}",
+        },
+    ),
+    ("none", lambda rng, i: {"type": "message", "text": "um", "final": False}),
+    ("error", lambda rng, i: {"type": "message", "text": 5, "clientId": f"g{i}"}),
+    ("error", lambda rng, i: {"type": "message", "clientId": f"g{i}"}),
+    ("error", lambda rng, i: {"type": "no-such-frame"}),
+    ("error", lambda rng, i: {"type": "start", "userId": "u-someone-else"}),
+    ("error", lambda rng, i: "{not json" + "x" * rng.randint(0, 40)),
+    ("error", lambda rng, i: ["a", "list"]),
+]
+
+
+async def test_generated_frames_taken_at_once_are_each_answered_once_in_order() -> None:
+    """Random runs of good and bad frames, in one to three reads, on a
+    connection whose messages are taken as they are read: every message is
+    acked once and in order, every bad frame gets one error, nothing closes
+    the connection, and another user is served throughout."""
+    rng = random.Random(20261130)
+    app = make_app(ws_rate_burst=1000, ws_rate_per_second=1000.0)
+    async with live_server(app) as server:
+        bystander = await open_client(server, "u-bystander", compression=None)
+        for case in range(25):
+            expected_acks: list[str] = []
+            errors = 0
+            texts: list[str] = []
+            for i in range(rng.randint(1, 12)):
+                outcome, make = rng.choice(_GENERATED)
+                value = make(rng, i)
+                texts.append(value if isinstance(value, str) else json.dumps(value))
+                if outcome == "ack":
+                    expected_acks.append(value["clientId"])
+                elif outcome == "error":
+                    errors += 1
+            data = b"".join(text(t) for t in texts)
+            cuts = sorted(rng.sample(range(1, len(data)), min(rng.randint(0, 2), len(data) - 1)))
+            writes = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+            async with raw_client(server.port, "/ws") as client:
+                await started(client, f"u-gen-{case}")
+                for chunk in writes:
+                    await client.write(chunk)
+                await client.write(text(json.dumps({"type": "ping", "ts": "end"})))
+                acks: list[str] = []
+                seen_errors: list[str] = []
+                while True:
+                    frame = json.loads(await client.read())
+                    if frame["type"] == "ack":
+                        acks.append(frame["clientId"])
+                    elif frame["type"] == "error":
+                        seen_errors.append(frame["code"])
+                    elif frame["type"] == "pong" and frame["ts"] == "end":
+                        break
+                assert acks == expected_acks, (case, texts)
+                assert len(seen_errors) == errors, (case, texts, seen_errors)
+                assert "internal_error" not in seen_errors
+            assert (await bystander.ask(f"still here {case}")).reply.complete
+        await bystander.close()
+
+
+async def test_a_reply_cut_by_a_message_read_with_its_own_is_closed_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The second message cuts the first one's reply before the reply's task
+    has run a step: the cancellation still reaches the reply (its stream is
+    closed as a cancelled task closes it, not left to the collector)."""
+    async with live_server(make_app()) as server, raw_client(server.port, "/ws") as client:
+        await started(client, "u-cut")
+        await client.write(
+            text(json.dumps({"type": "message", "text": "one two three", "clientId": "m1"}))
+            + text(json.dumps({"type": "message", "text": "four", "clientId": "m2"}))
+        )
+        acked = False
+        while True:
+            frame = json.loads(await client.read())
+            acked = acked or (frame["type"] == "ack" and frame["clientId"] == "m2")
+            if acked and frame["type"] == "reply.end":
+                break
+        await asyncio.sleep(0.05)
+        assert not server.services.hub._replies  # no reply left running
+    gc.collect()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
