@@ -484,7 +484,12 @@ class FirestoreStore(Store):
                 # Committed, rolled back or expired already (the emulator
                 # answers InvalidArgument "Invalid transaction"): nothing held.
                 logger.debug("rollback of an orphaned transaction: %s", type(exc).__name__)
-            self._orphans.popleft()
+            # Callers release concurrently (each write settles first): the one
+            # that got here first took this id off already, and a second
+            # rollback of it is harmless; only the id this call rolled back
+            # is taken off, never one nobody has rolled back yet.
+            if self._orphans and self._orphans[0] == transaction_id:
+                self._orphans.popleft()
 
     async def erase(self, erase: Erase) -> ErasureCounts:
         await self._settle_orphans()
