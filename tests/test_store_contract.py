@@ -409,3 +409,33 @@ async def test_delete_where_deletes_only_the_matching_documents(store: Store) ->
     assert [r[0] for r in await store.select("adk_x", where={"owner": "u2"})] == ["d1", "d3", "d5"]
     assert await store.select("adk_x", where={"owner": "u1"}) == []
     assert await store.delete_where("adk_x", where={"owner": "u1"}) == 0
+
+
+@pytest.mark.firestore
+async def test_writes_that_settle_left_open_transactions_together_take_each_off_once(
+    firestore_emulator: str, firestore_project: str
+) -> None:
+    """After an outage each write first rolls back the transactions that the
+    outage left open (``FirestoreStore._settle_orphans``); concurrent writes
+    do so together. Each id comes off the list once it has been rolled back,
+    by whichever write rolled it back, and never one that nobody has: four
+    writes over three left-open ids (unknown to the emulator, which answers
+    them as transactions already gone) all land."""
+    store = FirestoreStore(
+        lambda: make_client(project=firestore_project, emulator_host=firestore_emulator),
+        bounds=BOUNDS,
+        deadline=15.0,
+    )
+    async with store:
+        store._orphans.extend([b"left-open-1", b"left-open-2", b"left-open-3"])
+        await asyncio.gather(
+            *(
+                store.write_profile(ProfileWrite(user_id=f"u{i}", append=[msg(i)]), now=T0)
+                for i in range(4)
+            )
+        )
+        assert not store._orphans
+        for i in range(4):
+            doc = await store.get(PROFILES, f"u{i}")
+            assert doc is not None
+            assert [m["id"] for m in doc["conversationHistory"]] == [f"m{i:04d}"]
