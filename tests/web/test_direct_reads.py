@@ -6,11 +6,9 @@ answered, logged and failed exactly as its read loop would have."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
 import json
 import logging
-import os
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +20,7 @@ from samvad.logs import request_id_var, user_id_var
 from samvad.web.uvicorn_ws import ON_TEXT, SEND_TEXT
 from tests.support.server import live_server
 from tests.web.test_realtime import closed_code, make_app, open_client
-from tests.web.test_uvicorn_ws_reads import CLOSE, TEXT, _read_frame, text
+from tests.web.test_uvicorn_ws_reads import CLOSE, TEXT, _read_frame, text, upgraded
 
 
 class RawClient:
@@ -47,18 +45,8 @@ class RawClient:
 
 @asynccontextmanager
 async def raw_client(port: int, path: str = "/") -> AsyncIterator[RawClient]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
+    reader, writer = await upgraded(port, path)
     try:
-        async with asyncio.timeout(10):
-            assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
         yield RawClient(reader, writer)
     finally:
         writer.close()

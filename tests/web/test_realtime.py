@@ -11,7 +11,6 @@ browsers negotiate it, whose frames go through websockets and the read loop.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -35,6 +34,7 @@ from samvad.responder import EchoResponder, ReplyContext
 from samvad.web.app import create_app
 from samvad.web.auth import TokenVerifier
 from tests.support.server import LiveServer, live_server
+from tests.web.test_uvicorn_ws_reads import upgrade_request
 
 
 class Gate:
@@ -569,13 +569,7 @@ class RawSocket:
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         await loop.sock_connect(sock, ("127.0.0.1", port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        request = (
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
-        )
-        await loop.sock_sendall(sock, request.encode())
+        await loop.sock_sendall(sock, upgrade_request(port, "/ws"))
         head = b""
         while b"\r\n\r\n" not in head:
             head += await loop.sock_recv(sock, 1)

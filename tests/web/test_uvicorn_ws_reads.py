@@ -96,22 +96,36 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
         return None
 
 
+def upgrade_request(port: int, path: str = "/") -> bytes:
+    """A client's WebSocket upgrade request (RFC 6455 section 4.1)."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+async def upgraded(port: int, path: str = "/") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection upgraded to a WebSocket (the server's 101 read)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(upgrade_request(port, path))
+        async with asyncio.timeout(10):
+            assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
+
+
 async def exchange(port: int, writes: list[bytes]) -> list[tuple[int, bytes]]:
     """Send ``writes`` (each read by the server on its own), then a sentinel;
     every frame back until the sentinel's echo, a close frame or the end."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
+    reader, writer = await upgraded(port)
     got: list[tuple[int, bytes]] = []
     try:
         async with asyncio.timeout(10):
-            assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
             for data in [*writes, SENTINEL]:
                 try:
                     writer.write(data)
