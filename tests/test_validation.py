@@ -8,10 +8,14 @@ checks at the end write the boundary values to the emulator to keep this true.
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from google.cloud.firestore import AsyncClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from samvad.config import Settings
 from samvad.errors import ConfigError, InvalidField, PayloadTooLarge
@@ -28,7 +32,9 @@ from samvad.validation import (
     check_text,
     check_value,
     count_fields,
+    json_size,
 )
+from samvad.web.schemas import encode, plain_json
 
 
 def _maps(levels: int, leaf: Any) -> Any:
@@ -274,6 +280,74 @@ def test_check_merged_refuses_too_many_bytes_with_413() -> None:
         check_merged({"a": "x" * 60}, "preferences", BOUNDS)
     assert caught.value.status_code == 413
     assert caught.value.message == "preferences would grow to 68 bytes; at most 60 are kept"
+
+
+# What check_merged sizes is what the API sends back: plain JSON encoded as is,
+# anything else (values other clients stored) through plain_json first.
+_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats()  # NaN and infinities included: the API sends null
+    | st.text()
+)
+_PLAIN = st.recursive(
+    _LEAVES,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+_STORED = st.recursive(
+    _LEAVES
+    | st.datetimes(timezones=st.just(UTC))
+    | st.binary(max_size=8)
+    | st.decimals(allow_nan=False),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text() | st.integers(), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def _wire_size(value: dict[str, Any]) -> int:
+    return len(encode(plain_json(value)))
+
+
+def _size_check(value: dict[str, Any], size: int) -> None:
+    """check_merged passes at ``size`` bytes and refuses with ``size`` at one less."""
+    check_merged(value, "state", Bounds(max_keys=10**6, max_fields=10**6, max_bytes=size))
+    if size > 0:
+        bounds = Bounds(max_keys=10**6, max_fields=10**6, max_bytes=size - 1)
+        with pytest.raises(PayloadTooLarge) as caught:
+            check_merged(value, "state", bounds)
+        assert caught.value.message == (
+            f"state would grow to {size} bytes; at most {size - 1} are kept"
+        )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(), _PLAIN, max_size=5))
+def test_check_merged_sizes_plain_json_as_the_api_sends_it(value: dict[str, Any]) -> None:
+    assert json_size(value) == _wire_size(value)
+    _size_check(value, _wire_size(value))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(), _STORED, max_size=5))
+def test_check_merged_sizes_stored_types_as_the_api_formats_them(value: dict[str, Any]) -> None:
+    assert json_size(value) == _wire_size(value)
+    _size_check(value, _wire_size(value))
+
+
+def test_stored_types_count_in_their_wire_form() -> None:
+    at = datetime(2025, 1, 10, 17, 0, 0, 123456, tzinfo=UTC)
+    value = {"at": at, "raw": b"\x00\x01", 7: math.inf, "t": (1.5e16, "é")}
+    assert json_size(value) == len(
+        '{"at":"2025-01-10T17:00:00.123Z","raw":"AAE=","7":null,"t":[1.5e16,"é"]}'.encode()
+    )
+    assert count_fields(value) == 4
+    assert count_fields({"a": [{"b": 1}, ({"c": 1},)]}) == 2  # a tuple is no list
 
 
 def test_default_bounds_are_far_above_real_use() -> None:
