@@ -109,6 +109,11 @@ logger = logging.getLogger(__name__)
 
 _MAX_SESSIONS_LISTED = 100
 
+#: The session fields an update writes (``_write_session``'s ``only``): ending
+#: a session, and marking it abandoned.
+_ENDED = ("isActive", "status", "lastActivity", "endedAt", "expireAt")
+_STATUS = ("isActive", "status")
+
 # Read for every message, under a module name: on Python 3.11 reading an
 # attribute of an Enum class goes through the slow hook ``EnumType.__getattr__``
 # installs (see samvad.conversation._USER).
@@ -793,10 +798,35 @@ class Persistence:
         return await self.sessions.lookup(session_id, load, want_complete=self._want_complete())
 
     def _write_session(
-        self, session: Session, *, touch: bool = False, must_exist: bool = False
+        self,
+        session: Session,
+        *,
+        only: tuple[str, ...] | None = None,
+        touch: bool = False,
+        must_exist: bool = False,
     ) -> None:
-        fields = encode_session(session)
-        created_at = fields.pop("createdAt")
+        """Queue ``session`` and cache it.
+
+        ``only``: the fields the change is about, the only ones written. An
+        update must not put back what this instance's view holds of fields
+        another instance changed meanwhile: a touch or an end from a view
+        taken before a metadata change elsewhere would revert it (and a touch
+        would re-activate a session ended elsewhere).
+        """
+        defaults: Document
+        if touch:  # only == _TOUCHED, inline: at most one a message
+            fields: Document = {
+                "lastActivity": session.last_activity,
+                "expireAt": session.expire_at,
+            }
+            defaults = {}
+        elif only is not None:
+            encoded = encode_session(session)
+            fields = {name: encoded[name] for name in only}
+            defaults = {}
+        else:
+            fields = encode_session(session)
+            defaults = {"createdAt": fields.pop("createdAt")}
         self._submit(
             FieldsWrite(
                 collection=SESSIONS,
@@ -804,7 +834,7 @@ class Persistence:
                 user_id=session.user_id,
                 session_id=session.id,
                 fields=fields,
-                defaults={"createdAt": created_at},
+                defaults=defaults,
                 touch=touch,
                 # Only a save (re)creates a session; an update of one that was
                 # erased meanwhile (on any instance) must not bring it back.
@@ -868,7 +898,7 @@ class Persistence:
             last_activity=now,
             expire_at=self._expiry(now),
         )
-        self._write_session(session, must_exist=True)
+        self._write_session(session, only=_ENDED, must_exist=True)
         return session
 
     async def touch_session(self, session_id: str) -> Session | None:
@@ -898,7 +928,7 @@ class Persistence:
         if existing is None or existing.status is not SessionStatus.ACTIVE:
             return existing
         session = dataclasses.replace(existing, status=SessionStatus.ABANDONED)
-        self._write_session(session, must_exist=True)
+        self._write_session(session, only=_STATUS, must_exist=True)
         return session
 
     async def list_sessions(

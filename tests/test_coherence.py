@@ -390,6 +390,44 @@ async def test_an_instance_that_never_heard_of_an_erasure_cannot_recreate_the_se
     assert not (await firestore_client.collection(SESSIONS).document("s1").get()).exists
 
 
+async def test_updates_from_a_stale_view_keep_what_another_instance_changed(
+    firestore_emulator: str, firestore_project: str, firestore_client: AsyncClient
+) -> None:
+    # No coherence: B has not heard of A's changes when it updates the sessions.
+    settings = Settings(flush_interval=0.0, flush_linger=0.0)
+    a = persistence_on(firestore_emulator, firestore_project, settings)
+    b = persistence_on(firestore_emulator, firestore_project, settings)
+    sessions = firestore_client.collection(SESSIONS)
+    async with a.store, b.store, a, b:
+        for session_id in ("touched", "ended", "abandoned"):
+            await a.save_session(session_id, user_id="u1", language="en", metadata={"n": 1})
+        await asyncio.wait_for(a.writes.flush(), 30)
+        for session_id in ("touched", "ended", "abandoned"):
+            assert await b.get_session(session_id) is not None  # cached on B
+            await a.save_session(session_id, user_id="u1", language="hi", metadata={"n": 2})
+        await a.end_session("touched")
+        await asyncio.wait_for(a.writes.flush(), 30)
+
+        touched = await b.touch_session("touched")
+        ended = await b.end_session("ended")
+        abandoned = await b.mark_abandoned("abandoned")
+        assert touched is not None and ended is not None and abandoned is not None
+        await asyncio.wait_for(b.writes.flush(), 30)
+    docs = {
+        s: (await sessions.document(s).get()).to_dict() or {}
+        for s in ("touched", "ended", "abandoned")
+    }
+    # Each of B's updates wrote what it changed, nothing of its stale view.
+    for doc in docs.values():
+        assert (doc["metadata"], doc["language"]) == ({"n": 2}, "hi")
+    assert (docs["touched"]["status"], docs["touched"]["isActive"]) == ("ended", False)
+    assert docs["touched"]["lastActivity"] == touched.last_activity
+    assert docs["touched"]["expireAt"] == touched.expire_at
+    assert (docs["ended"]["status"], docs["ended"]["isActive"]) == ("ended", False)
+    assert docs["ended"]["endedAt"] == ended.ended_at
+    assert (docs["abandoned"]["status"], docs["abandoned"]["isActive"]) == ("abandoned", False)
+
+
 async def test_writes_queued_before_an_erasure_elsewhere_are_dropped_when_it_is_heard(
     firestore_emulator: str, firestore_project: str, firestore_client: AsyncClient
 ) -> None:
