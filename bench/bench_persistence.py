@@ -10,6 +10,11 @@
    is touched, the one-chunk reply streams and is stored, the user's state is
    updated through the use-case layer, and a late barge-in pushes an
    interruption that is read back;
+   ``fixed_work_reference``: the same number of runs of a fixed piece of pure
+   Python work (no allocation that outlives it) sized to the turn's median,
+   timed the same way right after: what this machine's own jitter (timer
+   ticks, the hypervisor, the other tenants) does to a p99 of that size at
+   that moment. The turn's p99 over this p99 is what the turn adds to it.
 4. Firestore writes issued while one user appends 100 messages at 10 messages/s
    (real time, 10 s), against 100 for one write per message. With ``--emulator``
    the store is the real Firestore emulator (started here unless
@@ -31,6 +36,7 @@ import argparse
 import asyncio
 import gc
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -163,13 +169,45 @@ async def hot_path(p: Persistence, iterations: int, gc_mode: str) -> dict[str, o
             engine.interrupt(device, reason="barge_in", heard_chars=8, reply_id=reply.id)
             service.interruptions.recent(session)
             turns.append(clock() - start)
+        reference = fixed_work(len(turns), statistics.median(turns))
     finally:
         restore_gc()
+    turn = percentiles(turns)
     return {
         "cached_state_read": percentiles(reads),
         "append_message": percentiles(appends),
-        "service_turn": percentiles(turns),
+        "service_turn": turn,
+        "fixed_work_reference": reference,
+        "turn_p99_over_reference_p99": round(turn["p99_us"] / reference["p99_us"], 2),
     }
+
+
+def _work(size: int) -> int:
+    # Dict inserts and str() of ints: interpreter work with a small footprint,
+    # freed at once.
+    table = {}
+    for i in range(size):
+        table[i] = str(i)
+    return len(table)
+
+
+def fixed_work(runs: int, median_ns: float) -> dict[str, float]:
+    """Percentiles of ``runs`` timings of :func:`_work` sized to take ``median_ns``."""
+    clock = time.perf_counter_ns
+    size = 200
+    for _ in range(3):  # calibrate: the size whose median run takes median_ns
+        samples = []
+        for _ in range(200):
+            start = clock()
+            _work(size)
+            samples.append(clock() - start)
+        size = max(10, round(size * median_ns / statistics.median(samples)))
+    timings = []
+    for _ in range(runs):
+        start = clock()
+        _work(size)
+        timings.append(clock() - start)
+    return {"work_size": size, **percentiles(timings)}
 
 
 async def writes_per_100_messages(p: Persistence, rate: float) -> dict[str, float]:
