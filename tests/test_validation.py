@@ -342,7 +342,7 @@ def test_check_merged_sizes_stored_types_as_the_api_formats_them(value: dict[str
 
 def test_stored_types_count_in_their_wire_form() -> None:
     at = datetime(2025, 1, 10, 17, 0, 0, 123456, tzinfo=UTC)
-    value = {"at": at, "raw": b"\x00\x01", 7: math.inf, "t": (1.5e16, "é")}
+    value: dict[Any, Any] = {"at": at, "raw": b"\x00\x01", 7: math.inf, "t": (1.5e16, "é")}
     assert json_size(value) == len(
         '{"at":"2025-01-10T17:00:00.123Z","raw":"AAE=","7":null,"t":[1.5e16,"é"]}'.encode()
     )
