@@ -181,6 +181,9 @@ class _FieldsRecord(msgspec.Struct, tag="f", array_like=True):
     session_id: str | None
     defaults: dict[str, Any]
     touch: bool
+    # Last, with a default: a record journalled before it was kept reads as
+    # False, which is what such a write was taken for then.
+    must_exist: bool = False
 
 
 class _ProfileRecord(msgspec.Struct, tag="p", array_like=True):
@@ -217,6 +220,7 @@ def encode_write(write: Write) -> bytes:
             write.session_id,
             write.defaults,
             write.touch,
+            write.must_exist,
         )
     elif isinstance(write, ProfileWrite):
         record = _ProfileRecord(write.user_id, write.append, write.preferences, write.cap)
@@ -241,6 +245,7 @@ def decode_write(payload: bytes) -> Write:
             session_id=record.session_id,
             defaults=record.defaults,
             touch=record.touch,
+            must_exist=record.must_exist,
         )
     if isinstance(record, _ProfileRecord):
         return ProfileWrite(

@@ -19,6 +19,7 @@ from google.cloud.firestore import AsyncClient
 
 from samvad.config import Settings
 from samvad.documents import PROFILES, SESSIONS, STATES
+from samvad.journal import CONFIRMED_FILE
 from samvad.models import Role
 from samvad.persistence import DEAD_LETTER_FILE
 from samvad.web.app import create_app
@@ -85,6 +86,19 @@ async def drained(url: str) -> None:
                 if health["mode"] == "firestore" and health["pendingWrites"] == 0:
                     return
                 await asyncio.sleep(0.05)
+
+
+def _confirmed_through(path: Path) -> int:
+    return int(path.read_text().strip() or 0) if path.exists() else 0
+
+
+async def checkpointed(path: Path, *, through: int) -> None:
+    """Wait until the journal's ``confirmed`` file says records up to ``through`` are."""
+    async with asyncio.timeout(30):
+        while True:
+            if await asyncio.to_thread(_confirmed_through, path) >= through:
+                return
+            await asyncio.sleep(0.05)
 
 
 async def stored_histories(client: AsyncClient) -> dict[str, list[str]]:
@@ -255,6 +269,52 @@ async def test_a_session_delete_acknowledged_during_an_outage_stays_done_after_k
     assert not (await firestore_client.collection(SESSIONS).document("s1").get()).exists
     s2 = (await firestore_client.collection(SESSIONS).document("s2").get()).to_dict()
     assert s2 is not None and s2["status"] == "ended"
+
+
+async def test_an_end_replayed_after_kill_9_does_not_bring_back_a_session_erased_meanwhile(
+    tmp_path: Path,
+    fault_proxy: FaultProxy,
+    firestore_project: str,
+    firestore_client: AsyncClient,
+) -> None:
+    first = await serve(tmp_path, "first", fault_proxy.host_port, firestore_project, **FAST_OUTAGE)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            url = first.url + "/api/session"
+            created = await client.post(
+                f"{url}/create",
+                json={"sessionId": "s1", "userId": "u1", "metadata": {"topic": "private"}},
+            )
+            assert created.is_success, created.text
+            await drained(first.url)
+            # The create's confirmation on disk too: else it is replayed again
+            # after the kill and, a full save, re-creates the erased session
+            # (a window of up to the checkpoint interval; see the closing note
+            # of issue 14, 2026-11-30).
+            await checkpointed(tmp_path / "data" / "journal" / CONFIRMED_FILE, through=1)
+
+            fault_proxy.cut()
+            ended = await client.put(f"{url}/s1/end")
+            assert ended.is_success, ended.text
+    finally:
+        await kill_9(first)
+
+    # Erased by an instance this one never hears from, before the restart.
+    await firestore_client.collection(SESSIONS).document("s1").delete()
+    second = await serve(
+        tmp_path, "second", fault_proxy.host_port, firestore_project, **FAST_OUTAGE
+    )
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            health = (await client.get(second.url + "/healthz")).json()["persistence"]
+            assert health["pendingWrites"] == 1  # the end, replayed from the journal
+        fault_proxy.restore()
+        await drained(second.url)
+    finally:
+        assert await asyncio.to_thread(second.stop) == 0
+
+    # The replayed end still only updates a session that exists.
+    assert not (await firestore_client.collection(SESSIONS).document("s1").get()).exists
 
 
 async def test_without_the_journal_kill_9_loses_acknowledged_messages(

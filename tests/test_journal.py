@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from samvad.clock import ManualClock
 from samvad.config import Settings
+from samvad.documents import SESSIONS
 from samvad.errors import BacklogFull, BadRequest
 from samvad.journal import (
     BATCH_END,
@@ -133,6 +135,14 @@ def test_every_write_type_round_trips_with_timestamps_and_awkward_values() -> No
             defaults={"createdAt": T0},
             touch=True,
         ),
+        FieldsWrite(
+            collection="sessions",
+            doc_id="s1",
+            user_id="u1",
+            fields={"status": "ended", "endedAt": T0},
+            session_id="s1",
+            must_exist=True,
+        ),
         ProfileWrite(
             user_id="u1",
             append=[
@@ -157,6 +167,16 @@ def test_every_write_type_round_trips_with_timestamps_and_awkward_values() -> No
     ]
     for write in writes:
         assert decode_write(encode_write(write)) == write
+
+
+def test_a_fields_write_journalled_before_must_exist_was_kept_reads_as_one_that_may_create() -> (
+    None
+):
+    # The record as versions before it wrote it: seven fields after the tag.
+    old = msgspec.msgpack.encode(["f", "sessions", "s1", "u1", {"n": 1}, "s1", {}, False])
+    assert decode_write(old) == FieldsWrite(
+        collection="sessions", doc_id="s1", user_id="u1", fields={"n": 1}, session_id="s1"
+    )
 
 
 def test_a_value_msgpack_cannot_hold_is_a_bad_request() -> None:
@@ -631,6 +651,38 @@ async def test_writes_left_unflushed_are_replayed_in_order_at_the_next_start(
     await third.start()
     assert third.writes.pending_count == 0, "confirmed writes are not replayed again"
     await third.close()
+
+
+async def test_a_replayed_session_update_does_not_recreate_a_session_erased_meanwhile(
+    tmp_path: Path,
+) -> None:
+    # Updates of a session must not re-create it (must_exist): also when they
+    # come back from the journal after a restart, and the session was erased
+    # in between by an instance this one never heard from.
+    clock = ManualClock()
+    store = FlakyStore()
+    first = Persistence(store, settings=journalled(tmp_path), clock=clock)
+    await first.start()
+    for session_id in ("touched", "ended", "abandoned"):
+        await first.save_session(session_id, user_id="u1", metadata={"topic": "private"})
+    await asyncio.wait_for(first.writes.flush(), 10)
+    store.down = True
+    await first.touch_session("touched")
+    await first.end_session("ended")
+    await first.mark_abandoned("abandoned")
+    await first.durable()
+    assert await first.close() == 3  # the store never answered
+
+    store.down = False
+    for session_id in ("touched", "ended", "abandoned"):
+        await store.erase(Erase(EraseScope.SESSION, session_id))  # elsewhere
+    second = Persistence(store, settings=journalled(tmp_path), clock=clock)
+    await second.start()
+    assert second.writes.pending_count == 3
+    await asyncio.wait_for(second.writes.flush(), 10)
+    for session_id in ("touched", "ended", "abandoned"):
+        assert await store.get(SESSIONS, session_id) is None
+    await second.close()
 
 
 async def test_an_erase_makes_the_writes_it_drops_moot_for_the_journal(tmp_path: Path) -> None:
