@@ -974,6 +974,7 @@ def _split(write: Write) -> list[Write]:
                 session_id=write.session_id,
                 defaults=dict(write.defaults),
                 touch=write.touch,
+                must_exist=write.must_exist,
             )
             for name, value in write.fields.items()
         ]

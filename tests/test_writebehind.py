@@ -13,7 +13,7 @@ from samvad.documents import PROFILES, SESSIONS, STATES
 from samvad.errors import BacklogFull
 from samvad.models import Message, Mode, Profile, Role
 from samvad.stores.base import StoreRejected, StoreUnavailable
-from samvad.writebehind import WriteBehind, WriteBehindConfig
+from samvad.writebehind import WriteBehind, WriteBehindConfig, _joined, _split
 from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite, Write
 from tests.support.stores import FlakyStore, settle
 
@@ -824,3 +824,22 @@ async def test_a_profile_committed_while_its_user_is_being_erased_is_not_kept(
     store.gate.set()
     await asyncio.wait_for(wb.flush(), 5)
     assert wb.take_committed_profiles() == ()
+
+
+def test_the_parts_of_a_refused_write_keep_what_it_may_do() -> None:
+    # Written one by one to find the refused one: an update of a session that
+    # must exist stays one.
+    write = FieldsWrite(
+        collection=SESSIONS,
+        doc_id="s1",
+        user_id="u1",
+        session_id="s1",
+        fields={"status": "ended", "endedAt": datetime(2025, 1, 9, tzinfo=UTC)},
+        must_exist=True,
+    )
+    parts = _split(write)
+    assert [(p.fields, p.must_exist) for p in parts] == [  # type: ignore[union-attr]
+        ({"status": "ended"}, True),
+        ({"endedAt": write.fields["endedAt"]}, True),
+    ]
+    assert _joined(parts) == write
