@@ -185,6 +185,7 @@ def _event(write: Write) -> dict[str, Any] | None:
             "d": write.defaults,
             "t": write.touch,
             "x": write.must_exist,
+            "mg": list(write.merge),
         }
     if isinstance(write, ProfileWrite):
         return {
@@ -221,6 +222,7 @@ def write_of(event: Mapping[str, Any]) -> FieldsWrite | ProfileWrite | None:
             defaults=dict(event.get("d") or {}),
             touch=bool(event.get("t")),
             must_exist=bool(event.get("x")),
+            merge=tuple(str(name) for name in event.get("mg") or ()),
         )
     if kind == "p":
         return ProfileWrite(
@@ -244,6 +246,7 @@ def _copy(write: FieldsWrite | ProfileWrite) -> FieldsWrite | ProfileWrite:
             defaults=dict(write.defaults),
             touch=write.touch,
             must_exist=write.must_exist,
+            merge=write.merge,
         )
     return ProfileWrite(
         user_id=write.user_id,

@@ -181,9 +181,10 @@ class _FieldsRecord(msgspec.Struct, tag="f", array_like=True):
     session_id: str | None
     defaults: dict[str, Any]
     touch: bool
-    # Last, with a default: a record journalled before it was kept reads as
-    # False, which is what such a write was taken for then.
+    # Last, with defaults: a record journalled before they were kept reads as
+    # what such a write was taken for then.
     must_exist: bool = False
+    merge: tuple[str, ...] = ()
 
 
 class _ProfileRecord(msgspec.Struct, tag="p", array_like=True):
@@ -221,6 +222,7 @@ def encode_write(write: Write) -> bytes:
             write.defaults,
             write.touch,
             write.must_exist,
+            write.merge,
         )
     elif isinstance(write, ProfileWrite):
         record = _ProfileRecord(write.user_id, write.append, write.preferences, write.cap)
@@ -246,6 +248,7 @@ def decode_write(payload: bytes) -> Write:
             defaults=record.defaults,
             touch=record.touch,
             must_exist=record.must_exist,
+            merge=record.merge,
         )
     if isinstance(record, _ProfileRecord):
         return ProfileWrite(

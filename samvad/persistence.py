@@ -109,10 +109,17 @@ logger = logging.getLogger(__name__)
 
 _MAX_SESSIONS_LISTED = 100
 
-#: The session fields an update writes (``_write_session``'s ``only``): ending
-#: a session, and marking it abandoned.
+#: The session fields an update writes: ending a session, and marking it
+#: abandoned; and the maps a save merges key by key.
 _ENDED = ("isActive", "status", "lastActivity", "endedAt", "expireAt")
 _STATUS = ("isActive", "status")
+_MERGED = ("metadata",)
+
+
+def _session_fields(session: Session, names: tuple[str, ...]) -> Document:
+    encoded = encode_session(session)
+    return {name: encoded[name] for name in names}
+
 
 # Read for every message, under a module name: on Python 3.11 reading an
 # attribute of an Enum class goes through the slow hook ``EnumType.__getattr__``
@@ -800,33 +807,23 @@ class Persistence:
     def _write_session(
         self,
         session: Session,
+        fields: Document,
         *,
-        only: tuple[str, ...] | None = None,
+        defaults: Document | None = None,
+        merge: tuple[str, ...] = (),
         touch: bool = False,
         must_exist: bool = False,
     ) -> None:
-        """Queue ``session`` and cache it.
+        """Queue ``fields`` of ``session`` and cache ``session``.
 
-        ``only``: the fields the change is about, the only ones written. An
-        update must not put back what this instance's view holds of fields
-        another instance changed meanwhile: a touch or an end from a view
-        taken before a metadata change elsewhere would revert it (and a touch
-        would re-activate a session ended elsewhere).
+        The fields are the ones the change is about (``merge``: maps merged
+        key by key by the store). A change must not put back what this
+        instance's view holds of fields another instance changed meanwhile:
+        a touch or an end from a view taken before a metadata change
+        elsewhere would revert it (and a touch would re-activate a session
+        ended elsewhere); a save from that view would drop the other
+        instance's metadata keys.
         """
-        defaults: Document
-        if touch:  # only == _TOUCHED, inline: at most one a message
-            fields: Document = {
-                "lastActivity": session.last_activity,
-                "expireAt": session.expire_at,
-            }
-            defaults = {}
-        elif only is not None:
-            encoded = encode_session(session)
-            fields = {name: encoded[name] for name in only}
-            defaults = {}
-        else:
-            fields = encode_session(session)
-            defaults = {"createdAt": fields.pop("createdAt")}
         self._submit(
             FieldsWrite(
                 collection=SESSIONS,
@@ -834,11 +831,12 @@ class Persistence:
                 user_id=session.user_id,
                 session_id=session.id,
                 fields=fields,
-                defaults=defaults,
+                defaults=defaults if defaults is not None else {},
                 touch=touch,
                 # Only a save (re)creates a session; an update of one that was
                 # erased meanwhile (on any instance) must not bring it back.
                 must_exist=must_exist,
+                merge=merge,
             )
         )
         cached = self.sessions.peek(session.id)
@@ -882,7 +880,15 @@ class Persistence:
             ended_at=None,
             expire_at=self._expiry(now),
         )
-        self._write_session(session)
+        fields = encode_session(session)
+        defaults = {"createdAt": fields.pop("createdAt")}
+        # The metadata keys given, merged into the stored ones by the store; a
+        # language not given stays what is stored (or this view's, for a new
+        # document).
+        fields["metadata"] = dict(metadata or {})
+        if language is None:
+            defaults["language"] = fields.pop("language")
+        self._write_session(session, fields, defaults=defaults, merge=_MERGED)
         return session
 
     async def end_session(self, session_id: str) -> Session | None:
@@ -898,7 +904,7 @@ class Persistence:
             last_activity=now,
             expire_at=self._expiry(now),
         )
-        self._write_session(session, only=_ENDED, must_exist=True)
+        self._write_session(session, _session_fields(session, _ENDED), must_exist=True)
         return session
 
     async def touch_session(self, session_id: str) -> Session | None:
@@ -919,7 +925,12 @@ class Persistence:
             ended_at=existing.ended_at,
             expire_at=self._expiry(now),
         )
-        self._write_session(session, touch=True, must_exist=True)
+        self._write_session(
+            session,
+            {"lastActivity": now, "expireAt": session.expire_at},
+            touch=True,
+            must_exist=True,
+        )
         return session
 
     async def mark_abandoned(self, session_id: str) -> Session | None:
@@ -928,7 +939,7 @@ class Persistence:
         if existing is None or existing.status is not SessionStatus.ACTIVE:
             return existing
         session = dataclasses.replace(existing, status=SessionStatus.ABANDONED)
-        self._write_session(session, only=_STATUS, must_exist=True)
+        self._write_session(session, _session_fields(session, _STATUS), must_exist=True)
         return session
 
     async def list_sessions(

@@ -975,6 +975,7 @@ def _split(write: Write) -> list[Write]:
                 defaults=dict(write.defaults),
                 touch=write.touch,
                 must_exist=write.must_exist,
+                merge=(name,) if name in write.merge else (),
             )
             for name, value in write.fields.items()
         ]

@@ -60,7 +60,10 @@ class FieldsWrite:
     (``createdAt``). A ``touch`` write only refreshes low-value fields such as
     ``lastActivity`` and may wait longer before it is flushed. A ``must_exist``
     write changes a document only if it exists: ending or touching a session
-    that another instance erased must not re-create it.
+    that another instance erased must not re-create it. The fields named in
+    ``merge`` are maps merged key by key into the stored one (a session's
+    ``metadata``): the store merges them, so keys another instance wrote
+    meanwhile stay.
     """
 
     collection: str
@@ -71,6 +74,7 @@ class FieldsWrite:
     defaults: dict[str, Any] = field(default_factory=dict)
     touch: bool = False
     must_exist: bool = False
+    merge: tuple[str, ...] = ()
 
     @property
     def key(self) -> Key:
@@ -86,7 +90,10 @@ class FieldsWrite:
         """Fold a later write to the same document into this one; None: what
         that added to :meth:`approx_bytes` is not known exactly (fields
         replaced are counted twice until the entry is counted again)."""
-        self.fields.update(later.fields)
+        if later.merge or self.merge:
+            self._absorb_merged(later)
+        else:
+            self.fields.update(later.fields)
         for name, value in later.defaults.items():
             self.defaults.setdefault(name, value)
         self.touch = self.touch and later.touch
@@ -123,7 +130,31 @@ class FieldsWrite:
         for name, value in self.defaults.items():
             result.setdefault(name, value)
         result.update(self.fields)
+        for name in self.merge:
+            stored = doc.get(name) if doc is not None else None
+            if isinstance(stored, Mapping):
+                result[name] = {**stored, **self.fields[name]}
         return result
+
+    def _absorb_merged(self, later: FieldsWrite) -> None:
+        """:meth:`absorb`'s fields when either write merges maps: a map merged
+        into one merged stays merged (the keys of both); merged into a field
+        replaced whole, it is part of the replacement; replaced whole, it
+        replaces what was merged."""
+        fields, merge = self.fields, set(self.merge)
+        for name, value in later.fields.items():
+            if name in later.merge:
+                if name in fields:
+                    earlier = fields[name]
+                    # Merged or replaced whole before, it stays so.
+                    fields[name] = {**earlier, **value} if isinstance(earlier, Mapping) else value
+                else:
+                    fields[name] = value
+                    merge.add(name)
+            else:
+                fields[name] = value
+                merge.discard(name)
+        self.merge = tuple(sorted(merge))
 
 
 class ProfileWrite(msgspec.Struct, gc=False):

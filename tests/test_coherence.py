@@ -28,8 +28,10 @@ from samvad.coherence import (
     Coherence,
     CoherenceConfig,
     Outbox,
+    _event,
     decode_events,
     encode_events,
+    write_of,
 )
 from samvad.config import Settings
 from samvad.documents import PROFILES, SESSIONS, STATES
@@ -428,6 +430,30 @@ async def test_updates_from_a_stale_view_keep_what_another_instance_changed(
     assert (docs["abandoned"]["status"], docs["abandoned"]["isActive"]) == ("abandoned", False)
 
 
+async def test_a_save_from_a_stale_view_keeps_the_metadata_and_language_set_elsewhere(
+    firestore_emulator: str, firestore_project: str, firestore_client: AsyncClient
+) -> None:
+    # No coherence: B has not heard of A's save when a client saves through B
+    # (a REST update, or a WebSocket start that re-activates the session).
+    settings = Settings(flush_interval=0.0, flush_linger=0.0)
+    a = persistence_on(firestore_emulator, firestore_project, settings)
+    b = persistence_on(firestore_emulator, firestore_project, settings)
+    async with a.store, b.store, a, b:
+        await a.save_session("s1", user_id="u1", language="en", metadata={"a": 1})
+        await asyncio.wait_for(a.writes.flush(), 30)
+        assert await b.get_session("s1") is not None  # cached on B
+        await a.save_session("s1", user_id="u1", language="hi", metadata={"b": 2})
+        await asyncio.wait_for(a.writes.flush(), 30)
+
+        saved = await b.save_session("s1", user_id="u1", metadata={"a": 0, "c": 3})
+        assert saved.metadata == {"a": 0, "c": 3}  # B's view, until it hears of A's
+        await asyncio.wait_for(b.writes.flush(), 30)
+    doc = (await firestore_client.collection(SESSIONS).document("s1").get()).to_dict()
+    assert doc is not None
+    assert doc["metadata"] == {"a": 0, "b": 2, "c": 3}
+    assert (doc["language"], doc["status"]) == ("hi", "active")
+
+
 async def test_writes_queued_before_an_erasure_elsewhere_are_dropped_when_it_is_heard(
     firestore_emulator: str, firestore_project: str, firestore_client: AsyncClient
 ) -> None:
@@ -549,6 +575,24 @@ def test_a_write_too_large_to_announce_is_announced_as_read_it_again() -> None:
     # Datetimes travel as datetimes.
     when = datetime(2025, 1, 10, 17, 0, tzinfo=UTC)
     assert decode_events(encode_events([{"at": when}])) == [{"at": when}]
+
+
+def test_a_fields_write_travels_whole_through_the_feed() -> None:
+    # What another instance lays over its views and applies to its caches.
+    write = FieldsWrite(
+        collection=SESSIONS,
+        doc_id="s1",
+        user_id="u1",
+        session_id="s1",
+        fields={"metadata": {"topic": "cards"}, "lastActivity": datetime(2025, 1, 10, tzinfo=UTC)},
+        defaults={"createdAt": datetime(2025, 1, 9, tzinfo=UTC)},
+        touch=True,
+        must_exist=True,
+        merge=("metadata",),
+    )
+    event = _event(write)
+    assert event is not None
+    assert write_of(decode_events(encode_events([event]))[0]) == write
 
 
 def test_an_outbox_that_overflows_announces_that_nothing_cached_holds() -> None:

@@ -139,9 +139,10 @@ def test_every_write_type_round_trips_with_timestamps_and_awkward_values() -> No
             collection="sessions",
             doc_id="s1",
             user_id="u1",
-            fields={"status": "ended", "endedAt": T0},
+            fields={"status": "ended", "endedAt": T0, "metadata": {"a": 1}},
             session_id="s1",
             must_exist=True,
+            merge=("metadata",),
         ),
         ProfileWrite(
             user_id="u1",

@@ -103,6 +103,29 @@ async def test_defaults_are_written_only_where_missing(store: Store) -> None:
 
 
 @pytest.mark.parametrize("with_defaults", [False, True])
+async def test_merged_maps_take_the_keys_given_and_keep_the_stored_ones(
+    store: Store, with_defaults: bool
+) -> None:
+    def merging(**values: object) -> FieldsWrite:
+        write = fields(SESSIONS, "s1", "u1", userId="u1", **values)
+        write.merge = ("metadata",)
+        if with_defaults:
+            write.defaults = {"createdAt": T0}
+        return write
+
+    await store.write_fields(merging(metadata={"a": 1, "b": {"x": 1}}))  # creates it
+    await store.write_fields(merging(metadata={"b": {"y": 2}, "c": 3}, lang="hi"))
+    doc = await store.get(SESSIONS, "s1")
+    assert doc is not None
+    # Key by key at the top of the map; each key's value replaced whole.
+    assert doc["metadata"] == {"a": 1, "b": {"y": 2}, "c": 3}
+    assert doc["lang"] == "hi"
+    # Not named in merge: replaced whole as ever.
+    await store.write_fields(fields(SESSIONS, "s1", "u1", metadata={"z": 0}))
+    assert (await store.get(SESSIONS, "s1") or {})["metadata"] == {"z": 0}
+
+
+@pytest.mark.parametrize("with_defaults", [False, True])
 async def test_a_must_exist_write_never_creates_the_document(
     store: Store, with_defaults: bool
 ) -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from samvad.clock import ManualClock
 from samvad.documents import PROFILES, SESSIONS, STATES
@@ -826,20 +829,59 @@ async def test_a_profile_committed_while_its_user_is_being_erased_is_not_kept(
     assert wb.take_committed_profiles() == ()
 
 
+# -- folding writes that merge maps --------------------------------------------------------
+
+_MAPS = st.dictionaries(st.sampled_from("abc"), st.integers(0, 3), max_size=3)
+_FIELD_WRITES = st.dictionaries(
+    st.sampled_from(["metadata", "lang"]),
+    st.tuples(_MAPS | st.none(), st.booleans()),  # merged key by key (maps only), or whole
+    min_size=1,
+).map(
+    lambda parts: FieldsWrite(
+        collection=SESSIONS,
+        doc_id="s1",
+        user_id="u1",
+        fields={name: value for name, (value, _) in parts.items()},
+        merge=tuple(
+            name for name, (value, merged) in sorted(parts.items()) if merged and value is not None
+        ),
+    )
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.none() | st.fixed_dictionaries({}, optional={"metadata": _MAPS | st.none(), "lang": _MAPS}),
+    st.lists(_FIELD_WRITES, min_size=2, max_size=4),
+)
+def test_writes_folded_into_one_make_the_document_they_make_one_by_one(
+    stored: dict[str, object] | None, writes: list[FieldsWrite]
+) -> None:
+    one_by_one = stored
+    for write in writes:
+        one_by_one = write.apply_to(one_by_one)
+    folded = copy.deepcopy(writes[0])
+    for write in writes[1:]:
+        folded.absorb(copy.deepcopy(write))
+    assert folded.apply_to(stored) == one_by_one
+
+
 def test_the_parts_of_a_refused_write_keep_what_it_may_do() -> None:
     # Written one by one to find the refused one: an update of a session that
-    # must exist stays one.
+    # must exist stays one, and a merged map stays merged.
     write = FieldsWrite(
         collection=SESSIONS,
         doc_id="s1",
         user_id="u1",
         session_id="s1",
-        fields={"status": "ended", "endedAt": datetime(2025, 1, 9, tzinfo=UTC)},
+        fields={"status": "ended", "metadata": {"a": 1}},
+        defaults={"createdAt": datetime(2025, 1, 9, tzinfo=UTC)},
         must_exist=True,
+        merge=("metadata",),
     )
     parts = _split(write)
-    assert [(p.fields, p.must_exist) for p in parts] == [  # type: ignore[union-attr]
-        ({"status": "ended"}, True),
-        ({"endedAt": write.fields["endedAt"]}, True),
+    assert [(p.fields, p.must_exist, p.merge, p.defaults) for p in parts] == [  # type: ignore[union-attr]
+        ({"status": "ended"}, True, (), write.defaults),
+        ({"metadata": {"a": 1}}, True, ("metadata",), write.defaults),
     ]
     assert _joined(parts) == write

@@ -314,8 +314,9 @@ class FirestoreStore(Store):
         # fields, the same request ``set(merge=[FieldPath(name), ...])``
         # makes, built without the library's quadratic helper (see _encode).
         # Writes that may create a document (sessions: ``createdAt``) read it
-        # first, in a transaction: that read also keeps an owner (takes_over).
-        if not write.defaults and not write.must_exist:
+        # first, in a transaction: that read also keeps an owner (takes_over),
+        # and is what maps merged key by key (``merge``) are merged into.
+        if not write.defaults and not write.must_exist and not write.merge:
             await self._settle_orphans()
             client = self.client
             # The whole request, built off the loop: handed a CommitRequest,
@@ -342,6 +343,10 @@ class FirestoreStore(Store):
                 raise StoreRejected(f"{write.collection}/{write.doc_id} belongs to another user")
             fields = {name: value for name, value in write.defaults.items() if name not in stored}
             fields.update(write.fields)
+            for name in write.merge:  # merged here, on what is stored now
+                held = stored.get(name)
+                if isinstance(held, Mapping):
+                    fields[name] = {**held, **write.fields[name]}
             pb = await self._offload(fields, _build_write, ref._document_path, True)
             transaction._add_write_pbs([pb])
 
