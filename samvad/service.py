@@ -602,12 +602,15 @@ class SessionService:
         # before the queue switches to memory-only mode). The user's own
         # state and profile are read before the session's owner is known;
         # nothing of them leaves unless the session is theirs.
-        (owner, _), (state, state_complete), (profile, profile_complete) = await asyncio.gather(
+        owned, (state, state_complete), (profile, profile_complete) = await asyncio.gather(
             self.session_owner(session_id),
             persistence.read_state(user_id),
             persistence.read_profile(user_id),
         )
+        owner, stored = owned
         ensure_owner(owner, user_id, session_id)
+        if metadata:  # bounded as save_session bounds it: the same rule for both doors
+            self._check_merged_size("metadata", {**(stored.metadata if stored else {}), **metadata})
         session = await persistence.save_session(
             session_id, user_id=user_id, language=language, metadata=metadata
         )

@@ -48,9 +48,11 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_FIELD_NAME_BYTES",
     "MAX_ID_LENGTH",
+    "MAX_LANGUAGE_LENGTH",
     "RESERVED_SESSION_IDS",
     "Bounds",
     "check_id",
+    "check_language",
     "check_merged",
     "check_object",
     "check_path_id",
@@ -63,6 +65,7 @@ __all__ = [
 ]
 
 MAX_ID_LENGTH = 128
+MAX_LANGUAGE_LENGTH = 64
 MAX_DEPTH = 20  # Firestore: maps and arrays nested at most 20 levels, counted from the root
 MAX_FIELD_NAME_BYTES = 1500
 _INT64 = (-(2**63), 2**63 - 1)
@@ -101,6 +104,20 @@ def check_text(value: Any, field: str) -> str:
         raise InvalidField(field, "must be a string")
     if not _is_text(value):
         raise InvalidField(field, "contains a lone surrogate (not valid Unicode)")
+    return value
+
+
+def check_language(value: Any) -> str | None:
+    """A session's language (a tag such as ``hi-IN``, not checked against a
+    list): None, or 1 to 64 printable characters."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= MAX_LANGUAGE_LENGTH
+        or not value.isprintable()
+    ):
+        raise InvalidField("language", f"must be 1 to {MAX_LANGUAGE_LENGTH} printable characters")
     return value
 
 

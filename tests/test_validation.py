@@ -25,6 +25,7 @@ from samvad.validation import (
     MAX_ID_LENGTH,
     Bounds,
     check_id,
+    check_language,
     check_merged,
     check_object,
     check_path_id,
@@ -402,3 +403,13 @@ def test_the_merge_bounds_come_from_the_environment() -> None:
     for name, value in (("SAMVAD_MAX_OBJECT_KEYS", "0"), ("SAMVAD_MAX_OBJECT_FIELDS", "10001")):
         with pytest.raises(ConfigError, match=name):
             Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize("language", ["hi-IN", "en", "x" * 64, "pt BR", None])
+def test_a_language_is_one_to_64_printable_characters(language: str | None) -> None:
+    assert check_language(language) == language
+
+
+@pytest.mark.parametrize("language", ["", "x" * 65, "en\r\nX-Injected: 1", "\x00", "\u2028", 7])
+def test_other_languages_are_refused(language: object) -> None:
+    assert _refused(check_language, language) == ("language must be 1 to 64 printable characters")

@@ -46,7 +46,7 @@ from samvad.errors import (
     UnknownFrameType,
 )
 from samvad.models import Message, Mode, UserState
-from samvad.validation import check_id, check_object, check_session_id
+from samvad.validation import check_id, check_language, check_object, check_session_id
 from samvad.web import schemas
 from samvad.web.requests_json import flat_reader, parse_json
 
@@ -449,7 +449,7 @@ def _parse_start(frame: Struct) -> Start:
     return Start(
         user_id=user_id,
         session_id=session_id,
-        language=frame.language,
+        language=check_language(frame.language),
         metadata=metadata,
         token=frame.token,
         resume_from=resume_from,

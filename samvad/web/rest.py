@@ -38,7 +38,13 @@ from samvad.models import SessionStatus
 from samvad.principal import ANONYMOUS, Principal
 from samvad.service import SessionService
 from samvad.stores.base import SessionCursor
-from samvad.validation import check_id, check_object, check_session_id, decode_path_segment
+from samvad.validation import (
+    check_id,
+    check_language,
+    check_object,
+    check_session_id,
+    decode_path_segment,
+)
 from samvad.web.auth import authenticate
 from samvad.web.idempotency import claim_key, idempotent
 from samvad.web.requests_json import decode_body, read_json_object
@@ -162,13 +168,6 @@ def _int_query(request: Request, name: str, *, default: int, lo: int, hi: int) -
     return int(raw)
 
 
-def _language(value: str | None) -> str | None:
-    # Length and type are the body's shape; printable is past what a schema says.
-    if value is not None and not value.isprintable():
-        raise InvalidField("language", "must be 1 to 64 printable characters")
-    return value
-
-
 # -- the original's endpoints --------------------------------------------------------
 
 
@@ -228,7 +227,7 @@ async def create_session(request: Request) -> Response:
     user_id = check_id(body.user_id, "userId")
     principal.require_user(user_id)
     bind_log_context(user_id=user_id, session_id=session_id)
-    language = _language(body.language)
+    language = check_language(body.language)
     # Stored as the map field ``metadata`` of the session: one level below its root.
     raw_metadata = body.metadata
     metadata = check_object(raw_metadata, "metadata", depth=1) if raw_metadata is not None else {}

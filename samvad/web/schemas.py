@@ -441,7 +441,7 @@ class StartFrame(_Frame, tag="start", kw_only=True):
 
     user_id: Id
     session_id: SessionId | None = None
-    language: Annotated[str, Meta(max_length=64)] | None = None
+    language: Language | None = None
     metadata: JsonObject | None = None
     token: Annotated[str, Meta(max_length=16 * 1024)] | None = None
     resume: ResumeRequest | None = None

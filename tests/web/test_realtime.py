@@ -971,6 +971,44 @@ async def test_a_state_frame_follows_the_same_rules_as_rest() -> None:
         await client.close()
 
 
+async def test_a_start_follows_the_same_rules_as_rest_for_metadata_and_language() -> None:
+    async with live_server(make_app(max_merged_object_bytes=2_000)) as server:
+
+        async def start(ws: Any, **fields: Any) -> dict[str, Any]:
+            await ws.send(json.dumps({"type": "start", "userId": "u-meta", **fields}))
+            frame: dict[str, Any] = json.loads(await ws.recv())
+            return frame
+
+        async with connect(f"{server.ws_url}/ws") as ws:
+            big = {"big": "x" * 3_000}
+            refused = await start(ws, sessionId="s-meta", metadata=big)
+            assert refused["code"] == "payload_too_large"
+            # As POST /api/session/create refuses them: empty, or not printable.
+            for language in ("", "en\r\nX-Injected: 1", "\x00"):
+                refused = await start(ws, sessionId="s-meta", language=language)
+                assert refused["code"] == "invalid_field", language
+            assert await server.services.persistence.get_session("s-meta") is None
+            started = await start(ws, sessionId="s-meta", metadata={"a": "x" * 1_500})
+            assert started["type"] == "started"
+
+            # Another device: its metadata merges into the stored one, bounded as a whole.
+            async with connect(f"{server.ws_url}/ws") as other:
+                refused = await start(other, sessionId="s-meta", metadata={"b": "x" * 1_500})
+                assert refused["code"] == "payload_too_large"
+                joined = await start(other, sessionId="s-meta", metadata={"b": "y"})
+                assert joined["type"] == "started"
+        session = await server.services.persistence.get_session("s-meta")
+        assert session is not None and session.metadata == {"a": "x" * 1_500, "b": "y"}
+
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            create = "/api/session/create"
+            body = {"sessionId": "s-rest", "userId": "u-meta", "metadata": big}
+            assert (await http.post(create, json=body)).status_code == 413
+            for language in ("", "en\r\nX-Injected: 1", "\x00"):
+                body = {"sessionId": "s-rest", "userId": "u-meta", "language": language}
+                assert (await http.post(create, json=body)).status_code == 400, language
+
+
 class Burst:
     """Yields its words without awaiting; with a clock, moves it on before
     each word as if the connection's writer had been kept waiting."""
