@@ -344,6 +344,12 @@ class SessionService:
         (top-level keys, fields in all, bytes): the same rule for both doors."""
         check_merged(merged, field, self.settings.merge_bounds)
 
+    def _check_metadata(self, stored: Session | None, metadata: Mapping[str, Any] | None) -> None:
+        """Refuse ``metadata`` that would grow the session's past the bounds once
+        merged into it (a REST save and a WebSocket start alike)."""
+        held = stored.metadata if stored is not None else {}
+        self._check_merged_size("metadata", {**held, **(metadata or {})})
+
     # -- user state, profile and history ------------------------------------------
 
     async def save_state(
@@ -443,8 +449,7 @@ class SessionService:
         bind_log_context(session_id=session_id)
         owner, existing = await self.session_owner(session_id)
         ensure_owner(owner, user_id, session_id)
-        merged = {**(existing.metadata if existing else {}), **(metadata or {})}
-        self._check_merged_size("metadata", merged)
+        self._check_metadata(existing, metadata)
         return await self.persistence.save_session(
             session_id, user_id=user_id, language=language, metadata=metadata
         )
@@ -609,8 +614,8 @@ class SessionService:
         )
         owner, stored = owned
         ensure_owner(owner, user_id, session_id)
-        if metadata:  # bounded as save_session bounds it: the same rule for both doors
-            self._check_merged_size("metadata", {**(stored.metadata if stored else {}), **metadata})
+        if metadata:
+            self._check_metadata(stored, metadata)
         session = await persistence.save_session(
             session_id, user_id=user_id, language=language, metadata=metadata
         )

@@ -265,11 +265,10 @@ def _walk(value: Any) -> tuple[int, bool]:
                     if type(key) is not str:
                         plain = False
                         break
-        elif kind is str or kind is int or kind is bool or item is None:
+        elif kind is list:
+            extend(item)
+        elif kind is str or kind is int or kind is float or kind is bool or item is None:
             continue
-        elif kind is float or kind is list:
-            if kind is list:
-                extend(item)
         elif isinstance(item, Mapping):
             total += len(item)
             extend(item.values())

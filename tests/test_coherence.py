@@ -360,6 +360,12 @@ def persistence_on(emulator: str, project: str, settings: Settings) -> Persisten
     return Persistence(store, settings=settings)
 
 
+def unaware_pair(emulator: str, project: str) -> tuple[Persistence, Persistence]:
+    """Two instances without coherence, writing at once: neither hears of the other."""
+    settings = Settings(flush_interval=0.0, flush_linger=0.0)
+    return persistence_on(emulator, project, settings), persistence_on(emulator, project, settings)
+
+
 def coherent(p: Persistence, settings: Settings) -> Coherence:
     feed = ChangeFeed(
         lambda: client_from_settings(settings),
@@ -374,9 +380,7 @@ async def test_an_instance_that_never_heard_of_an_erasure_cannot_recreate_the_se
 ) -> None:
     # No coherence at all: only the store's must-exist rule stands between B's
     # stale cache and the deleted document.
-    settings = Settings(flush_interval=0.0, flush_linger=0.0)
-    a = persistence_on(firestore_emulator, firestore_project, settings)
-    b = persistence_on(firestore_emulator, firestore_project, settings)
+    a, b = unaware_pair(firestore_emulator, firestore_project)
     async with a.store, b.store, a, b:
         await a.save_session("s1", user_id="u1", metadata={"topic": "secret"})
         await asyncio.wait_for(a.writes.flush(), 30)
@@ -396,9 +400,7 @@ async def test_updates_from_a_stale_view_keep_what_another_instance_changed(
     firestore_emulator: str, firestore_project: str, firestore_client: AsyncClient
 ) -> None:
     # No coherence: B has not heard of A's changes when it updates the sessions.
-    settings = Settings(flush_interval=0.0, flush_linger=0.0)
-    a = persistence_on(firestore_emulator, firestore_project, settings)
-    b = persistence_on(firestore_emulator, firestore_project, settings)
+    a, b = unaware_pair(firestore_emulator, firestore_project)
     sessions = firestore_client.collection(SESSIONS)
     async with a.store, b.store, a, b:
         for session_id in ("touched", "ended", "abandoned"):
@@ -435,9 +437,7 @@ async def test_a_save_from_a_stale_view_keeps_the_metadata_and_language_set_else
 ) -> None:
     # No coherence: B has not heard of A's save when a client saves through B
     # (a REST update, or a WebSocket start that re-activates the session).
-    settings = Settings(flush_interval=0.0, flush_linger=0.0)
-    a = persistence_on(firestore_emulator, firestore_project, settings)
-    b = persistence_on(firestore_emulator, firestore_project, settings)
+    a, b = unaware_pair(firestore_emulator, firestore_project)
     async with a.store, b.store, a, b:
         await a.save_session("s1", user_id="u1", language="en", metadata={"a": 1})
         await asyncio.wait_for(a.writes.flush(), 30)
