@@ -368,23 +368,32 @@ async def test_counts_are_aggregations(store: Store) -> None:
     assert counts.total_interruptions == 0
 
 
+_CONTENDED_ATTEMPTS = 5
+
+
+@pytest.mark.timeout(300)  # each failed attempt waits out 10 lock timeouts, about 21 s
 async def test_concurrent_profile_writes_lose_nothing(store: Store) -> None:
     async def writer(i: int) -> None:
         # Under contention the emulator can abort a transaction more often
         # than the library tries it (10 attempts, CI 2026-11-30): the write is
         # then reported unavailable, and its caller (the write-behind) writes
-        # it again. What the contract promises is that the writes that
-        # succeed, retried or not, all land, each message once.
-        for attempt in range(3):
+        # it again after a backoff. What the contract promises is that the
+        # writes that succeed, retried or not, all land, each message once.
+        # Writers that fail together retry together, and the library's own
+        # attempts keep them in step (each waits out the same lock): on a cold
+        # emulator all three failed every attempt 0.05-0.3 s apart. Backing
+        # off with full jitter, growing, as the write-behind does, sets them
+        # apart.
+        for attempt in range(_CONTENDED_ATTEMPTS):
             try:
                 await store.write_profile(
                     ProfileWrite(user_id="u1", append=[msg(i)]), now=T0 + timedelta(seconds=i)
                 )
                 return
             except StoreUnavailable:
-                if attempt == 2:
+                if attempt == _CONTENDED_ATTEMPTS - 1:
                     raise
-                await asyncio.sleep(random.uniform(0.05, 0.3))
+                await asyncio.sleep(random.uniform(0, 2.0 * 2**attempt))
 
     # Three writers: the emulator makes each conflicting transaction wait
     # about 2 s for the document's lock, so more only makes the test slow.
