@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -156,13 +156,17 @@ class Message(msgspec.Struct, frozen=True, gc=False):
         return _getsizeof(content) + _MESSAGE_BYTES
 
 
-@dataclass(frozen=True, slots=True, weakref_slot=True)
-class UserState:
+class UserState(msgspec.Struct, frozen=True, weakref=True):
     """The active session state of one user (``user_states/{userId}``).
 
     ``data`` holds the fields the client saved; treat it as read-only: a
     state's wire view is kept for as long as the state lives (weakly,
     ``samvad.web.schemas.state_view_json``), and a change is a new state.
+
+    A frozen msgspec struct, as :class:`Message` is: one is made for every
+    state saved, at a fraction of a frozen dataclass's cost. Unlike it, in
+    the collector's lists: msgspec refuses ``gc=False`` with weak
+    references.
     """
 
     user_id: str
@@ -304,14 +308,20 @@ class Profile(msgspec.Struct, frozen=True, gc=False, eq=False):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Session:
-    """One conversation session (``sessions/{sessionId}``)."""
+class Session(msgspec.Struct, frozen=True, gc=False):
+    """One conversation session (``sessions/{sessionId}``).
+
+    A frozen msgspec struct, as :class:`UserState` is: a touch makes one
+    for every message that refreshes the session's activity (0.10 against
+    1.33 µs for a frozen dataclass, ``timeit``). Out of the collector's
+    lists: its JSON-like metadata never refers back to it. Change one with
+    ``msgspec.structs.replace``.
+    """
 
     id: str
     user_id: str
     language: str | None = None
-    metadata: Mapping[str, Any] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = msgspec.field(default_factory=dict)
     status: SessionStatus = SessionStatus.ACTIVE
     created_at: datetime | None = None
     last_activity: datetime | None = None

@@ -45,6 +45,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import msgspec
+import msgspec.structs
 
 from samvad.cache import Cached, Loader, ViewCache
 from samvad.clock import Clock, SystemClock, millisecond_now, to_iso
@@ -897,7 +898,7 @@ class Persistence:
         if existing is None:
             return None
         now = self._now()
-        session = dataclasses.replace(
+        session = msgspec.structs.replace(
             existing,
             status=SessionStatus.ENDED,
             ended_at=existing.ended_at or now,
@@ -909,11 +910,17 @@ class Persistence:
 
     async def touch_session(self, session_id: str) -> Session | None:
         """Record activity on a session; flushed lazily (``touch_interval``)."""
-        existing = await self.get_session(session_id)
+        # read_session's answer from the cache without its coroutines, as
+        # held_state: a message touches its session.
+        writes = self.writes
+        if writes.refused:
+            self._forget_refused()
+        held = self.sessions.held(session_id, want_complete=writes.mode is _FIRESTORE)
+        existing = held[0] if held is not None else await self.get_session(session_id)
         if existing is None:
             return None
         now = self._now()
-        # Built field by field: ``dataclasses.replace`` costs a few µs per message.
+        # Built field by field: ``msgspec.structs.replace`` costs more per message.
         session = Session(
             id=existing.id,
             user_id=existing.user_id,
@@ -938,7 +945,7 @@ class Persistence:
         existing = await self.get_session(session_id)
         if existing is None or existing.status is not SessionStatus.ACTIVE:
             return existing
-        session = dataclasses.replace(existing, status=SessionStatus.ABANDONED)
+        session = msgspec.structs.replace(existing, status=SessionStatus.ABANDONED)
         self._write_session(session, _session_fields(session, _STATUS), must_exist=True)
         return session
 

@@ -496,8 +496,12 @@ class SessionService:
 
     async def touch_session(self, session_id: str) -> None:
         """Record activity on a session (lazily flushed; a full backlog is no error)."""
-        with contextlib.suppress(BacklogFull):
+        # Not contextlib.suppress (0.27 µs against 0.01, ``timeit``): a
+        # message touches its session.
+        try:  # noqa: SIM105
             await self.persistence.touch_session(session_id)
+        except BacklogFull:
+            pass
 
     async def active_sessions(self, principal: Principal, user_id: str) -> list[Session]:
         """The user's sessions that are active (not idle past the time-out), newest first."""
