@@ -21,6 +21,7 @@ this API:
   total fields and bytes (:class:`Bounds`): the Firestore client's merge is
   quadratic in the number of fields, so an object with thousands of keys would
   stall the event loop for seconds.
+- A message's text is not empty or only white space.
 - Ids: 1 to 128 characters, no ``/`` or control characters, no white space at
   either end, not ``.``/``..``/``__name__``. An id taken from a URL path is
   checked on its raw bytes first (:func:`check_path_id`): percent-encoded bytes
@@ -54,6 +55,7 @@ __all__ = [
     "check_id",
     "check_language",
     "check_merged",
+    "check_message_text",
     "check_object",
     "check_path_id",
     "check_session_id",
@@ -104,6 +106,14 @@ def check_text(value: Any, field: str) -> str:
         raise InvalidField(field, "must be a string")
     if not _is_text(value):
         raise InvalidField(field, "contains a lone surrogate (not valid Unicode)")
+    return value
+
+
+def check_message_text(value: str, field: str) -> str:
+    """A message's text (REST ``content``, WebSocket ``text``): not empty and
+    not only white space, or :class:`InvalidField`."""
+    if not value.strip():
+        raise InvalidField(field, "must not be empty")
     return value
 
 

@@ -27,6 +27,7 @@ from samvad.validation import (
     check_id,
     check_language,
     check_merged,
+    check_message_text,
     check_object,
     check_path_id,
     check_session_id,
@@ -413,3 +414,14 @@ def test_a_language_is_one_to_64_printable_characters(language: str | None) -> N
 @pytest.mark.parametrize("language", ["", "x" * 65, "en\r\nX-Injected: 1", "\x00", "\u2028", 7])
 def test_other_languages_are_refused(language: object) -> None:
     assert _refused(check_language, language) == ("language must be 1 to 64 printable characters")
+
+
+@pytest.mark.parametrize("value", ["", " ", "\t\n", "\u3000\u00a0 ", "\u2028"])
+def test_check_message_text_refuses_text_with_nothing_but_white_space(value: str) -> None:
+    with pytest.raises(InvalidField, match=r"^text must not be empty$"):
+        check_message_text(value, "text")
+
+
+@pytest.mark.parametrize("value", ["hi", " hi ", "\u3000a", "."])
+def test_check_message_text_keeps_text_as_given(value: str) -> None:
+    assert check_message_text(value, "content") is value

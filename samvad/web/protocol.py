@@ -46,7 +46,13 @@ from samvad.errors import (
     UnknownFrameType,
 )
 from samvad.models import Message, Mode, UserState
-from samvad.validation import check_id, check_language, check_object, check_session_id
+from samvad.validation import (
+    check_id,
+    check_language,
+    check_message_text,
+    check_object,
+    check_session_id,
+)
 from samvad.web import schemas
 from samvad.web.requests_json import flat_reader, parse_json
 
@@ -459,8 +465,7 @@ def _parse_start(frame: Struct) -> Start:
 
 def _parse_message(frame: Struct) -> UserMessage:
     assert isinstance(frame, schemas.UserMessageFrame)
-    if not frame.text.strip():
-        raise InvalidField("text", "must not be empty")
+    check_message_text(frame.text, "text")
     client_id = None if frame.client_id is None else check_id(frame.client_id, "clientId")
     return UserMessage(text=frame.text, final=frame.final, client_id=client_id)
 

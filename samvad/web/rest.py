@@ -41,6 +41,7 @@ from samvad.stores.base import SessionCursor
 from samvad.validation import (
     check_id,
     check_language,
+    check_message_text,
     check_object,
     check_session_id,
     decode_path_segment,
@@ -206,6 +207,7 @@ async def append_history(request: Request) -> Response:
     user_id = _user_id(request)
     principal.require_user(user_id)
     body = await _typed_body(request, HistoryBody)
+    check_message_text(body.content, "content")
     session_id = body.session_id
     if session_id is not None:
         session_id = check_session_id(session_id)

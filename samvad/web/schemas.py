@@ -223,7 +223,9 @@ class HistoryBody(_Shape, kw_only=True):
     """``POST /api/session/{userId}/history``."""
 
     role: Role
-    content: Annotated[str, Meta(min_length=1)]
+    content: Annotated[
+        str, Meta(min_length=1, description="The message's text: not empty or only white space.")
+    ]
     session_id: SessionId | None = None
 
 

@@ -118,6 +118,15 @@ ROWS = [
         '{"type": "message", "text": ""}',
         same_message=False,
     ),
+    Row(
+        "text-only-white-space",
+        "invalid_field",
+        "POST",
+        f"/api/session/{USER}/history",
+        '{"role": "user", "content": " \\t\\n "}',
+        '{"type": "message", "text": " \\t\\n "}',
+        same_message=False,  # content / text
+    ),
     _state_row("lone-surrogate-in-state", "invalid_field", '{"k": ["ok", "\\udc00"]}', False),
     _state_row("lone-surrogate-key", "invalid_field", '{"\\ud83d": 1}', False),
     _state_row("nan", "bad_json", '{"x": NaN}'),

@@ -314,6 +314,14 @@ CASES = [
         {"role": "user", "content": ""},
     ),
     Case(
+        "history-content-only-white-space",
+        "POST",
+        HISTORY,
+        400,
+        "content must not be empty",
+        {"role": "assistant", "content": " \u3000\t\n"},
+    ),
+    Case(
         "history-reserved-session-id",
         "POST",
         HISTORY,
