@@ -920,18 +920,7 @@ class Persistence:
         if existing is None:
             return None
         now = self._now()
-        # Built field by field: ``msgspec.structs.replace`` costs more per message.
-        session = Session(
-            id=existing.id,
-            user_id=existing.user_id,
-            language=existing.language,
-            metadata=existing.metadata,
-            status=existing.status,
-            created_at=existing.created_at,
-            last_activity=now,
-            ended_at=existing.ended_at,
-            expire_at=self._expiry(now),
-        )
+        session = msgspec.structs.replace(existing, last_activity=now, expire_at=self._expiry(now))
         self._write_session(
             session,
             {"lastActivity": now, "expireAt": session.expire_at},
