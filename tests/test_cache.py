@@ -4,8 +4,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from samvad.cache import ENTRY_OVERHEAD, ViewCache
+from samvad.cache import ENTRY_OVERHEAD, ViewCache, _Expiring
 from samvad.clock import ManualClock
 
 
@@ -428,3 +430,94 @@ async def test_held_answers_what_a_lookup_would_without_loading() -> None:
     assert (cache.hits, cache.misses) == (4, 1)
     clock.advance(1801)
     assert cache.held("k") is None
+
+
+# -- the entries' store, against a model ---------------------------------------------
+
+
+class _ModelLru:
+    """What ``_Expiring`` does, said plainly: a list in order of use, a list in
+    order of expiry, an update of a key is a removal and an insert at the end."""
+
+    def __init__(self, *, max_entries: int, max_size: int, ttl: float) -> None:
+        self.max_entries, self.max_size, self.ttl = max_entries, max_size, ttl
+        self.entries: dict[str, tuple[int, int, float]] = {}  # insertion order = use order
+        self.expiry: list[str] = []
+
+    @property
+    def size(self) -> int:
+        return sum(size for _, size, _ in self.entries.values())
+
+    def pop(self, key: str) -> int | None:
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            return None
+        self.expiry.remove(key)
+        return entry[0]
+
+    def expire(self, now: float) -> None:
+        while self.expiry and self.entries[self.expiry[0]][2] <= now:
+            self.pop(self.expiry[0])
+
+    def put(self, key: str, value: int, size: int, now: float) -> bool:
+        self.pop(key)
+        if size > self.max_size:
+            return False
+        if len(self.entries) >= self.max_entries or self.size + size > self.max_size:
+            self.expire(now)
+            while self.entries and (
+                len(self.entries) >= self.max_entries or self.size + size > self.max_size
+            ):
+                self.pop(next(iter(self.entries)))
+        self.entries[key] = (value, size, now + self.ttl)
+        self.expiry.append(key)
+        return True
+
+    def get(self, key: str, now: float) -> int | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if entry[2] <= now:
+            self.pop(key)
+            return None
+        self.entries[key] = self.entries.pop(key)
+        return entry[0]
+
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "put", "put", "get", "pop", "held"]),
+        st.sampled_from("abcdefg"),
+        st.integers(min_value=0, max_value=60),  # a size (the bound is 100)
+        st.sampled_from([0.0, 0.0, 0.5, 3.0]),  # time passing before the step (ttl 5)
+    ),
+    max_size=80,
+)
+
+
+@given(ops=_OPS)
+def test_the_entries_store_does_what_the_model_does(ops: list[tuple[str, str, int, float]]) -> None:
+    """Updates in place (no pop and re-insert) change nothing that can be seen:
+    answers, order of use, order of expiry, the size held."""
+    clock = ManualClock()
+    store: _Expiring[str, int] = _Expiring(
+        max_entries=5, max_size=100, ttl=5.0, timer=clock.monotonic
+    )
+    model = _ModelLru(max_entries=5, max_size=100, ttl=5.0)
+    for step, (op, key, size, later) in enumerate(ops):
+        clock.advance(later)
+        now = clock.monotonic()
+        if op == "put":
+            assert store.put(key, step, size) == model.put(key, step, size, now)
+        elif op == "get":
+            assert store.get(key) == model.get(key, now)
+        elif op == "pop":
+            assert store.pop(key) == model.pop(key)
+        else:
+            model.expire(now)
+            assert store.held() == model.size
+        assert list(store._entries) == list(model.entries)
+        assert list(store._by_expiry) == model.expiry
+        assert store.size == model.size
+        assert store.size <= store.max_size
+        assert len(store._entries) <= store.max_entries
