@@ -118,9 +118,9 @@ class _Expiring(Generic[K, T]):
         orders. Popped and inserted again, as it once was, it left a deleted
         slot in each dict on every update, and once a dict's free slots ran
         out (about every ``table size - entries`` updates) both dicts were
-        rebuilt whole, on the event loop: 0.27 ms at 1,000 entries, 11.6 ms at
-        50,000 (docs/benchmarks.md, section 29). Only evictions and expiries
-        delete now.
+        rebuilt whole, on the event loop: 0.2 to 0.4 ms at 1,000 entries, 11 to 13 ms
+        at 50,000 (``bench/bench_cache.py``, docs/benchmarks.md section 29).
+        Only evictions and expiries delete now.
         """
         if size > self.max_size:
             self.pop(key)
