@@ -42,7 +42,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import msgspec
 import msgspec.structs
@@ -109,6 +109,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _MAX_SESSIONS_LISTED = 100
+
+V = TypeVar("V")
 
 #: The session fields an update writes: ending a session, and marking it
 #: abandoned; and the maps a save merges key by key.
@@ -667,14 +669,20 @@ class Persistence:
         profile = await self.get_profile(user_id)
         return profile.recent(limit) if profile is not None else ()
 
-    def held_state(self, user_id: str) -> tuple[UserState | None] | None:
-        """:meth:`get_state`'s answer, in a 1-tuple, when the cache holds it;
-        None when it would have to be loaded. The reply to every message reads
-        the state: from the cache, without the three coroutines of a lookup."""
+    def _cached(self, cache: ViewCache[str, V], key: str) -> tuple[V | None, bool] | None:
+        """What a lookup in ``cache`` would answer (see :meth:`read_state`)
+        when the cache holds it; None when it would have to load. For reads
+        made for every message, without the coroutines of a lookup."""
         writes = self.writes
         if writes.refused:
             self._forget_refused()
-        held = self.states.held(user_id, want_complete=writes.mode is _FIRESTORE)
+        return cache.held(key, want_complete=writes.mode is _FIRESTORE)
+
+    def held_state(self, user_id: str) -> tuple[UserState | None] | None:
+        """:meth:`get_state`'s answer, in a 1-tuple, when the cache holds it;
+        None when it would have to be loaded. The reply to every message reads
+        the state."""
+        held = self._cached(self.states, user_id)
         return None if held is None else (held[0],)
 
     def held_history(self, user_id: str, limit: int) -> tuple[Message, ...] | None:
@@ -910,12 +918,8 @@ class Persistence:
 
     async def touch_session(self, session_id: str) -> Session | None:
         """Record activity on a session; flushed lazily (``touch_interval``)."""
-        # read_session's answer from the cache without its coroutines, as
-        # held_state: a message touches its session.
-        writes = self.writes
-        if writes.refused:
-            self._forget_refused()
-        held = self.sessions.held(session_id, want_complete=writes.mode is _FIRESTORE)
+        # A message touches its session: from the cache when it holds it.
+        held = self._cached(self.sessions, session_id)
         existing = held[0] if held is not None else await self.get_session(session_id)
         if existing is None:
             return None

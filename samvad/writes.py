@@ -127,14 +127,22 @@ class FieldsWrite:
     def apply_to(self, doc: Mapping[str, Any] | None) -> Document:
         """The document after this write; the semantics every store implements."""
         result: Document = dict(doc) if doc is not None else {}
-        for name, value in self.defaults.items():
-            result.setdefault(name, value)
-        result.update(self.fields)
+        result.update(self.changes(doc))
+        return result
+
+    def changes(self, doc: Mapping[str, Any] | None) -> Document:
+        """The top-level fields this write sets on ``doc`` (the stored document,
+        None when there is none): the defaults it lacks, the fields, and the
+        maps named in ``merge`` merged into the stored ones."""
+        changes: Document = {
+            name: value for name, value in self.defaults.items() if doc is None or name not in doc
+        }
+        changes.update(self.fields)
         for name in self.merge:
             stored = doc.get(name) if doc is not None else None
             if isinstance(stored, Mapping):
-                result[name] = {**stored, **self.fields[name]}
-        return result
+                changes[name] = {**stored, **self.fields[name]}
+        return changes
 
     def _absorb_merged(self, later: FieldsWrite) -> None:
         """:meth:`absorb`'s fields when either write merges maps: a map merged

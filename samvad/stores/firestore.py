@@ -341,12 +341,8 @@ class FirestoreStore(Store):
             stored = snapshot.to_dict() if snapshot.exists else {}
             if write.takes_over(stored):
                 raise StoreRejected(f"{write.collection}/{write.doc_id} belongs to another user")
-            fields = {name: value for name, value in write.defaults.items() if name not in stored}
-            fields.update(write.fields)
-            for name in write.merge:  # merged here, on what is stored now
-                held = stored.get(name)
-                if isinstance(held, Mapping):
-                    fields[name] = {**held, **write.fields[name]}
+            # Maps named in ``merge`` are merged here, on what is stored now.
+            fields = write.changes(stored)
             pb = await self._offload(fields, _build_write, ref._document_path, True)
             transaction._add_write_pbs([pb])
 
