@@ -50,6 +50,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -926,8 +927,13 @@ class WriteBehind:
         delay = self._config.probe_interval
         failures = 0
         while self.mode is Mode.MEMORY:
-            self._next_probe_at = self._clock.monotonic() + delay
-            await asyncio.sleep(delay)
+            # Half to all of the delay, at random: instances that lost the
+            # store together (two contending for one document's lock, whose
+            # transactions abort each other) would otherwise probe, come
+            # back and replay in step, and clash again, for as long as they run.
+            wait = delay * random.uniform(0.5, 1.0)
+            self._next_probe_at = self._clock.monotonic() + wait
+            await asyncio.sleep(wait)
             try:
                 await self._store.ping()
             except (StoreUnavailable, StoreRejected) as exc:

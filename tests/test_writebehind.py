@@ -11,13 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from samvad.clock import ManualClock
+from samvad.clock import ManualClock, SystemClock
 from samvad.documents import PROFILES, SESSIONS, STATES
 from samvad.errors import BacklogFull
 from samvad.models import Message, Mode, Profile, Role
 from samvad.stores.base import StoreRejected, StoreUnavailable
 from samvad.writebehind import WriteBehind, WriteBehindConfig, _joined, _split
-from samvad.writes import Erase, EraseScope, FieldsWrite, ProfileWrite, Write
+from samvad.writes import Erase, EraseScope, FieldsWrite, Key, ProfileWrite, Write
 from tests.support.stores import FlakyStore, settle
 
 T0 = datetime(2025, 1, 10, 17, 0, tzinfo=UTC)
@@ -885,3 +885,48 @@ def test_the_parts_of_a_refused_write_keep_what_it_may_do() -> None:
         ({"metadata": {"a": 1}}, True, ("metadata",), write.defaults),
     ]
     assert _joined(parts) == write
+
+
+class Contended(FlakyStore):
+    """Two writers of one document abort each other, as Firestore transactions
+    contending for a document's lock can: a write that finds another in flight
+    on its document (or sees one arrive while it holds it) fails, unavailable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding: dict[Key, int] = {}
+        self.clashed: set[Key] = set()
+
+    async def _enter(self, key: Key) -> None:
+        await super()._enter(key)
+        self.holding[key] = self.holding.get(key, 0) + 1
+        if self.holding[key] > 1:
+            self.clashed.add(key)
+        try:
+            await asyncio.sleep(0.005)
+        finally:
+            self.holding[key] -= 1
+        if key in self.clashed:
+            if not self.holding[key]:
+                self.clashed.discard(key)
+            raise StoreUnavailable("aborted: the document is locked by another writer (test)")
+
+
+async def test_two_instances_that_lose_the_store_together_do_not_stay_in_step() -> None:
+    """Both fail on one document, both fall back to memory and probe: were their
+    probes as regular as a clock, both would come back, replay and abort each
+    other again, forever. Jittered probes part them, and both writes land."""
+    store = Contended()
+    config = {"probe_interval": 0.05, "probe_max_interval": 0.05, "flush_interval": 0.01}
+    queues = [make(store, SystemClock(), **config) for _ in range(2)]  # type: ignore[arg-type]
+    for queue in queues:
+        await queue.start()
+    try:
+        for n, queue in enumerate(queues):
+            queue.submit(state("shared", **{f"from{n}": n}))
+        await asyncio.wait_for(asyncio.gather(*(queue.flush() for queue in queues)), 10)
+        assert await store.get(STATES, "shared") == {"from0": 0, "from1": 1}
+        assert store.pings > 0, "the writers never fell back to memory: nothing was tested"
+    finally:
+        for queue in queues:
+            await queue.close(1.0)
