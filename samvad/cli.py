@@ -7,6 +7,10 @@ starts the local Firestore emulator with its data kept in
 ``$SAMVAD_DATA_DIR/firestore`` across restarts and serves against it; where no
 emulator is installed it runs memory-only and says so.
 
+Run as a program (``main()`` with no arguments), ``serve`` first executes
+itself again with the memory allocator of ``SAMVAD_ALLOCATOR``
+(:mod:`samvad.allocator`): same process id, same arguments.
+
 It refuses to start (exit 2) when ``FIREBASE_AUTH_EMULATOR_HOST`` is set and
 the store is Cloud Firestore rather than an emulator: that switch turns ID
 token verification off (see :func:`samvad.config.auth_emulator_host`).
@@ -100,10 +104,9 @@ def _embedded_emulator(settings: Settings, stack: ExitStack) -> Settings:
     )
 
 
-def serve(args: argparse.Namespace) -> int:
-    from samvad.logs import configure_logging
-    from samvad.server import run, run_workers
-    from samvad.web.app import create_app
+def serve(args: argparse.Namespace, *, reexec: bool = False) -> int:
+    """Run the server; with ``reexec``, first in ``SAMVAD_ALLOCATOR``'s allocator."""
+    from samvad import allocator
 
     overrides: dict[str, Any] = {}
     for name in ("host", "port", "store", "log_format", "workers"):
@@ -113,7 +116,15 @@ def serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env().replace(**overrides)
     # Again after the command line (``--store firestore``), before anything starts.
     auth_emulator_host(settings)
+    if reexec:
+        allocator.reexec(settings.allocator)  # returns when there is nothing to change
+    # After that: the server's modules are imported once, by the process that runs it.
+    from samvad.logs import configure_logging
+    from samvad.server import run, run_workers
+    from samvad.web.app import create_app
+
     configure_logging(settings)
+    logger.info("Memory allocator: %s", allocator.describe())
     with ExitStack() as stack:
         if settings.store == "auto" and not settings.firestore_configured:
             settings = _embedded_emulator(settings, stack)
@@ -145,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
-            return serve(args)
+            # Only a program may execute itself again, not a caller's process.
+            return serve(args, reexec=argv is None)
     except ConfigError as exc:
         print(f"samvad: configuration error: {exc}", file=sys.stderr)
         return 2

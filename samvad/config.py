@@ -23,6 +23,7 @@ __all__ = [
     "MAX_OBJECT_FIELDS",
     "MAX_OBJECT_KEYS",
     "MIN_API_KEY_LENGTH",
+    "Allocator",
     "AuthMode",
     "DemoMode",
     "LogFormat",
@@ -33,6 +34,8 @@ __all__ = [
 
 StoreMode = Literal["auto", "firestore", "memory"]
 LogFormat = Literal["text", "json"]
+#: ``samvad serve``'s memory allocator (samvad.allocator).
+Allocator = Literal["hugepages", "python"]
 AuthMode = Literal["off", "firebase"]
 DemoMode = Literal["auto", "on", "off"]
 
@@ -59,6 +62,8 @@ class Settings:
     port: int = 8080
     log_level: str = "INFO"
     log_format: LogFormat = "text"
+    #: Read by ``samvad serve`` only, as it starts (samvad.allocator).
+    allocator: Allocator = "python"
 
     # Persistence backend
     store: StoreMode = "auto"
@@ -189,6 +194,9 @@ class Settings:
             ),
             log_format=cast(
                 LogFormat, env.choice("SAMVAD_LOG_FORMAT", d.log_format, ("text", "json"))
+            ),
+            allocator=cast(
+                Allocator, env.choice("SAMVAD_ALLOCATOR", d.allocator, ("hugepages", "python"))
             ),
             store=cast(
                 StoreMode, env.choice("SAMVAD_STORE", d.store, ("auto", "firestore", "memory"))

@@ -51,6 +51,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "entry points": (
         "samvad.__main__",
         "samvad.adk.app",
+        "samvad.allocator",
         "samvad.cli",
         "samvad.client",
         "samvad.server",
