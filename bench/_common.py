@@ -21,6 +21,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from samvad import allocator
+from samvad.config import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -114,10 +117,29 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "versions": _versions(),
+        # This script's; servers it starts run in server_environ()'s.
+        "allocator": allocator.describe(),
+        "server_allocator": allocator.describe(server_environ(os.environ)),
         "commit": _git_commit(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def server_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment every server of a benchmark runs in: Samvad, the bare
+    baseline and another checkout alike get the allocator ``samvad serve``
+    would choose (``SAMVAD_ALLOCATOR``, default ``python``), so that a
+    ratio compares the code and not the allocators."""
+    chosen = Settings.from_env(environ).allocator
+    tuned = allocator.tuned_environ(environ) if chosen == "hugepages" else None
+    return tuned if tuned is not None else dict(environ)
+
+
+def tune_this_process() -> None:
+    """Run this benchmark script in ``samvad serve``'s allocator: executes it
+    again, once, with ``SAMVAD_ALLOCATOR=hugepages`` (unless nothing would change)."""
+    allocator.reexec(Settings.from_env().allocator)
 
 
 def emit(name: str, figures: dict[str, Any], json_path: str | None) -> None:
@@ -232,7 +254,7 @@ class ServerProcess:
         return self.process.pid
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
-        env = {**os.environ, "PYTHONPATH": str(self.root), **self.env}
+        env = server_environ({**os.environ, "PYTHONPATH": str(self.root), **self.env})
         open_files = self.open_files
 
         def limits() -> None:  # runs in the child before exec: the limit is inherited

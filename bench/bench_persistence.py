@@ -28,6 +28,11 @@
 start-up), ``off`` (``gc.disable()``: shows
 what is the collector and what the code), or ``T0,T1,T2`` thresholds for
 ``gc.set_threshold``.
+
+The script runs in the memory allocator ``samvad serve`` would run in: with
+``SAMVAD_ALLOCATOR=hugepages`` it executes itself again in
+``samvad.allocator``'s environment (the JSON's ``machine.allocator`` says
+which).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import emit, percentiles
+from bench._common import emit, percentiles, tune_this_process
 from samvad.config import Settings
 from samvad.conversation import Device, Disconnect, Engine, Event, Reply
 from samvad.firestore_client import make_client
@@ -284,4 +289,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    tune_this_process()  # the turn as samvad serve runs it (SAMVAD_ALLOCATOR)
     asyncio.run(main())
