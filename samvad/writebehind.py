@@ -892,7 +892,11 @@ class WriteBehind:
         if (transient or cancelled) and not isolated:
             entry.due_at = now
         else:
+            # Half to all of the doubling delay, at random, as the probe's: two
+            # instances whose transactions on one document abort each other
+            # would otherwise retry in step, and abort each other again.
             backoff = min(self._config.retry_max_backoff, 0.5 * 2 ** min(entry.attempts, 16))
+            backoff *= random.uniform(0.5, 1.0)
             entry.due_at = now + backoff
             logger.warning(
                 "%s the write to %s (attempt %d, %s); retrying in %.1fs",

@@ -616,6 +616,54 @@ async def test_a_document_failing_again_while_others_succeed_is_backed_off_alone
         await wb.close(1.0)
 
 
+@pytest.mark.parametrize("draw", [0.5, 1.0])
+async def test_a_document_backed_off_alone_waits_half_to_all_of_its_doubling_delay(
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    draw: float,
+) -> None:
+    # Two instances whose transactions on one document abort each other
+    # would retry in step forever on a fixed delay: the draw spreads them.
+    draws: list[tuple[float, float]] = []
+
+    def uniform(low: float, high: float) -> float:
+        draws.append((low, high))
+        return draw
+
+    monkeypatch.setattr("samvad.writebehind.random.uniform", uniform)
+    store = OneDocumentFails()
+    store.failing.add((STATES, "stuck"))
+    wb = make(store, clock)
+    await wb.start()
+    try:
+        wb.submit(state("stuck", v=1))
+        await settle()
+        store.fail.clear()
+        await recovered(store, wb)
+        clock.advance(2)
+        wb.submit(state("ok", v=1))
+        await settle()
+        caplog.clear()
+        store.fail.set()
+        await settle()
+        assert wb.mode is Mode.FIRESTORE
+    finally:
+        store.failing.clear()
+        await wb.close(1.0)
+    retries = [
+        record.getMessage()
+        for record in caplog.records
+        if "answers other writes but failed again" in record.getMessage()
+    ]
+    assert retries, "the isolated document was backed off"
+    for text in retries:
+        attempt = int(text.split("(attempt ")[1].split(",")[0])
+        nominal = min(WriteBehindConfig().retry_max_backoff, 0.5 * 2**attempt)
+        assert text.endswith(f"retrying in {nominal * draw:.1f}s"), text
+    assert (0.5, 1.0) in draws
+
+
 async def test_writes_failing_right_after_a_recovery_still_mean_an_outage(
     clock: ManualClock,
 ) -> None:
