@@ -139,7 +139,9 @@ def server_environ(environ: Mapping[str, str]) -> dict[str, str]:
 def tune_this_process() -> None:
     """Run this benchmark script in ``samvad serve``'s allocator: executes it
     again, once, with ``SAMVAD_ALLOCATOR=hugepages`` (unless nothing would change)."""
-    allocator.reexec(Settings.from_env().allocator)
+    reason = allocator.reexec(Settings.from_env().allocator)
+    if reason is not None:
+        print(f"SAMVAD_ALLOCATOR=hugepages not applied: {reason}", file=sys.stderr)
 
 
 def emit(name: str, figures: dict[str, Any], json_path: str | None) -> None:

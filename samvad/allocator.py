@@ -39,12 +39,16 @@ from samvad.config import Allocator
 
 __all__ = [
     "HUGE_PAGES_TUNABLE",
+    "TUNED",
     "describe",
     "reexec",
     "tuned_environ",
 ]
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
+
+#: What :func:`describe` says of the ``hugepages`` allocator.
+TUNED = "glibc malloc with transparent huge pages"
 
 # glibc.malloc.hugetlb arrived in glibc 2.35; older ones ignore unknown tunables.
 _MIN_GLIBC = (2, 35)
@@ -87,18 +91,31 @@ def tuned_environ(
     return {**environ, "PYTHONMALLOC": "malloc", "GLIBC_TUNABLES": tunables}
 
 
-def reexec(allocator: Allocator) -> None:
+def reexec(allocator: Allocator) -> str | None:
     """Execute this program again in :func:`tuned_environ`'s environment, when
-    ``allocator`` is ``hugepages`` and that environment differs; returns only
-    when it does not. The process id, arguments and open descriptors stay."""
-    if allocator != "hugepages" or not sys.executable or not sys.orig_argv:
-        return
+    ``allocator`` is ``hugepages`` and that environment differs. The process
+    id, arguments and open descriptors stay.
+
+    Returns (without executing anything) why it did not, when ``hugepages``
+    was asked for and this process is not already in it; None otherwise. A
+    failed ``execve`` is such a reason: the server then runs as it is.
+    """
+    if allocator != "hugepages":
+        return None
     environ = tuned_environ(os.environ)
     if environ is None:
-        return
+        if describe() == TUNED:
+            return None
+        return "it applies on Linux with glibc 2.35+, and not over a PYTHONMALLOC set"
+    if not sys.executable or not sys.orig_argv:
+        return "this interpreter does not know its own executable"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, environ)
+    try:
+        os.execve(sys.executable, sys.orig_argv, environ)
+    except OSError as exc:
+        return f"executing {sys.executable} again failed ({exc.strerror or exc})"
+    return None  # pragma: no cover - execve does not return
 
 
 def describe(environ: Mapping[str, str] | None = None) -> str:
@@ -108,5 +125,5 @@ def describe(environ: Mapping[str, str] | None = None) -> str:
     tunables = environ.get("GLIBC_TUNABLES", "")
     huge = any(item == f"{HUGE_PAGES_TUNABLE}=1" for item in tunables.split(":"))
     if malloc == "malloc" and huge:
-        return "glibc malloc with transparent huge pages"
+        return TUNED
     return f"PYTHONMALLOC={malloc}"

@@ -116,8 +116,8 @@ def serve(args: argparse.Namespace, *, reexec: bool = False) -> int:
     settings = Settings.from_env().replace(**overrides)
     # Again after the command line (``--store firestore``), before anything starts.
     auth_emulator_host(settings)
-    if reexec:
-        allocator.reexec(settings.allocator)  # returns when there is nothing to change
+    # Returns only when it did not execute anything (and why, if it could not).
+    not_tuned = allocator.reexec(settings.allocator) if reexec else None
     # After that: the server's modules are imported once, by the process that runs it.
     from samvad.logs import configure_logging
     from samvad.server import run, run_workers
@@ -125,6 +125,8 @@ def serve(args: argparse.Namespace, *, reexec: bool = False) -> int:
 
     configure_logging(settings)
     logger.info("Memory allocator: %s", allocator.describe())
+    if not_tuned is not None:
+        logger.warning("SAMVAD_ALLOCATOR=hugepages not applied: %s", not_tuned)
     with ExitStack() as stack:
         if settings.store == "auto" and not settings.firestore_configured:
             settings = _embedded_emulator(settings, stack)

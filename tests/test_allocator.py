@@ -9,7 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from samvad.allocator import describe, tuned_environ
+from samvad import allocator
+from samvad.allocator import TUNED, describe, reexec, tuned_environ
 from samvad.config import Settings
 from samvad.errors import ConfigError
 from tests.support.firestore import emulator_missing
@@ -53,6 +54,33 @@ def test_nothing_changes_where_it_does_not_apply(
     environ: dict[str, str], system: str, libc: tuple[str, str]
 ) -> None:
     assert tuned_environ(environ, system=system, libc=libc) is None
+
+
+def test_reexec_says_why_it_did_not_and_the_server_runs_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert reexec("python") is None
+    monkeypatch.setenv("PYTHONMALLOC", "pymalloc")
+    reason = reexec("hugepages")
+    assert reason is not None
+    assert "PYTHONMALLOC" in reason
+    monkeypatch.delenv("PYTHONMALLOC")
+    monkeypatch.setattr(allocator, "tuned_environ", lambda environ: {"PYTHONMALLOC": "malloc"})
+
+    def refuse(path: str, argv: object, environ: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(allocator.os, "execve", refuse)
+    reason = reexec("hugepages")
+    assert reason is not None
+    assert "Permission denied" in reason
+
+
+def test_reexec_in_the_tuned_environment_already_is_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONMALLOC", "malloc")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    assert describe() == TUNED
+    assert reexec("hugepages") is None
 
 
 def test_the_setting_has_two_values_and_refuses_others() -> None:
@@ -107,7 +135,10 @@ def test_serve_keeps_pymalloc_when_asked(
         assert _environ_of(served.process.pid).get("PYTHONMALLOC") in (None, "pymalloc")
     finally:
         assert served.stop() == 0
-    assert served.output().count(f"Memory allocator: {expected}") == 1
+    output = served.output()
+    assert output.count(f"Memory allocator: {expected}") == 1
+    asked = env.get("SAMVAD_ALLOCATOR") == "hugepages"
+    assert ("SAMVAD_ALLOCATOR=hugepages not applied" in output) is asked
 
 
 def test_a_bad_allocator_stops_serve_before_it_executes_anything(tmp_path: Path) -> None:
