@@ -582,26 +582,33 @@ async def recovered(store: OneDocumentFails, wb: WriteBehind) -> None:
     assert wb.mode is Mode.FIRESTORE
 
 
+async def stuck_while_others_land(
+    store: OneDocumentFails, wb: WriteBehind, clock: ManualClock
+) -> None:
+    """Make ``stuck`` fail again while another write lands: backed off alone."""
+    store.failing.add((STATES, "stuck"))
+    wb.submit(state("stuck", v=1))
+    await settle()
+    assert wb.mode is Mode.MEMORY, "a first failure is taken for an outage"
+    store.fail.clear()  # its next attempt hangs, then fails...
+    await recovered(store, wb)
+    clock.advance(2)
+    wb.submit(state("ok", v=1))  # ...while another write succeeds
+    await settle()
+    assert (STATES, "ok") in [key for _, key in store.log]
+    store.fail.set()
+    await settle()
+    assert wb.mode is Mode.FIRESTORE, "the store answers: not an outage"
+
+
 async def test_a_document_failing_again_while_others_succeed_is_backed_off_alone(
     clock: ManualClock,
 ) -> None:
     store = OneDocumentFails()
-    store.failing.add((STATES, "stuck"))
     wb = make(store, clock)
     await wb.start()
     try:
-        wb.submit(state("stuck", v=1))
-        await settle()
-        assert wb.mode is Mode.MEMORY, "a first failure is taken for an outage"
-        store.fail.clear()  # its next attempt hangs, then fails...
-        await recovered(store, wb)
-        clock.advance(2)
-        wb.submit(state("ok", v=1))  # ...while another write succeeds
-        await settle()
-        assert (STATES, "ok") in [key for _, key in store.log]
-        store.fail.set()
-        await settle()
-        assert wb.mode is Mode.FIRESTORE, "the store answers: not an outage"
+        await stuck_while_others_land(store, wb, clock)
         assert wb.status().pending_documents == 1
         store.failing.clear()
         # Past any attempt's backoff: the queue times its retries by this
@@ -633,21 +640,10 @@ async def test_a_document_backed_off_alone_waits_half_to_all_of_its_doubling_del
 
     monkeypatch.setattr("samvad.writebehind.random.uniform", uniform)
     store = OneDocumentFails()
-    store.failing.add((STATES, "stuck"))
     wb = make(store, clock)
     await wb.start()
     try:
-        wb.submit(state("stuck", v=1))
-        await settle()
-        store.fail.clear()
-        await recovered(store, wb)
-        clock.advance(2)
-        wb.submit(state("ok", v=1))
-        await settle()
-        caplog.clear()
-        store.fail.set()
-        await settle()
-        assert wb.mode is Mode.FIRESTORE
+        await stuck_while_others_land(store, wb, clock)
     finally:
         store.failing.clear()
         await wb.close(1.0)
