@@ -106,7 +106,11 @@ def reexec(allocator: Allocator) -> str | None:
     if environ is None:
         if describe() == TUNED:
             return None
-        return "it applies on Linux with glibc 2.35+, and not over a PYTHONMALLOC set"
+        if os.environ.get("PYTHONMALLOC"):
+            # The operator's; or ours, with an operator's glibc.malloc.hugetlb kept.
+            return f"the environment sets PYTHONMALLOC (running with {describe()})"
+        libc = " ".join(platform.libc_ver()).strip() or "no glibc"
+        return f"it needs Linux with glibc 2.35+ (this is {platform.system()}, {libc})"
     if not sys.executable or not sys.orig_argv:
         return "this interpreter does not know its own executable"
     sys.stdout.flush()
