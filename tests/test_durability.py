@@ -77,6 +77,19 @@ async def send_messages(url: str) -> list[tuple[str, str]]:
     return acknowledged
 
 
+async def in_memory_mode(url: str) -> None:
+    """Wait until the server has noticed that Firestore is gone: its first
+    write fails once it does, which may be after the last message was
+    acknowledged (a write can wait out the store's deadline)."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with asyncio.timeout(30):
+            while True:
+                health = (await client.get(url + "/healthz")).json()["persistence"]
+                if health["mode"] == "memory":
+                    return
+                await asyncio.sleep(0.05)
+
+
 async def drained(url: str) -> None:
     """Wait until the server has nothing pending for Firestore."""
     async with httpx.AsyncClient(timeout=10) as client:
@@ -151,9 +164,7 @@ async def test_acknowledged_during_an_outage_survive_kill_9_and_a_restart_still_
     try:
         fault_proxy.cut()
         acknowledged = await send_messages(first.url)
-        async with httpx.AsyncClient() as client:
-            health = (await client.get(first.url + "/healthz")).json()["persistence"]
-        assert health["mode"] == "memory"
+        await in_memory_mode(first.url)
     finally:
         await kill_9(first)
     assert len(acknowledged) == USERS * PER_USER
