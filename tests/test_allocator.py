@@ -16,11 +16,14 @@ from samvad.errors import ConfigError
 from tests.support.firestore import emulator_missing
 from tests.support.serve import run_serve, start_serve
 
-LINUX = {"system": "Linux", "libc": ("glibc", "2.36")}
+
+def on_linux(environ: dict[str, str]) -> dict[str, str] | None:
+    """:func:`tuned_environ` on Linux with glibc 2.36 (the CI's Debian)."""
+    return tuned_environ(environ, system="Linux", libc=("glibc", "2.36"))
 
 
 def test_glibc_2_35_or_later_on_linux_gets_malloc_with_huge_pages() -> None:
-    environ = tuned_environ({"HOME": "/home/u"}, **LINUX)  # type: ignore[arg-type]
+    environ = on_linux({"HOME": "/home/u"})
     assert environ == {
         "HOME": "/home/u",
         "PYTHONMALLOC": "malloc",
@@ -30,10 +33,10 @@ def test_glibc_2_35_or_later_on_linux_gets_malloc_with_huge_pages() -> None:
 
 
 def test_other_tunables_are_kept_and_an_operators_hugetlb_wins() -> None:
-    kept = tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **LINUX)  # type: ignore[arg-type]
+    kept = on_linux({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert kept is not None
     assert kept["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-    chosen = tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, **LINUX)  # type: ignore[arg-type]
+    chosen = on_linux({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert chosen is not None
     assert chosen["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
     assert describe(chosen) == "PYTHONMALLOC=malloc"
@@ -70,7 +73,7 @@ def test_reexec_says_why_it_did_not_and_the_server_runs_on(
     def refuse(path: str, argv: object, environ: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(allocator.os, "execve", refuse)
+    monkeypatch.setattr("samvad.allocator.os.execve", refuse)
     reason = reexec("hugepages")
     assert reason is not None
     assert "Permission denied" in reason
