@@ -4,10 +4,10 @@
 system in 1 MiB arenas and hands an arena back as soon as it empties, so
 memory that a server frees and takes again (the write-behind's backlog fills
 for a flush interval and is freed once written) comes back as fresh pages, a
-page fault each. On a virtual machine (this project's CI and Cloud Run both
-are) such a fault is dear: on the development machines the service turn
-faulted about 6,000 times in 25,000 turns, and its p99 was 2 to 3 times its
-median (docs/benchmarks.md, section 30).
+page fault each. On a virtual machine such a fault is dear: on the
+development machines (KVM guests) the service turn faulted about 6,000 times
+in 25,000 turns, and its p99 was 2 to 3 times its median
+(docs/benchmarks.md, section 30).
 
 ``hugepages`` runs the server with ``PYTHONMALLOC=malloc`` and
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: every allocation through glibc's
