@@ -23,9 +23,9 @@ def on_linux(environ: dict[str, str]) -> dict[str, str] | None:
 
 
 def test_glibc_2_35_or_later_on_linux_gets_malloc_with_huge_pages() -> None:
-    environ = on_linux({"HOME": "/home/u"})
+    environ = on_linux({"LANG": "C.UTF-8"})
     assert environ == {
-        "HOME": "/home/u",
+        "LANG": "C.UTF-8",
         "PYTHONMALLOC": "malloc",
         "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
     }

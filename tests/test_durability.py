@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -77,28 +79,33 @@ async def send_messages(url: str) -> list[tuple[str, str]]:
     return acknowledged
 
 
+async def persistence_until(
+    url: str, done: Callable[[dict[str, Any]], bool], *, seconds: float
+) -> None:
+    """Poll ``/healthz`` until its ``persistence`` satisfies ``done``."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with asyncio.timeout(seconds):
+            while True:
+                health = (await client.get(url + "/healthz")).json()["persistence"]
+                if done(health):
+                    return
+                await asyncio.sleep(0.05)
+
+
 async def in_memory_mode(url: str) -> None:
     """Wait until the server has noticed that Firestore is gone: its first
     write fails once it does, which may be after the last message was
     acknowledged (a write can wait out the store's deadline)."""
-    async with httpx.AsyncClient(timeout=10) as client:
-        async with asyncio.timeout(30):
-            while True:
-                health = (await client.get(url + "/healthz")).json()["persistence"]
-                if health["mode"] == "memory":
-                    return
-                await asyncio.sleep(0.05)
+    await persistence_until(url, lambda health: health["mode"] == "memory", seconds=30)
 
 
 async def drained(url: str) -> None:
     """Wait until the server has nothing pending for Firestore."""
-    async with httpx.AsyncClient(timeout=10) as client:
-        async with asyncio.timeout(200):
-            while True:
-                health = (await client.get(url + "/healthz")).json()["persistence"]
-                if health["mode"] == "firestore" and health["pendingWrites"] == 0:
-                    return
-                await asyncio.sleep(0.05)
+    await persistence_until(
+        url,
+        lambda health: health["mode"] == "firestore" and health["pendingWrites"] == 0,
+        seconds=200,
+    )
 
 
 def _confirmed_through(path: Path) -> int:
