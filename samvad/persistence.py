@@ -224,6 +224,8 @@ class Persistence:
         on_flush: FlushObserver | None = None,
     ) -> None:
         self.settings = settings or Settings()
+        #: How long a session is kept after its last activity (every touch sets it).
+        self._retention = timedelta(days=self.settings.session_retention_days)
         self.clock = clock or SystemClock()
         self._now = millisecond_now(self.clock)
         self.store = store
@@ -857,7 +859,7 @@ class Persistence:
         self.sessions.put(session.id, session, complete=cached.complete, size=size)
 
     def _expiry(self, now: datetime) -> datetime:
-        return now + timedelta(days=self.settings.session_retention_days)
+        return now + self._retention
 
     async def save_session(
         self,

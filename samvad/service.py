@@ -265,6 +265,8 @@ class SessionService:
         self.persistence = persistence
         self.interruptions = interruptions
         self.settings = settings or persistence.settings
+        # Built once: every state save checks the merged state against them.
+        self._merge_bounds = self.settings.merge_bounds
         self.limits = limits
         self.observer: ServiceObserver = observer or _Unobserved()
         self.live: LiveSessions = live or NoLiveSessions()
@@ -342,7 +344,7 @@ class SessionService:
     def _check_merged_size(self, field: str, merged: Mapping[str, Any]) -> None:
         """Refuse a merge that would grow a stored object past the configured bounds
         (top-level keys, fields in all, bytes): the same rule for both doors."""
-        check_merged(merged, field, self.settings.merge_bounds)
+        check_merged(merged, field, self._merge_bounds)
 
     def _check_metadata(self, stored: Session | None, metadata: Mapping[str, Any] | None) -> None:
         """Refuse ``metadata`` that would grow the session's past the bounds once
@@ -359,7 +361,10 @@ class SessionService:
         live device of the user is told the new state."""
         self.authorize(principal, user_id)
         data = {k: v for k, v in data.items() if k not in STATE_SERVER_FIELDS}
-        current = await self.persistence.get_state(user_id)
+        # From the cache without a lookup's coroutines when it holds the state:
+        # a WebSocket state update saves it.
+        held = self.persistence.held_state(user_id)
+        current = held[0] if held is not None else await self.persistence.get_state(user_id)
         self._check_merged_size("state", {**(current.data if current else {}), **data})
         state = self.persistence.save_state(user_id, data)
         self.live.state_changed(state)
