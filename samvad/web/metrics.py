@@ -25,8 +25,6 @@ from prometheus_client import (
     PLATFORM_COLLECTOR,
     PROCESS_COLLECTOR,
     CollectorRegistry,
-    Counter,
-    Histogram,
     generate_latest,
 )
 from prometheus_client import metrics as prometheus_metrics
@@ -103,19 +101,22 @@ class Metrics:
             ["limit"],
         )
         r.register(self.rate_limited)
-        self.store_writes = Counter(
+        # Observed by the write-behind, on the event loop: lock-free too.
+        self.store_writes = LoopCounter(
             "samvad_store_writes",
             "Writes to the store (Firestore), by collection or erase operation and outcome.",
             ["collection", "outcome"],
-            registry=r,
         )
-        self.store_write_duration = Histogram(
+        r.register(self.store_writes)
+        self.store_write_duration = LatencyHistogram(
             "samvad_store_write_duration_seconds",
             "Latency of writes to the store (Firestore), by collection or erase operation.",
-            ["collection"],
-            buckets=_STORE_BUCKETS,
-            registry=r,
+            _STORE_BUCKETS,
+            labelnames=["collection"],
         )
+        r.register(self.store_write_duration)
+        #: Per (collection, ok): the two children a store write counts in.
+        self._flush_children: dict[tuple[str, bool], tuple[_CountChild, _LatencyChild]] = {}
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             # The default registry's process collectors, re-registered here (they are stateless).
             r.register(collector)
@@ -134,8 +135,14 @@ class Metrics:
 
     def observe_flush(self, collection: str, seconds: float, ok: bool) -> None:
         """The write-behind's ``on_flush`` observer: one store write finished."""
-        self.store_writes.labels(collection, "ok" if ok else "error").inc()
-        self.store_write_duration.labels(collection).observe(seconds)
+        children = self._flush_children.get((collection, ok))
+        if children is None:
+            children = self._flush_children[(collection, ok)] = (
+                self.store_writes.labels(collection, "ok" if ok else "error"),
+                self.store_write_duration.child(collection),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         """The text exposition format of every metric."""
@@ -165,25 +172,35 @@ class LatencyHistogram(Collector):
     ``prometheus_client.Histogram`` takes a lock for the sum and for the
     bucket of every observation (it may be shared by threads) and its
     ``labels()`` builds a key per call: about a tenth of the web layer's own
-    CPU per ``GET state``. The HTTP latency is only ever observed on the event
-    loop's thread, so plain counters do; the exposition (``_bucket``,
+    CPU per ``GET state``. The HTTP latency and the store writes' are only
+    ever observed on the event loop's thread, so plain counters do; the exposition (``_bucket``,
     ``_count``, ``_sum`` and ``_created`` samples) is the one ``Histogram``
     gives.
     """
 
-    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: tuple[float, ...],
+        labelnames: Iterable[str] = ("method", "route", "status"),
+    ) -> None:
         self.name = name
         self.documentation = documentation
         self.bounds = tuple(float(b) for b in buckets)
+        self.labelnames = tuple(labelnames)
         self._les = (*(floatToGoString(b) for b in self.bounds), "+Inf")  # type: ignore[no-untyped-call]
-        self._children: dict[tuple[str, str, int], _LatencyChild] = {}
+        # Keyed by the label values as given (an HTTP status as an int): str() at scrape time.
+        self._children: dict[tuple[object, ...], _LatencyChild] = {}
 
-    def child(self, method: str, route: str, status: int) -> _LatencyChild:
-        """The counters of one ``method``, ``route`` and ``status`` (made on first use)."""
-        key = (method, route, status)
-        found = self._children.get(key)
+    def child(self, *values: object) -> _LatencyChild:
+        """The counters of one set of label values, in ``labelnames`` order
+        (made on first use; keep it: looking it up costs a lookup)."""
+        found = self._children.get(values)
         if found is None:
-            found = self._children[key] = _LatencyChild(self.bounds)
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes the labels {self.labelnames}, got {values}.")
+            found = self._children[values] = _LatencyChild(self.bounds)
         return found
 
     def describe(self) -> Iterable[Metric]:
@@ -192,8 +209,9 @@ class LatencyHistogram(Collector):
     def collect(self) -> Iterable[Metric]:
         histogram = Metric(self.name, self.documentation, "histogram")
         created = Metric(f"{self.name}_created", self.documentation, "gauge")
-        for (method, route, status), child in list(self._children.items()):
-            labels = {"method": method, "route": route, "status": str(status)}
+        names = self.labelnames
+        for values, child in list(self._children.items()):
+            labels = {name: str(value) for name, value in zip(names, values, strict=True)}
             total = 0
             for le, count in zip(self._les, child.counts, strict=True):
                 total += count

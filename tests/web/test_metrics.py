@@ -232,6 +232,25 @@ def test_the_lock_free_latency_histogram_exposes_what_prometheus_histogram_does(
     assert "latency_created{" in generate_latest(ours_registry).decode()
 
 
+def test_the_lock_free_latency_histogram_takes_any_label_names() -> None:
+    buckets = (0.001, 0.01, 1.0)
+    theirs_registry, ours_registry = CollectorRegistry(), CollectorRegistry()
+    theirs = Histogram("writes", "Doc.", ["collection"], buckets=buckets, registry=theirs_registry)
+    ours = LatencyHistogram("writes", "Doc.", buckets, labelnames=["collection"])
+    ours_registry.register(ours)
+    for collection, seconds in (("user_states", 0.002), ("sessions", 0.5), ("user_states", 2.0)):
+        theirs.labels(collection).observe(seconds)
+        ours.child(collection).observe(seconds)
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return sorted(line for line in text.splitlines() if "_created{" not in line)
+
+    assert lines(ours_registry) == lines(theirs_registry)
+    with pytest.raises(ValueError, match="takes the labels"):
+        ours.child("user_states", "ok")
+
+
 def test_the_lock_free_counters_expose_what_prometheus_counters_do() -> None:
     theirs_registry, ours_registry = CollectorRegistry(), CollectorRegistry()
     theirs_labelled = Counter("frames", "Doc.", ["type"], registry=theirs_registry)
