@@ -296,6 +296,15 @@ class ViewCache(Generic[K, V]):
             return held
         return await asyncio.shield(self._loading.get(key) or self._start(key, load))
 
+    def absence(self, key: K) -> bool | None:
+        """Whether ``key`` is known to be absent: None when it is not (a value is
+        cached, or nothing is known), else whether that absence is complete."""
+        return self._absent.get(key)
+
+    def loading(self, key: K) -> bool:
+        """Whether a load of ``key`` is in flight."""
+        return key in self._loading
+
     def held(self, key: K, *, want_complete: bool = True) -> tuple[V | None, bool] | None:
         """What :meth:`lookup` would answer without loading (counted as a hit),
         or None when it would have to load: for a caller that can skip a

@@ -245,6 +245,7 @@ class Persistence:
             on_flush=on_flush,
             confirm=self._confirm_journal,
             dead_letter=self._keep_dead_letter,
+            on_commit=self._committed_uncached,
         )
         timer = self.clock.monotonic
         size, ttl, budget = s.cache_max_entries, s.cache_ttl, s.cache_max_bytes
@@ -525,7 +526,13 @@ class Persistence:
     def _write_profile(
         self, write: ProfileWrite, now: datetime, *, adopted: Cached[Profile] | None = None
     ) -> None:
-        """Queue ``write`` and apply it to the cached view (or warm an uncached one).
+        """Queue ``write`` and apply it to the cached view.
+
+        An uncached profile is not read to warm its view: the write's flush
+        reads the stored profile in its transaction, and the profile it
+        commits becomes the view (:meth:`_adopt_committed`), within the
+        flush's linger of a first write (:meth:`_committed_uncached`). One
+        known to be absent is made from the write at once.
 
         ``adopted``: the cached view, peeked after :meth:`_adopt_committed` by a
         caller that did both just before (nothing can run in between).
@@ -538,8 +545,14 @@ class Persistence:
             self._submit(write)
         cached = adopted or self.profiles.peek(write.user_id)
         if cached is None:
-            self.profiles.discard(write.user_id)  # it may be cached as absent
-            self._warm(self.profiles, write.user_id, self._profile_loader(write.user_id))
+            absent = self.profiles.absence(write.user_id)
+            if absent is not None:
+                # What a load would make of it now: the pending writes over nothing.
+                view = self._overlay_profile(None, self.unconfirmed((PROFILES, write.user_id)))
+                if view is not None:
+                    self.profiles.put(write.user_id, view, complete=absent)
+                else:
+                    self.profiles.discard(write.user_id)
             return
         self.profiles.put(
             write.user_id,
@@ -779,7 +792,8 @@ class Persistence:
         A commit merged what other instances appended: the view becomes it plus
         what this instance queued since, so instances converge at flush speed.
         Called before every change to the profile cache (see the module
-        docstring); an uncached profile is left to its next load.
+        docstring); an uncached profile is left to its next load (or, when
+        :meth:`_committed_uncached` cached it at commit time, adopts it now).
         """
         for committed in self.writes.take_committed_profiles():
             user_id = committed.user_id
@@ -790,6 +804,29 @@ class Persistence:
             view = self._overlay_profile(committed, self.unconfirmed((PROFILES, user_id)))
             if view is not None:
                 self.profiles.put(user_id, view, complete=cached.complete)
+
+    def _committed_uncached(self, profile: Profile) -> None:
+        """A profile write of this instance has just committed (on the event
+        loop, right after the commit): a profile no view here holds gets one
+        now, whole, as a load at this moment would make it (the transaction
+        read the stored profile), with what this instance queued since laid
+        over it. That is how a profile first written here gets its view,
+        without a read of its own. Not while a load of it is in flight (its
+        view follows) or another instance's erase of its user is under way.
+        A cached view adopts the commit at its next operation
+        (:meth:`_adopt_committed`); an adoption later than now could put back
+        a view evicted meanwhile, older than the store."""
+        user_id = profile.user_id
+        profiles = self.profiles
+        if (
+            profiles.peek(user_id) is not None
+            or profiles.loading(user_id)
+            or self.remote.erased((user_barrier(user_id),))
+        ):
+            return
+        view = self._overlay_profile(profile, self.unconfirmed((PROFILES, user_id)))
+        if view is not None:
+            profiles.put(user_id, view, complete=True)
 
     # -- sessions ----------------------------------------------------------
 

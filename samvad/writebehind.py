@@ -64,7 +64,14 @@ from samvad.models import Message, Mode, PersistenceStatus, Profile
 from samvad.stores.base import Store, StoreRejected, StoreUnavailable
 from samvad.writes import Barrier, Erase, FieldsWrite, Key, ProfileWrite, Write
 
-__all__ = ["DurableObserver", "FlushObserver", "Read", "WriteBehind", "WriteBehindConfig"]
+__all__ = [
+    "CommitObserver",
+    "DurableObserver",
+    "FlushObserver",
+    "Read",
+    "WriteBehind",
+    "WriteBehindConfig",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +83,10 @@ the reason). Called in a worker thread: it may do blocking I/O."""
 
 Confirm = Callable[[list[int]], None]
 """Told the journal sequence numbers of writes that no longer need replaying."""
+
+CommitObserver = Callable[[Profile], None]
+"""Told each profile a profile write has just committed (on the event loop,
+right after the commit, before anything else runs); no I/O."""
 
 DurableObserver = Callable[[Sequence[Message]], None]
 """Told the messages a profile write has just committed to a durable store.
@@ -182,8 +193,10 @@ class WriteBehind:
         on_flush: FlushObserver | None = None,
         confirm: Confirm | None = None,
         dead_letter: DeadLetter | None = None,
+        on_commit: CommitObserver | None = None,
     ) -> None:
         self._store = store
+        self._on_commit = on_commit
         self._config = config or WriteBehindConfig()
         self._clock = clock or SystemClock()
         self._on_flush = on_flush
@@ -751,6 +764,11 @@ class WriteBehind:
             self._done(entry)
             if isinstance(result, Profile) and not self._barriers.raised(write.barriers):
                 self.committed[write.key] = (result, write.barriers)
+                if self._on_commit is not None:
+                    try:
+                        self._on_commit(result)
+                    except Exception:
+                        logger.exception("the commit observer failed")
             if (
                 isinstance(write, ProfileWrite)
                 and write.append

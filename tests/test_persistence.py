@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -381,19 +381,37 @@ async def test_list_sessions_sees_a_write_confirmed_while_the_query_runs(
     assert [s.id for s in page.sessions] == ["s1"]
 
 
-async def test_a_write_to_an_uncached_user_warms_the_cache(
-    p: Persistence, store: FlakyStore
+async def test_a_write_to_an_uncached_user_leaves_a_complete_view(
+    p: Persistence, store: FlakyStore, clock: ManualClock
 ) -> None:
     await store.write_fields(
         FieldsWrite(collection=STATES, doc_id="u1", user_id="u1", fields={"stored": 1})
     )
+    before = clock.now() - timedelta(seconds=1)
+    earlier = Message(id="m0", role=Role.USER, content="before", timestamp=before)
+    await store.write_profile(ProfileWrite(user_id="u1", append=[earlier]), now=before)
+    reads = store.reads
     p.save_state("u1", {"new": 2})
     p.append_message("u1", role=Role.USER, content="hi")
-    await p.settle()
-    reads = store.reads
+    await p.settle()  # the state's view: loaded in the background
+    await asyncio.wait_for(p.writes.flush(), 5)  # the profile's: what its flush committed
+    assert store.reads == reads + 1  # the state's load; the profile is read only by its write
     store.down = True  # what is in memory is complete, store or no store
     state = await p.get_state("u1")
     assert state is not None and state.data == {"stored": 1, "new": 2}
+    profile = await p.get_profile("u1")
+    assert profile is not None and [m.content for m in profile.history] == ["before", "hi"]
+    assert store.reads == reads + 1
+    store.down = False
+
+
+async def test_a_write_to_a_user_known_to_have_no_profile_is_its_view_at_once(
+    p: Persistence, store: FlakyStore
+) -> None:
+    assert await p.get_profile("u1") is None
+    reads = store.reads
+    p.append_message("u1", role=Role.USER, content="hi")
+    store.down = True  # before any flush: the absence was complete, so is the view
     profile = await p.get_profile("u1")
     assert profile is not None and [m.content for m in profile.history] == ["hi"]
     assert store.reads == reads
