@@ -21,7 +21,7 @@ from samvad.interruptions import Interruption
 from samvad.models import Message, Mode, Role, SessionStatus
 from samvad.persistence import CacheStats, Persistence
 from samvad.stores.base import HistoryBounds, SessionCursor
-from samvad.writes import FieldsWrite, ProfileWrite
+from samvad.writes import EraseScope, FieldsWrite, ProfileWrite
 from tests.support.stores import FlakyStore, settle
 
 T0 = datetime(2025, 1, 10, 17, 0, tzinfo=UTC)
@@ -403,6 +403,20 @@ async def test_a_write_to_an_uncached_user_leaves_a_complete_view(
     assert profile is not None and [m.content for m in profile.history] == ["before", "hi"]
     assert store.reads == reads + 1
     store.down = False
+
+
+async def test_a_commit_landing_during_another_instances_erase_is_not_served(
+    p: Persistence, store: FlakyStore
+) -> None:
+    store.gate.clear()  # the write waits in flight
+    p.append_message("u1", role=Role.USER, content="hi")
+    flushing = asyncio.create_task(p.writes.flush())
+    await settle()
+    p.remote_erase(EraseScope.USER, "u1")  # heard while the write is in flight
+    store.gate.set()  # it lands (it races the other instance's erase)
+    await asyncio.wait_for(flushing, 5)
+    assert p.profiles.peek("u1") is None  # the commit did not become the view
+    assert await p.get_profile("u1") is None  # the erase is under way: gone
 
 
 async def test_a_write_to_a_user_known_to_have_no_profile_is_its_view_at_once(
