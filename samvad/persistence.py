@@ -530,9 +530,9 @@ class Persistence:
 
         An uncached profile is not read to warm its view: the write's flush
         reads the stored profile in its transaction, and the profile it
-        commits becomes the view (:meth:`_adopt_committed`), within the
-        flush's linger of a first write (:meth:`_committed_uncached`). One
-        known to be absent is made from the write at once.
+        commits becomes the view at commit time, within the flush's linger of
+        a first write (:meth:`_committed_uncached`). One known to be absent
+        is made from the write at once.
 
         ``adopted``: the cached view, peeked after :meth:`_adopt_committed` by a
         caller that did both just before (nothing can run in between).
