@@ -824,9 +824,11 @@ class Persistence:
             or self.remote.erased((user_barrier(user_id),))
         ):
             return
-        view = self._overlay_profile(profile, self.unconfirmed((PROFILES, user_id)))
+        key = (PROFILES, user_id)
+        view = self._overlay_profile(profile, self.unconfirmed(key))
         if view is not None:
             profiles.put(user_id, view, complete=True)
+            self.writes.adopted(key)
 
     # -- sessions ----------------------------------------------------------
 

@@ -446,6 +446,11 @@ class WriteBehind:
         self.refused.clear()
         return keys
 
+    def adopted(self, key: Key) -> None:
+        """The profile just committed for ``key`` is in a view already: nothing
+        for :meth:`take_committed_profiles` to hand over again."""
+        self.committed.pop(key, None)
+
     def take_committed_profiles(self) -> tuple[Profile, ...]:
         """The profiles committed since the last call, the newest per user.
 
