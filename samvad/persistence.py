@@ -792,8 +792,9 @@ class Persistence:
         A commit merged what other instances appended: the view becomes it plus
         what this instance queued since, so instances converge at flush speed.
         Called before every change to the profile cache (see the module
-        docstring); an uncached profile is left to its next load (or, when
-        :meth:`_committed_uncached` cached it at commit time, adopts it now).
+        docstring); an uncached profile is left to its next load. (A commit
+        that found no view became one at commit time, in
+        :meth:`_committed_uncached`, and is not in the list any more.)
         """
         for committed in self.writes.take_committed_profiles():
             user_id = committed.user_id

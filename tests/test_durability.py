@@ -59,6 +59,17 @@ async def kill_9(server: ServeProcess) -> None:
     assert await asyncio.to_thread(server.stop, signal.SIGKILL) == -signal.SIGKILL
 
 
+async def replay_on_restart(tmp_path: Path, fault_proxy: FaultProxy, project: str) -> None:
+    """Start the server again on the same data directory, let it reach Firestore,
+    and stop it once the writes its journal replayed are all there."""
+    second = await serve(tmp_path, "second", fault_proxy.host_port, project, **FAST_OUTAGE)
+    try:
+        fault_proxy.restore()
+        await drained(second.url)
+    finally:
+        assert await asyncio.to_thread(second.stop) == 0
+
+
 async def send_messages(url: str) -> list[tuple[str, str]]:
     """1,000 messages over 50 users, 50 at a time; returns the acknowledged ones in order."""
     acknowledged: list[tuple[str, str]] = []
@@ -229,14 +240,7 @@ async def test_a_refresh_acknowledged_during_an_outage_stays_done_after_kill_9(
     finally:
         await kill_9(first)
 
-    second = await serve(
-        tmp_path, "second", fault_proxy.host_port, firestore_project, **FAST_OUTAGE
-    )
-    try:
-        fault_proxy.restore()
-        await drained(second.url)
-    finally:
-        assert await asyncio.to_thread(second.stop) == 0
+    await replay_on_restart(tmp_path, fault_proxy, firestore_project)
 
     state = (await firestore_client.collection(STATES).document("u1").get()).to_dict()
     assert state is not None and "mood" not in state and state["fresh"] is True
@@ -368,14 +372,7 @@ async def test_a_replay_after_kill_9_does_not_bring_back_what_another_instance_e
     # The user's refresh, on an instance this one never hears from.
     await firestore_client.collection(STATES).document("u1").delete()
     await firestore_client.collection(PROFILES).document("u1").delete()
-    second = await serve(
-        tmp_path, "second", fault_proxy.host_port, firestore_project, **FAST_OUTAGE
-    )
-    try:
-        fault_proxy.restore()
-        await drained(second.url)
-    finally:
-        assert await asyncio.to_thread(second.stop) == 0
+    await replay_on_restart(tmp_path, fault_proxy, firestore_project)
 
     assert not (await firestore_client.collection(STATES).document("u1").get()).exists
     assert not (await firestore_client.collection(PROFILES).document("u1").get()).exists
